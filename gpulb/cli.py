@@ -1,0 +1,184 @@
+"""The ``gpulb`` command. The one module that knows all three roles: it launches them.
+
+Every option has an environment variable (shown in ``--help``); options override the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpulb.connection import broker_errors, connect, redact_url
+from gpulb.errors import ConfigError, GpulbError
+from gpulb.logs import configure_logging
+from gpulb.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    flag: str
+    section: str | None  # None: a top-level setting
+    name: str
+    help: str
+    type: Any = str
+
+    @property
+    def env(self) -> str:
+        return (
+            f"GPULB_{self.name.upper()}"
+            if self.section is None
+            else (f"GPULB_{self.section.upper()}__{self.name.upper()}")
+        )
+
+
+COMMON = [
+    Option("--redis-url", None, "redis_url", "Redis URL (redis://[:password@]host:port/db)"),
+    Option("--log-level", None, "log_level", "debug, info, warning or error"),
+    Option("--log-format", None, "log_format", "auto (console on a terminal, else JSON), json or console"),
+]
+BALANCER = [
+    Option("--batch-target-s", "balancer", "batch_target_s", "seconds of a worker's time per micro-batch", float),
+    Option(
+        "--max-outstanding-batches",
+        "balancer",
+        "max_outstanding_batches",
+        "micro-batches a worker may hold (running + queued); the rest waits in the ingress",
+        int,
+    ),
+    Option(
+        "--prior-tokens-per-s",
+        "balancer",
+        "prior_tokens_per_s",
+        "assumed speed of a worker before it has measured its own",
+        float,
+    ),
+]
+WORKER = [
+    Option("--id", "worker", "id", "worker id, also its RQ queue name (default HOST-gpuN)"),
+    Option("--model", "worker", "model", "model this worker serves (requests for it are routed here)"),
+    Option("--backend", "worker", "backend", "inference backend: simulated"),
+    Option("--tokens-per-s", "worker", "tokens_per_s", "speed of the simulated backend", float),
+    Option("--max-batch", "worker", "max_batch", "most requests in one micro-batch", int),
+    Option("--gpu", "worker", "gpu", "GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES)", int),
+    Option("--heartbeat-s", "worker", "heartbeat_s", "seconds between load-key refreshes", float),
+    Option("--load-ttl-s", "worker", "load_ttl_s", "load-key TTL: a silent worker is gone after this", float),
+]
+
+
+def _add(parser: argparse.ArgumentParser, options: Sequence[Option], defaults: Settings) -> None:
+    for opt in options:
+        section = defaults if opt.section is None else getattr(defaults, opt.section)
+        default = getattr(section, opt.name)
+        shown = "unset" if default is None else getattr(default, "value", default)
+        if opt.name == "redis_url":
+            shown = redact_url(str(default))
+        parser.add_argument(
+            opt.flag,
+            dest=f"{opt.section or ''}.{opt.name}",
+            type=opt.type,
+            default=None,
+            metavar=opt.flag.lstrip("-").replace("-", "_").upper(),
+            help=f"{opt.help} [env {opt.env}; now {shown}]",
+        )
+
+
+def build_parser(defaults: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpulb",
+        description="Distribute GPU inference over a fleet of mixed-speed GPUs through Redis and RQ.",
+        epilog="Quick start: gpulb balancer & gpulb worker --id w1 --model demo --tokens-per-s 2000 &  "
+        "then submit from Python with producer.Client().",
+    )
+    _add(parser, COMMON, defaults)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bal = sub.add_parser(
+        "balancer",
+        help="run the balancer (one per fleet)",
+        description="Place queued requests on workers by expected completion time.",
+    )
+    _add(bal, BALANCER, defaults)
+    wrk = sub.add_parser(
+        "worker",
+        help="run one worker (one per GPU)",
+        description="Host a model behind a backend and run micro-batches from this worker's own RQ queue.",
+    )
+    _add(wrk, WORKER, defaults)
+    wrk.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, one-off runs)")
+    st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if value is None or "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        if section:
+            overrides.setdefault(section, {})[name] = value
+        else:
+            overrides[name] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {field}: {first['msg']}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        defaults = Settings()
+    except ValidationError as exc:
+        print(
+            f"gpulb: invalid environment setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr
+        )
+        return 2
+    args = build_parser(defaults).parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        configure_logging(settings.log_level, settings.log_format)
+        return _run(args, settings)
+    except GpulbError as exc:
+        print(f"gpulb: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "balancer":
+        from balancer.main import run_balancer
+
+        run_balancer(settings)
+    elif args.command == "worker":
+        from worker.main import run_worker
+
+        run_worker(settings, burst=args.burst)
+    elif args.command == "status":
+        return _status(settings, as_json=args.json)
+    return 0
+
+
+def _status(settings: Settings, *, as_json: bool) -> int:
+    from gpulb.status import read_fleet_status, render_table
+
+    with broker_errors(settings.redis_url):
+        status = read_fleet_status(connect(settings))
+    if as_json:
+        print(json.dumps({"redis_url": redact_url(settings.redis_url), **status.as_dict()}, indent=2))
+    else:
+        print(f"redis: {redact_url(settings.redis_url)}\n")
+        print(render_table(status))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

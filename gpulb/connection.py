@@ -1,0 +1,66 @@
+"""Redis connections: bounded time-outs and retries, and Redis errors translated at the edge.
+
+gpulb's own client decodes responses to ``str``; RQ needs a client that returns ``bytes``.
+Both come from the same URL and settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from gpulb.errors import BrokerUnavailable
+from gpulb.settings import Settings
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+def connect(settings: Settings, *, decode: bool = True) -> redis.Redis:
+    """A client for ``settings.redis_url``; it does not talk to Redis until first used."""
+    cfg = settings.redis
+    password = cfg.password.get_secret_value() if cfg.password else None
+    kwargs: dict[str, object] = {
+        "decode_responses": decode,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+        "socket_timeout": cfg.socket_timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "retry_on_error": list(CONNECTION_ERRORS),
+        "health_check_interval": 30,
+    }
+    if password is not None:
+        kwargs["password"] = password
+    try:
+        return redis.Redis.from_url(settings.redis_url, **kwargs)
+    except ValueError as exc:
+        raise BrokerUnavailable(f"invalid redis URL {redact_url(settings.redis_url)}: {exc}") from exc
+
+
+def blocking_timeout_s(settings: Settings, wait_s: float) -> float:
+    """A socket time-out long enough for a blocking command that waits ``wait_s``."""
+    return wait_s + settings.redis.socket_timeout_s
+
+
+@contextmanager
+def broker_errors(url: str) -> Iterator[None]:
+    """Translate redis-py connection failures into :class:`BrokerUnavailable`."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe to log or print)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

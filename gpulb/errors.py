@@ -1,0 +1,47 @@
+"""The one exception tree of gpulb.
+
+Every error gpulb raises on purpose derives from :class:`GpulbError`. Errors about what the
+caller passed in also derive from :class:`ValueError`, and time-outs from the built-in
+:class:`TimeoutError`, so ``except ValueError`` and ``except TimeoutError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class GpulbError(Exception):
+    """Base class of every error gpulb raises on purpose."""
+
+
+class InvalidRequest(GpulbError, ValueError):
+    """A request or batch was refused before anything was written to Redis."""
+
+
+class ConfigError(GpulbError, ValueError):
+    """A setting or command-line option is invalid."""
+
+
+class BrokerUnavailable(GpulbError):
+    """Redis could not be reached (or answered with a connection error) within the time allowed."""
+
+
+class BatchNotFound(GpulbError, KeyError):
+    """No batch with this id exists (never submitted, or expired)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "batch not found"
+
+
+class ResultTimeout(GpulbError, TimeoutError):
+    """Waiting for a result or a batch took longer than the caller allowed."""
+
+
+class WorkerIdInUse(GpulbError):
+    """Another live worker already serves under this id."""
+
+
+class BackendError(GpulbError):
+    """The inference backend failed to start or to run a batch."""
+
+
+class BadPayload(GpulbError, ValueError):
+    """Data read back from Redis does not have the shape gpulb wrote (foreign or corrupted)."""

@@ -1,0 +1,137 @@
+"""Every Redis key gpulb uses, built here and nowhere else.
+
+Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress keys share a slot.
+
+| key                                  | type   | TTL                  | written by                 | read by            |
+|--------------------------------------|--------|----------------------|----------------------------|--------------------|
+| gpulb:seq                            | string | none                 | producer (INCRBY)          | producer           |
+| gpulb:models                         | set    | none                 | producer, worker           | status             |
+| gpulb:{M}:ingress                    | zset   | none                 | producer (ZADD), balancer  | balancer           |
+|   member ``BATCH:INDEX:COST:ATTEMPT``, score ``-priority * 2**44 + seq`` (lowest pops first)                 |
+| gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
+| gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
+|   fields model, total, priority, submitted_at, running, completed, failed, state, finished_at             |
+| gpulb:batch:B:requests               | hash   | result TTL once done | producer (HSET), worker    | worker             |
+|   field INDEX -> request JSON; a field is deleted once its result is recorded                               |
+| gpulb:batch:B:results                | hash   | result TTL once done | worker (HSETNX)            | producer           |
+| gpulb:batch:B:events                 | pubsub | -                    | worker (PUBLISH)           | producer (wait)    |
+| gpulb:workers                        | set    | none                 | worker                     | balancer, status   |
+| gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
+|   fields v, model, backend, state, capacity, running, queued, tokens_per_s, host, pid, gpu, ts            |
+| gpulb:worker:W:credit                | hash   | none                 | balancer (+), worker (-)   | balancer           |
+|   fields batches, tokens: micro-batches and tokens handed to W and not yet finished                          |
+| gpulb:worker:W:inflight              | set    | none                 | balancer (+), worker (-)   | recovery           |
+| gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
+|   fields worker, model, tokens, entries (space-separated ingress members), created_at                        |
+| gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
+| rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
+"""
+
+from __future__ import annotations
+
+from rq.job import Job
+from rq.queue import Queue
+
+SCHEMA_VERSION = 1
+PREFIX = "gpulb"
+
+# The one function gpulb workers will run; the balancer names it as a string, never imports it.
+JOB_FUNC = "worker.jobs.run_microbatch"
+
+PRIORITY_SPAN = 2**44  # seq values stay below this; priorities within +-255 keep scores exact floats
+MAX_ABS_PRIORITY = 255
+WAKEUP_KEEP = 64  # the wake-up list never holds more than this many tokens
+
+
+def seq_key() -> str:
+    return f"{PREFIX}:seq"
+
+
+def models_key() -> str:
+    return f"{PREFIX}:models"
+
+
+def ingress_key(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:ingress"
+
+
+def ingress_tokens_key(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:ingress_tokens"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_requests_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}:requests"
+
+
+def batch_results_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def batch_events_channel(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}:events"
+
+
+def workers_key() -> str:
+    return f"{PREFIX}:workers"
+
+
+def load_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:load"
+
+
+def credit_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:credit"
+
+
+def inflight_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:inflight"
+
+
+def microbatch_key(microbatch_id: str) -> str:
+    return f"{PREFIX}:mb:{microbatch_id}"
+
+
+def wakeup_key() -> str:
+    return f"{PREFIX}:balancer:wakeup"
+
+
+def rq_queue_name(worker_id: str) -> str:
+    """A worker listens on exactly one RQ queue, named after the worker (``rq info`` shows it)."""
+    return worker_id
+
+
+def rq_queue_key(worker_id: str) -> str:
+    return f"{Queue.redis_queue_namespace_prefix}{rq_queue_name(worker_id)}"
+
+
+def rq_queues_key() -> str:
+    return Queue.redis_queues_keys
+
+
+def rq_job_key(job_id: str) -> str:
+    return f"{Job.redis_job_namespace_prefix}{job_id}"
+
+
+# Ingress members pack what the balancer needs to cut a micro-batch without another read.
+
+
+def request_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index}"
+
+
+def ingress_member(batch_id: str, index: int, cost_tokens: int, attempt: int = 0) -> str:
+    return f"{batch_id}:{index}:{cost_tokens}:{attempt}"
+
+
+def parse_ingress_member(member: str) -> tuple[str, int, int, int]:
+    """``(batch_id, index, cost_tokens, attempt)``; raises ValueError on a foreign member."""
+    batch_id, index, cost, attempt = member.split(":")
+    return batch_id, int(index), int(cost), int(attempt)
+
+
+def ingress_score(priority: int, seq: int) -> int:
+    return -priority * PRIORITY_SPAN + seq

@@ -1,0 +1,154 @@
+"""Wire models: what producers, the balancer and workers write to Redis and read back.
+
+Everything on the wire is JSON (or plain numeric hash fields). Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpulb.errors import BadPayload
+from gpulb.keys import SCHEMA_VERSION
+
+# A prompt byte costs far less than a generated token (prefill is batched); ~4 bytes a token and
+# prefill ~8x cheaper per token than decode gives one cost token per 32 prompt bytes.
+PROMPT_BYTES_PER_COST_TOKEN = 32
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling fields, named as vLLM's ``SamplingParams`` names them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=10.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+
+
+class RequestSpec(SamplingParams):
+    """One request as a user gives it: a prompt, a token budget and optional sampling fields."""
+
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+
+    def sampling(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"prompt", "max_tokens"}, exclude_none=True)
+
+    def cost_tokens(self) -> int:
+        return request_cost(len(self.prompt.encode()), self.max_tokens)
+
+
+def request_cost(prompt_bytes: int, max_tokens: int) -> int:
+    """The work of one request, in the unit workers measure their speed in."""
+    return max_tokens + prompt_bytes // PROMPT_BYTES_PER_COST_TOKEN
+
+
+class RequestPayload(BaseModel):
+    """A request as stored in ``gpulb:batch:B:requests``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    max_tokens: int
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+class Result(BaseModel):
+    """The outcome of one request. ``error`` is None on success."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    index: int
+    text: str
+    output_tokens: int
+    worker: str
+    error: str | None = None
+    attempts: int = 1
+    submitted_at: float
+    started_at: float
+    finished_at: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class BatchState(StrEnum):
+    PENDING = "pending"  # nothing started yet
+    RUNNING = "running"
+    COMPLETED = "completed"  # every request has a result (some may have failed)
+
+
+class BatchStatus(BaseModel):
+    """Counts of one batch. ``running`` means started on a worker and not yet recorded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_id: str
+    model: str
+    total: int
+    pending: int
+    running: int
+    completed: int
+    failed: int
+    state: BatchState
+    submitted_at: float
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+
+
+ACCEPTING_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+
+
+class WorkerLoad(BaseModel):
+    """A worker's load key (``gpulb:worker:W:load``): numeric fields, versioned, with a TTL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    v: int = SCHEMA_VERSION
+    worker_id: str
+    model: str
+    backend: str
+    state: WorkerState
+    capacity: int = Field(ge=1)
+    running: int = Field(default=0, ge=0)
+    queued: int = Field(default=0, ge=0)
+    tokens_per_s: float = Field(default=0.0, ge=0.0)
+    host: str = ""
+    pid: int = 0
+    gpu: int = -1
+    ts: float = Field(default_factory=time.time)
+
+    def to_hash(self) -> dict[str, str]:
+        return {name: str(value) for name, value in self.model_dump(mode="json").items()}
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[str, str]) -> WorkerLoad:
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise BadPayload(f"malformed load key: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc

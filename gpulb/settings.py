@@ -1,0 +1,117 @@
+"""All configuration, in one pydantic-settings class.
+
+Every field can be set from the environment with the ``GPULB_`` prefix; nested sections use
+``__``: ``GPULB_REDIS_URL``, ``GPULB_WORKER__TOKENS_PER_S``, ``GPULB_BALANCER__BATCH_TARGET_S``.
+Command-line options override the environment. Nothing here is read at import time: build a
+:class:`Settings` where it is needed (tests pass ``_env_file=None`` and explicit values).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:@+-]{0,255}$"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class BackendName(StrEnum):
+    SIMULATED = "simulated"
+
+
+class RedisSettings(BaseModel):
+    """How every role reaches Redis."""
+
+    connect_timeout_s: PositiveFloat = 3.0
+    socket_timeout_s: PositiveFloat = 10.0
+    password: SecretStr | None = None
+
+
+class ProducerSettings(BaseModel):
+    """Limits the producer enforces before anything is written."""
+
+    max_prompt_bytes: int = Field(default=1 << 20, ge=1)
+    max_tokens_limit: int = Field(default=131_072, ge=1)
+    max_batch_requests: int = Field(default=1_000_000, ge=1)
+    chunk_size: int = Field(default=5_000, ge=1)
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    poll_fallback_s: PositiveFloat = 1.0
+
+
+class BalancerSettings(BaseModel):
+    """How the balancer sizes and places micro-batches."""
+
+    batch_target_s: PositiveFloat = 0.5
+    max_outstanding_batches: int = Field(default=2, ge=1)
+    prior_tokens_per_s: PositiveFloat = 1000.0
+    idle_wake_s: PositiveFloat = 1.0
+    job_timeout_s: int = Field(default=900, ge=1)
+    job_result_ttl_s: int = Field(default=300, ge=0)
+
+
+class WorkerSettings(BaseModel):
+    """One worker process: which GPU, which model, which backend."""
+
+    id: str | None = None
+    model: str | None = None
+    backend: BackendName = BackendName.SIMULATED
+    tokens_per_s: PositiveFloat = 1000.0
+    max_batch: int = Field(default=64, ge=1)
+    gpu: int | None = Field(default=None, ge=0)
+    heartbeat_s: PositiveFloat = 1.0
+    load_ttl_s: PositiveFloat = 10.0
+    ema_alpha: float = Field(default=0.3, gt=0, le=1)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(ID_PATTERN, value):
+            raise ValueError(f"worker id {value!r} must match {ID_PATTERN} (it names an RQ queue)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _valid_model(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(MODEL_PATTERN, value):
+            raise ValueError(f"model {value!r} must match {MODEL_PATTERN}")
+        return value
+
+    def resolved_id(self) -> str:
+        """The worker id, defaulting to ``HOST-gpuN`` (or ``HOST-PID`` without a GPU)."""
+        if self.id:
+            return self.id
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "host"
+        suffix = f"gpu{self.gpu}" if self.gpu is not None else "cpu"
+        return f"{host}-{suffix}"
+
+
+class Settings(BaseSettings):
+    """Every gpulb setting. Environment: ``GPULB_<FIELD>`` and ``GPULB_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPULB_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    redis_url: str = "redis://localhost:6379/0"
+    log_level: str = "info"
+    log_format: LogFormat = LogFormat.AUTO
+    redis: RedisSettings = RedisSettings()
+    producer: ProducerSettings = ProducerSettings()
+    balancer: BalancerSettings = BalancerSettings()
+    worker: WorkerSettings = WorkerSettings()

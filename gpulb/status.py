@@ -1,0 +1,102 @@
+"""A read-only view of the fleet for ``gpulb status``: workers with their load, ingress depths."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis
+
+from gpulb import keys
+from gpulb.errors import BadPayload
+from gpulb.models import WorkerLoad
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    worker_id: str
+    model: str
+    state: str
+    running: int
+    queued: int
+    outstanding_batches: int
+    tokens_per_s: float
+    capacity: int
+    heartbeat_age_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    model: str
+    pending_requests: int
+    pending_tokens: int
+
+
+@dataclass(slots=True)
+class FleetStatus:
+    workers: list[WorkerRow] = field(default_factory=list)
+    models: list[ModelRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def read_fleet_status(conn: redis.Redis) -> FleetStatus:
+    worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
+    models: list[str] = sorted(conn.smembers(keys.models_key()))  # type: ignore[arg-type]
+    pipe = conn.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.hgetall(keys.load_key(worker_id))
+        pipe.hget(keys.credit_key(worker_id), "batches")
+    for model in models:
+        pipe.zcard(keys.ingress_key(model))
+        pipe.get(keys.ingress_tokens_key(model))
+    replies = iter(pipe.execute())
+    status = FleetStatus()
+    now = time.time()
+    for worker_id in worker_ids:
+        load_raw, batches = next(replies), next(replies)
+        status.workers.append(_row(worker_id, load_raw, int(batches or 0), now))
+    for model in models:
+        depth, tokens = next(replies), next(replies)
+        status.models.append(ModelRow(model=model, pending_requests=int(depth), pending_tokens=int(tokens or 0)))
+    return status
+
+
+def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> WorkerRow:
+    try:
+        load = WorkerLoad.from_hash(raw) if raw else None
+    except BadPayload:
+        return WorkerRow(worker_id, "?", "malformed", 0, 0, batches, 0.0, 0, None)
+    if load is None:
+        return WorkerRow(worker_id, "?", "gone", 0, 0, batches, 0.0, 0, None)
+    return WorkerRow(
+        worker_id=worker_id,
+        model=load.model,
+        state=load.state.value,
+        running=load.running,
+        queued=load.queued,
+        outstanding_batches=batches,
+        tokens_per_s=load.tokens_per_s,
+        capacity=load.capacity,
+        heartbeat_age_s=round(max(0.0, now - load.ts), 1),
+    )
+
+
+def render_table(status: FleetStatus) -> str:
+    lines = [f"{'WORKER':<24} {'MODEL':<20} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} {'CAP':>5} {'BEAT':>6}"]
+    for w in status.workers:
+        age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.1f}s"
+        lines.append(
+            f"{w.worker_id:<24} {w.model:<20} {w.state:<9} {w.running:>5} {w.queued:>6} "
+            f"{w.tokens_per_s:>9.0f} {w.capacity:>5} {age:>6}"
+        )
+    if not status.workers:
+        lines.append("(no workers registered)")
+    lines.append("")
+    lines.append(f"{'MODEL':<32} {'PENDING':>9} {'TOKENS':>12}")
+    for m in status.models:
+        lines.append(f"{m.model:<32} {m.pending_requests:>9} {m.pending_tokens:>12}")
+    if not status.models:
+        lines.append("(no models seen yet)")
+    return "\n".join(lines)

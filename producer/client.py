@@ -1,0 +1,155 @@
+"""The Python API: ``Client.submit`` / ``submit_batch`` and the handles that wait for results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from gpulb import keys
+from gpulb.connection import broker_errors, connect
+from gpulb.errors import ResultTimeout
+from gpulb.models import BatchState, BatchStatus, Result
+from gpulb.settings import Settings
+from producer import store
+from producer.validation import validate_batch_id, validate_model, validate_priority, validate_requests
+
+T = TypeVar("T")
+
+
+class Client:
+    """Submits requests to a gpulb fleet and reads their results back.
+
+    ``Client()`` reads ``GPULB_REDIS_URL`` (default ``redis://localhost:6379/0``)::
+
+        client = Client()
+        batch = client.submit_batch(["Hello", {"prompt": "Hi", "max_tokens": 8}], model="llama-3-8b")
+        for result in batch.results(timeout=600):
+            print(result.worker, result.text)
+    """
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        settings = settings or Settings()
+        if redis_url is not None:
+            settings = settings.model_copy(update={"redis_url": redis_url})
+        self.settings = settings
+        self._conn = connect(settings)
+
+    def submit(self, prompt: str, *, model: str, max_tokens: int = 16, priority: int = 0, **sampling: Any) -> JobHandle:
+        """Submit one request; ``sampling`` takes vLLM-style fields (temperature, top_p, seed, stop...)."""
+        batch = self.submit_batch(
+            [{"prompt": prompt, "max_tokens": max_tokens, **sampling}], model=model, priority=priority
+        )
+        return JobHandle(batch, 0)
+
+    def submit_batch(
+        self,
+        requests: Iterable[str | Mapping[str, Any]],
+        *,
+        model: str,
+        max_tokens: int = 16,
+        priority: int = 0,
+    ) -> BatchHandle:
+        """Validate every request, then enqueue them all; a bad request refuses the whole batch."""
+        model = validate_model(model)
+        priority = validate_priority(priority)
+        specs = validate_requests(requests, max_tokens=max_tokens, limits=self.settings.producer)
+        batch_id = store.new_batch_id()
+        with self._errors():
+            store.write_batch(
+                self._conn, batch_id, model=model, priority=priority, specs=specs, limits=self.settings.producer
+            )
+        return BatchHandle(self, batch_id, total=len(specs))
+
+    def get_batch(self, batch_id: str) -> BatchHandle:
+        """Re-attach to a batch by id (from any process)."""
+        status = self.batch_status(validate_batch_id(batch_id))
+        return BatchHandle(self, batch_id, total=status.total)
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        with self._errors():
+            return store.read_status(self._conn, batch_id)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _errors(self) -> Any:
+        return broker_errors(self.settings.redis_url)
+
+    def _wait_for(self, batch_id: str, probe: Callable[[], T | None], timeout: float | None, what: str) -> T:
+        """Return ``probe()`` once it is not None, re-probing when the batch publishes progress.
+
+        Blocks on the batch's pub/sub channel; a slow fallback re-probe covers missed messages.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fallback_s = self.settings.producer.poll_fallback_s
+        with self._errors():
+            pubsub = self._conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(keys.batch_events_channel(batch_id))
+                while (value := probe()) is None:
+                    remaining = fallback_s if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ResultTimeout(f"{what} not finished after {timeout} s")
+                    pubsub.get_message(timeout=min(remaining, fallback_s))
+                return value
+            finally:
+                pubsub.close()
+
+
+class BatchHandle:
+    """A submitted batch. Cheap to create; every call reads Redis."""
+
+    def __init__(self, client: Client, batch_id: str, *, total: int) -> None:
+        self.client = client
+        self.id = batch_id
+        self.total = total
+
+    def status(self) -> BatchStatus:
+        """Counts (total, pending, running, completed, failed) and the batch's state."""
+        return self.client.batch_status(self.id)
+
+    def wait(self, timeout: float | None = None) -> BatchStatus:
+        """Block until every request has a result; raises ``TimeoutError`` (ResultTimeout) on timeout."""
+
+        def finished() -> BatchStatus | None:
+            status = self.status()
+            return status if status.state is BatchState.COMPLETED else None
+
+        return self.client._wait_for(self.id, finished, timeout, f"batch {self.id}")
+
+    def results(self, timeout: float | None = None) -> list[Result]:
+        """Every result in submission order, waiting up to ``timeout`` for the batch to finish."""
+        self.wait(timeout)
+        with self.client._errors():
+            return store.read_results(self.client._conn, self.id, self.total)
+
+    def __repr__(self) -> str:
+        return f"BatchHandle(id={self.id!r}, total={self.total})"
+
+
+class JobHandle:
+    """One submitted request."""
+
+    def __init__(self, batch: BatchHandle, index: int) -> None:
+        self.batch = batch
+        self.index = index
+        self.id = keys.request_id(batch.id, index)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """The request's result, waiting up to ``timeout`` s; raises ``TimeoutError`` on timeout."""
+        client = self.batch.client
+
+        def probe() -> Result | None:
+            return store.read_result(client._conn, self.batch.id, self.index)
+
+        return client._wait_for(self.batch.id, probe, timeout, f"request {self.id}")
+
+    def __repr__(self) -> str:
+        return f"JobHandle(id={self.id!r})"

@@ -1,0 +1,134 @@
+"""Redis reads and writes of the producer: writing a batch, reading its status and results."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+
+import redis
+
+from gpulb import keys
+from gpulb.errors import BadPayload, BatchNotFound
+from gpulb.models import BatchState, BatchStatus, RequestPayload, RequestSpec, Result
+from gpulb.settings import ProducerSettings
+
+STAGING_TTL_S = 3600  # a batch whose submit died half-way vanishes after this; it was never visible
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(8)
+
+
+def write_batch(
+    conn: redis.Redis,
+    batch_id: str,
+    *,
+    model: str,
+    priority: int,
+    specs: Sequence[RequestSpec],
+    limits: ProducerSettings,
+) -> None:
+    """Stage the payloads in chunks, then make the batch visible in one MULTI/EXEC.
+
+    Until the final transaction runs, no balancer can see any request; a producer that dies
+    before it leaves only a staging hash that expires.
+    """
+    requests_key = keys.batch_requests_key(batch_id)
+    for start in range(0, len(specs), limits.chunk_size):
+        chunk = specs[start : start + limits.chunk_size]
+        pipe = conn.pipeline(transaction=False)
+        pipe.hset(requests_key, mapping={str(start + i): _payload_json(s) for i, s in enumerate(chunk)})
+        pipe.expire(requests_key, STAGING_TTL_S)
+        pipe.execute()
+    seq_end = int(conn.incrby(keys.seq_key(), len(specs)))
+    _publish(conn, batch_id, model=model, priority=priority, specs=specs, seq0=seq_end - len(specs), limits=limits)
+
+
+def _publish(
+    conn: redis.Redis,
+    batch_id: str,
+    *,
+    model: str,
+    priority: int,
+    specs: Sequence[RequestSpec],
+    seq0: int,
+    limits: ProducerSettings,
+) -> None:
+    pipe = conn.pipeline(transaction=True)
+    pipe.persist(keys.batch_requests_key(batch_id))
+    pipe.hset(keys.batch_key(batch_id), mapping=_batch_record(model, priority, len(specs), limits))  # type: ignore[arg-type]
+    total_cost = 0
+    for start in range(0, len(specs), limits.chunk_size):
+        members: dict[str, int] = {}
+        for index in range(start, min(start + limits.chunk_size, len(specs))):
+            cost = specs[index].cost_tokens()
+            total_cost += cost
+            members[keys.ingress_member(batch_id, index, cost)] = keys.ingress_score(priority, seq0 + index)
+        pipe.zadd(keys.ingress_key(model), members)
+    pipe.incrby(keys.ingress_tokens_key(model), total_cost)
+    pipe.sadd(keys.models_key(), model)
+    pipe.rpush(keys.wakeup_key(), batch_id)
+    pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
+    pipe.execute()
+
+
+def _payload_json(spec: RequestSpec) -> str:
+    payload = RequestPayload(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling())
+    return payload.model_dump_json(exclude_defaults=True)
+
+
+def _batch_record(model: str, priority: int, total: int, limits: ProducerSettings) -> dict[str, str | int | float]:
+    return {
+        "model": model,
+        "total": total,
+        "priority": priority,
+        "submitted_at": time.time(),
+        "running": 0,
+        "completed": 0,
+        "failed": 0,
+        "state": BatchState.PENDING.value,
+        "ttl_s": limits.result_ttl_s,
+    }
+
+
+def read_status(conn: redis.Redis, batch_id: str) -> BatchStatus:
+    raw: dict[str, str] = conn.hgetall(keys.batch_key(batch_id))  # type: ignore[assignment]
+    if not raw:
+        raise BatchNotFound(f"batch {batch_id} not found (never submitted, or its results expired)")
+    return status_from_record(batch_id, raw)
+
+
+def status_from_record(batch_id: str, raw: dict[str, str]) -> BatchStatus:
+    try:
+        total, running = int(raw["total"]), max(0, int(raw.get("running", 0)))
+        completed, failed = int(raw.get("completed", 0)), int(raw.get("failed", 0))
+        state = BatchState(raw.get("state", BatchState.PENDING))
+        finished = raw.get("finished_at")
+        return BatchStatus(
+            batch_id=batch_id,
+            model=raw["model"],
+            total=total,
+            pending=max(0, total - running - completed - failed),
+            running=running,
+            completed=completed,
+            failed=failed,
+            state=state,
+            submitted_at=float(raw["submitted_at"]),
+            finished_at=float(finished) if finished else None,
+        )
+    except (KeyError, ValueError) as exc:
+        raise BadPayload(f"batch record {batch_id} is malformed: {exc!r}") from exc
+
+
+def read_results(conn: redis.Redis, batch_id: str, total: int) -> list[Result]:
+    raw: dict[str, str] = conn.hgetall(keys.batch_results_key(batch_id))  # type: ignore[assignment]
+    missing = total - len(raw)
+    if missing:
+        raise BatchNotFound(f"batch {batch_id}: {missing} of {total} results are missing (expired?)")
+    return [Result.model_validate_json(raw[str(index)]) for index in range(total)]
+
+
+def read_result(conn: redis.Redis, batch_id: str, index: int) -> Result | None:
+    raw = conn.hget(keys.batch_results_key(batch_id), str(index))
+    return None if raw is None else Result.model_validate_json(raw)

@@ -1,0 +1,90 @@
+"""Validation of a whole batch before anything is written: one bad request refuses the batch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpulb.errors import InvalidRequest
+from gpulb.keys import MAX_ABS_PRIORITY
+from gpulb.models import RequestSpec
+from gpulb.settings import MODEL_PATTERN, ProducerSettings
+
+BATCH_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+
+
+def validate_model(model: object) -> str:
+    if not isinstance(model, str) or not re.match(MODEL_PATTERN, model):
+        raise InvalidRequest(f"model: {model!r} is not a valid model name (must match {MODEL_PATTERN})")
+    return model
+
+
+def validate_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_ABS_PRIORITY:
+        raise InvalidRequest(
+            f"priority: {priority!r} must be an integer from {-MAX_ABS_PRIORITY} to {MAX_ABS_PRIORITY}"
+        )
+    return priority
+
+
+def validate_batch_id(batch_id: object) -> str:
+    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.match(batch_id):
+        raise InvalidRequest(f"batch_id: {batch_id!r} is not a gpulb batch id (16 lowercase hex digits)")
+    return batch_id
+
+
+def validate_requests(
+    requests: Iterable[str | Mapping[str, Any]], *, max_tokens: int, limits: ProducerSettings
+) -> list[RequestSpec]:
+    """Every request as a :class:`RequestSpec`; raises :class:`InvalidRequest` naming index and field."""
+    if isinstance(requests, str | bytes | Mapping):
+        raise InvalidRequest("requests: expected a list of prompts or request dicts, not a single value")
+    specs = [_validate_one(index, item, max_tokens, limits) for index, item in enumerate(requests)]
+    if not specs:
+        raise InvalidRequest("requests: the batch is empty")
+    if len(specs) > limits.max_batch_requests:
+        raise InvalidRequest(
+            f"requests: {len(specs)} requests exceed the limit of {limits.max_batch_requests} per batch "
+            "(GPULB_PRODUCER__MAX_BATCH_REQUESTS)"
+        )
+    return specs
+
+
+def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSettings) -> RequestSpec:
+    if isinstance(item, str):
+        raw: dict[str, Any] = {"prompt": item}
+    elif isinstance(item, Mapping):
+        raw = dict(item)
+    else:
+        raise InvalidRequest(f"request {index}: expected a prompt string or a dict, got {type(item).__name__}")
+    raw.setdefault("max_tokens", max_tokens)
+    try:
+        spec = RequestSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(f"request {index}: {_describe(exc)}") from exc
+    _check_limits(index, spec, limits)
+    return spec
+
+
+def _check_limits(index: int, spec: RequestSpec, limits: ProducerSettings) -> None:
+    size = len(spec.prompt.encode())
+    if size > limits.max_prompt_bytes:
+        raise InvalidRequest(
+            f"request {index}: prompt: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
+            "(GPULB_PRODUCER__MAX_PROMPT_BYTES)"
+        )
+    if spec.max_tokens > limits.max_tokens_limit:
+        raise InvalidRequest(
+            f"request {index}: max_tokens: {spec.max_tokens} exceeds the limit of {limits.max_tokens_limit} "
+            "(GPULB_PRODUCER__MAX_TOKENS_LIMIT)"
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "request"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{field}: {first['msg']}{more}"

@@ -1,0 +1,1 @@
+"""The worker role: one process per GPU, hosting a model behind a backend, fed by its own RQ queue."""

@@ -1,0 +1,38 @@
+"""A simulated GPU: deterministic output, and time proportional to the tokens asked for."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+from worker.backends.base import Backend, BackendOutput, BackendRequest
+
+
+def echo_text(prompt: str, max_tokens: int) -> str:
+    """The prompt's words repeated cyclically to exactly ``max_tokens`` words: ``"a b", 3 -> "a b a"``."""
+    words = prompt.split() or [""]
+    return " ".join(itertools.islice(itertools.cycle(words), max_tokens))
+
+
+class SimulatedBackend(Backend):
+    """A micro-batch of requests totalling T tokens takes T / ``tokens_per_s`` seconds.
+
+    ``tokens_per_s`` may be changed while running (a GPU that throttles).
+    """
+
+    name = "simulated"
+
+    def __init__(self, tokens_per_s: float) -> None:
+        if tokens_per_s <= 0:
+            raise ValueError("tokens_per_s must be > 0")
+        self.tokens_per_s = tokens_per_s
+        self._stop = threading.Event()
+
+    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
+        total = sum(r.max_tokens for r in requests)
+        # Event.wait is an interruptible sleep: shutdown() ends a simulated batch at once.
+        self._stop.wait(total / self.tokens_per_s)
+        return [BackendOutput(text=echo_text(r.prompt, r.max_tokens), output_tokens=r.max_tokens) for r in requests]
+
+    def shutdown(self) -> None:
+        self._stop.set()

@@ -1,0 +1,104 @@
+"""Reading a micro-batch's requests from Redis and building the arguments that record its results."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import redis
+from pydantic import ValidationError
+
+from gpulb import keys
+from gpulb.models import RequestPayload, Result
+
+
+@dataclass(slots=True)
+class Item:
+    """One request of a micro-batch, as the worker sees it."""
+
+    batch_id: str
+    index: int
+    cost: int
+    attempt: int
+    submitted_at: float = 0.0
+    payload: RequestPayload | None = None
+    already_done: bool = False
+    problem: str | None = None  # why it cannot run (missing or malformed payload)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.already_done and self.problem is None and self.payload is not None
+
+
+def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
+    """The micro-batch's requests with payloads, skipping none: one pipelined round trip."""
+    items = [Item(*keys.parse_ingress_member(m)) for m in members]
+    by_batch: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        by_batch[item.batch_id].append(item)
+    pipe = conn.pipeline(transaction=False)
+    for batch_id, group in by_batch.items():
+        fields = [str(i.index) for i in group]
+        pipe.hmget(keys.batch_requests_key(batch_id), fields)
+        pipe.hmget(keys.batch_results_key(batch_id), fields)
+        pipe.hget(keys.batch_key(batch_id), "submitted_at")
+    replies = iter(pipe.execute())
+    for group in by_batch.values():
+        payloads, results, submitted_at = next(replies), next(replies), next(replies)
+        for item, payload, result in zip(group, payloads, results, strict=True):
+            item.submitted_at = float(submitted_at or 0.0)
+            item.already_done = result is not None
+            _attach_payload(item, payload)
+    return items
+
+
+def _attach_payload(item: Item, raw: str | None) -> None:
+    if item.already_done:
+        return
+    if raw is None:
+        item.problem = "request payload missing from Redis"
+        return
+    try:
+        item.payload = RequestPayload.model_validate_json(raw)
+    except ValidationError as exc:
+        item.problem = f"malformed request payload: {exc.errors()[0]['msg']}"
+
+
+def mark_started(conn: redis.Redis, items: list[Item]) -> None:
+    """Count the runnable requests as running in their batches."""
+    started: dict[str, int] = defaultdict(int)
+    for item in items:
+        if item.runnable:
+            started[item.batch_id] += 1
+    if not started:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for batch_id, count in started.items():
+        pipe.hincrby(keys.batch_key(batch_id), "running", count)
+        pipe.hset(keys.batch_key(batch_id), "state", "running")
+    pipe.execute()
+
+
+def record_arguments(
+    microbatch_id: str, worker_id: str, now: float, items: list[Item], results: dict[int, Result]
+) -> tuple[list[str], list[str | int | float]]:
+    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`; ``results`` is keyed by position in ``items``."""
+    script_keys = [
+        keys.microbatch_key(microbatch_id),
+        keys.inflight_key(worker_id),
+        keys.credit_key(worker_id),
+        keys.wakeup_key(),
+    ]
+    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for position, item in enumerate(items):
+        groups[item.batch_id].append(position)
+    for batch_id, positions in groups.items():
+        script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
+        recorded = [p for p in positions if p in results]
+        started = sum(1 for p in positions if items[p].runnable)
+        args += [keys.batch_events_channel(batch_id), started, len(recorded)]
+        for p in recorded:
+            result = results[p]
+            args += [str(items[p].index), result.model_dump_json(), "1" if result.error else "0"]
+    return script_keys, args
