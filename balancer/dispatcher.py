@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from gpulb.settings import BalancerSettings
 log = get_logger("gpulb.balancer")
 
 DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT = 1, 0, -1, -2
+BALANCER_HEARTBEAT_TTL_S = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Balancer:
         self.stop_event = threading.Event()
         self.dispatched_requests = 0
         self.dispatched_batches = 0
+        self._last_beat = 0.0
 
     def run(self) -> None:
         """Dispatch until :meth:`stop`; block on the wake-up list whenever nothing can move."""
@@ -56,12 +60,27 @@ class Balancer:
             max_outstanding_batches=self.settings.max_outstanding_batches,
         )
         while not self.stop_event.is_set():
+            self._beat()
             if self.dispatch_round() == 0:
                 self._wait_for_wakeup()
+        self.conn.delete(keys.balancer_heartbeat_key())
         log.info("balancer stopped", requests=self.dispatched_requests, micro_batches=self.dispatched_batches)
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _beat(self) -> None:
+        """Refresh the balancer's presence key (at most once a second) for ``gpulb status``."""
+        now = time.time()
+        if now - self._last_beat < 1.0:
+            return
+        self._last_beat = now
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "ts": now,
+                  "requests": self.dispatched_requests, "micro_batches": self.dispatched_batches}  # fmt: skip
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hset(keys.balancer_heartbeat_key(), mapping=record)  # type: ignore[arg-type]
+        pipe.expire(keys.balancer_heartbeat_key(), BALANCER_HEARTBEAT_TTL_S)
+        pipe.execute()
 
     def _wait_for_wakeup(self) -> None:
         timeout = self.settings.idle_wake_s

@@ -24,6 +24,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 | gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
 |   fields worker, model, tokens, entries (space-separated ingress members), created_at                        |
 | gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
+| gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
+|   fields host, pid, ts, requests, micro_batches                                                                |
 | rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
 """
 
@@ -97,6 +99,10 @@ def microbatch_key(microbatch_id: str) -> str:
 
 def wakeup_key() -> str:
     return f"{PREFIX}:balancer:wakeup"
+
+
+def balancer_heartbeat_key() -> str:
+    return f"{PREFIX}:balancer:heartbeat"
 
 
 def rq_queue_name(worker_id: str) -> str:

@@ -32,8 +32,18 @@ class ModelRow:
     pending_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class BalancerRow:
+    host: str
+    pid: int
+    heartbeat_age_s: float
+    requests: int
+    micro_batches: int
+
+
 @dataclass(slots=True)
 class FleetStatus:
+    balancer: BalancerRow | None = None
     workers: list[WorkerRow] = field(default_factory=list)
     models: list[ModelRow] = field(default_factory=list)
 
@@ -45,6 +55,7 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
     models: list[str] = sorted(conn.smembers(keys.models_key()))  # type: ignore[arg-type]
     pipe = conn.pipeline(transaction=False)
+    pipe.hgetall(keys.balancer_heartbeat_key())
     for worker_id in worker_ids:
         pipe.hgetall(keys.load_key(worker_id))
         pipe.hget(keys.credit_key(worker_id), "batches")
@@ -52,8 +63,8 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
         pipe.zcard(keys.ingress_key(model))
         pipe.get(keys.ingress_tokens_key(model))
     replies = iter(pipe.execute())
-    status = FleetStatus()
     now = time.time()
+    status = FleetStatus(balancer=_balancer_row(next(replies), now))
     for worker_id in worker_ids:
         load_raw, batches = next(replies), next(replies)
         status.workers.append(_row(worker_id, load_raw, int(batches or 0), now))
@@ -61,6 +72,14 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
         depth, tokens = next(replies), next(replies)
         status.models.append(ModelRow(model=model, pending_requests=int(depth), pending_tokens=int(tokens or 0)))
     return status
+
+
+def _balancer_row(raw: dict[str, str], now: float) -> BalancerRow | None:
+    try:
+        return BalancerRow(raw["host"], int(raw["pid"]), round(max(0.0, now - float(raw["ts"])), 1),
+                           int(raw["requests"]), int(raw["micro_batches"]))  # fmt: skip
+    except (KeyError, ValueError):
+        return None
 
 
 def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> WorkerRow:
@@ -84,7 +103,15 @@ def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> Worke
 
 
 def render_table(status: FleetStatus) -> str:
-    lines = [f"{'WORKER':<24} {'MODEL':<20} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} {'CAP':>5} {'BEAT':>6}"]
+    b = status.balancer
+    lines = [
+        "balancer: not running (no heartbeat)"
+        if b is None
+        else f"balancer: {b.host} pid {b.pid}, beat {b.heartbeat_age_s:.1f}s ago, "
+        f"{b.requests} requests in {b.micro_batches} micro-batches dispatched",
+        "",
+        f"{'WORKER':<24} {'MODEL':<20} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} {'CAP':>5} {'BEAT':>6}",
+    ]
     for w in status.workers:
         age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.1f}s"
         lines.append(

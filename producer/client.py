@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import redis
+
 from gpulb import keys
 from gpulb.connection import broker_errors, connect
 from gpulb.errors import ResultTimeout
@@ -28,12 +30,18 @@ class Client:
             print(result.worker, result.text)
     """
 
-    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        connection: redis.Redis | None = None,
+    ) -> None:
         settings = settings or Settings()
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
-        self._conn = connect(settings)
+        self._conn = connection if connection is not None else connect(settings)
 
     def submit(self, prompt: str, *, model: str, max_tokens: int = 16, priority: int = 0, **sampling: Any) -> JobHandle:
         """Submit one request; ``sampling`` takes vLLM-style fields (temperature, top_p, seed, stop...)."""

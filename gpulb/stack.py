@@ -1,0 +1,96 @@
+"""Launch a balancer and workers as real processes of the ``gpulb`` CLI (local runs, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from gpulb import keys
+from gpulb.errors import GpulbError
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    id: str
+    model: str
+    tokens_per_s: float
+    max_batch: int = 64
+
+
+class LocalStack:
+    """One balancer and N workers, each a ``python -m gpulb.cli`` child with its log in ``log_dir``."""
+
+    def __init__(
+        self, redis_url: str, workers: list[WorkerSpec], log_dir: Path, *, balancer_args: list[str] | None = None
+    ) -> None:
+        self.redis_url = redis_url
+        self.workers = workers
+        self.log_dir = log_dir
+        self.balancer_args = balancer_args or []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, timeout_s: float = 30.0) -> LocalStack:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.spawn("balancer", ["balancer", *self.balancer_args])
+        for spec in self.workers:
+            self.spawn_worker(spec)
+        self.wait_registered([w.id for w in self.workers], timeout_s)
+        return self
+
+    def ready(self, conn: redis.Redis, worker_ids: list[str]) -> bool:
+        running = "balancer" not in self.procs or bool(conn.exists(keys.balancer_heartbeat_key()))
+        return running and all(conn.exists(keys.load_key(w)) for w in worker_ids)
+
+    def spawn_worker(self, spec: WorkerSpec) -> subprocess.Popen[bytes]:
+        return self.spawn(spec.id, [
+            "worker", "--id", spec.id, "--model", spec.model, "--backend", "simulated",
+            "--tokens-per-s", str(spec.tokens_per_s), "--max-batch", str(spec.max_batch),
+        ])  # fmt: skip
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "GPULB_REDIS_URL": self.redis_url, "GPULB_LOG_FORMAT": "json"}
+        log = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", *args], stdout=log, stderr=log, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def wait_registered(self, worker_ids: list[str], timeout_s: float) -> None:
+        conn = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.ready(conn, worker_ids):
+                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    raise GpulbError(f"stack did not start (exited: {dead}); see logs in {self.log_dir}")
+                time.sleep(0.05)  # waiting for child processes to come up
+        finally:
+            conn.close()
+
+    def stop(self, timeout_s: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM every process (workers drain), then wait; returns exit codes (None: was killed)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                codes[name] = None
+        return codes
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()

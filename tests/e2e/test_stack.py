@@ -1,0 +1,117 @@
+"""The real CLI as subprocesses: a balancer, several workers, batches from Python."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from bench.workloads import fluid_bound_s, heavy_tailed_requests
+from gpulb import keys
+from gpulb.redis_server import free_port
+from gpulb.stack import LocalStack, WorkerSpec
+from producer import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def gpulb(*args: str, redis_url: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpulb.cli", "--redis-url", redis_url, *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+class TestMixedFleet:
+    SPEEDS = (4000.0, 4000.0, 8000.0, 16000.0)
+
+    def test_heavy_tailed_batch_complete_correct_and_spread_by_speed(self, redis_url: str, tmp_path: Path) -> None:
+        workers = [WorkerSpec(f"g{i}", "m", s) for i, s in enumerate(self.SPEEDS)]
+        requests = heavy_tailed_requests(400, seed=11)
+        with LocalStack(redis_url, workers, tmp_path), Client(redis_url) as client:
+            start = time.time()
+            batch = client.submit_batch(requests, model="m")
+            results = batch.results(timeout=120)
+            makespan = max(r.finished_at for r in results) - start
+            status = batch.status()
+        assert (status.total, status.completed, status.failed, status.running, status.pending) == (400, 400, 0, 0, 0)
+        assert [r.index for r in results] == list(range(400))
+        assert len({r.request_id for r in results}) == 400
+        for r, req in zip(results, requests, strict=True):
+            assert r.error is None and r.output_tokens == req["max_tokens"]
+            assert len(r.text.split()) == req["max_tokens"]
+        tokens = Counter[str]()
+        for r in results:
+            tokens[r.worker] += r.output_tokens
+        assert set(tokens) == {"g0", "g1", "g2", "g3"}
+        assert tokens["g3"] > tokens["g2"] > max(tokens["g0"], tokens["g1"])
+        total = sum(int(req["max_tokens"]) for req in requests)  # type: ignore[call-overload]
+        # loose on purpose (shared CI machine); bench.pipeline measures the real ratio
+        assert makespan < 1.6 * fluid_bound_s(total, self.SPEEDS)
+
+    def test_status_lists_workers_with_their_load(self, redis_url: str, tmp_path: Path) -> None:
+        workers = [WorkerSpec("a", "m", 1000), WorkerSpec("b", "n", 2000)]
+        with LocalStack(redis_url, workers, tmp_path), Client(redis_url) as client:
+            client.submit_batch(["x"] * 3, model="nobody-serves-this")
+            table = gpulb("status", redis_url=redis_url)
+            as_json = gpulb("status", "--json", redis_url=redis_url)
+        assert table.returncode == 0, table.stderr
+        assert any(line.split()[:3] == ["a", "m", "idle"] for line in table.stdout.splitlines())
+        data = json.loads(as_json.stdout)
+        assert {(w["worker_id"], w["model"], w["capacity"]) for w in data["workers"]} == {
+            ("a", "m", 64),
+            ("b", "n", 64),
+        }
+        assert {m["model"]: m["pending_requests"] for m in data["models"]}["nobody-serves-this"] == 3
+
+
+class TestGracefulShutdown:
+    def test_sigterm_mid_batch_finishes_hands_back_and_loses_nothing(self, redis_url: str, tmp_path: Path) -> None:
+        workers = [WorkerSpec("leaves", "m", 2000, max_batch=8), WorkerSpec("stays", "m", 2000, max_batch=8)]
+        conn = redis.Redis.from_url(redis_url, decode_responses=True)
+        with LocalStack(redis_url, workers, tmp_path) as stack, Client(redis_url) as client:
+            batch = client.submit_batch([{"prompt": f"p{i}", "max_tokens": 50} for i in range(160)], model="m")
+            deadline = time.monotonic() + 10
+            while batch.status().completed < 20 and time.monotonic() < deadline:
+                time.sleep(0.05)  # let both workers get going
+            stack.procs["leaves"].send_signal(signal.SIGTERM)
+            assert stack.procs["leaves"].wait(timeout=15) == 0
+            assert not conn.exists(keys.load_key("leaves"))
+            assert not conn.sismember(keys.workers_key(), "leaves")
+            results = batch.results(timeout=60)
+        assert [r.index for r in results] == list(range(160))
+        assert all(r.error is None and r.attempts == 1 for r in results)
+        assert Counter(r.worker for r in results)["leaves"] > 0
+        status = batch.status()
+        assert (status.completed, status.failed, status.running) == (160, 0, 0)
+        assert conn.hgetall(keys.credit_key("leaves")) == {"batches": "0", "tokens": "0"}
+
+    def test_balancer_stops_on_sigterm(self, redis_url: str, tmp_path: Path) -> None:
+        stack = LocalStack(redis_url, [], tmp_path).start()
+        codes = stack.stop(timeout_s=10)
+        assert codes == {"balancer": 0}
+
+
+class TestCommandLine:
+    def test_help_teaches_the_environment_variables(self, redis_url: str) -> None:
+        out = gpulb("worker", "--help", redis_url=redis_url)
+        assert out.returncode == 0
+        assert "GPULB_WORKER__TOKENS_PER_S" in out.stdout and "--max-batch" in out.stdout
+
+    def test_worker_without_a_model_is_a_clear_error(self, redis_url: str) -> None:
+        out = gpulb("worker", "--id", "w1", redis_url=redis_url)
+        assert out.returncode == 1
+        assert "worker needs a model: pass --model or set GPULB_WORKER__MODEL" in out.stderr
+
+    def test_unreachable_redis_is_a_clear_error_not_a_hang(self) -> None:
+        url = f"redis://:topsecret@127.0.0.1:{free_port()}/0"
+        out = gpulb("status", redis_url=url, timeout=20)
+        assert out.returncode == 1
+        assert "is unreachable" in out.stderr and "topsecret" not in out.stderr + out.stdout

@@ -1,0 +1,48 @@
+"""In-process fleet helpers over the real redis-server: workers run in burst mode, the balancer by rounds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from balancer.dispatcher import Balancer
+from gpulb.connection import connect
+from gpulb.settings import Settings
+from producer import Client
+from tests.conftest import make_settings
+from worker.backends import create_backend
+from worker.main import build_rq_worker
+from worker.runtime import WorkerRuntime
+
+StartWorker = Callable[..., WorkerRuntime]
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Client]:
+    with Client(redis_url) as c:
+        yield c
+
+
+@pytest.fixture
+def start_worker(redis_url: str) -> StartWorker:
+    def start(worker_id: str, model: str = "m", *, tokens_per_s: float = 1e6, max_batch: int = 64) -> WorkerRuntime:
+        settings = make_settings(
+            redis_url, worker={"id": worker_id, "model": model, "tokens_per_s": tokens_per_s, "max_batch": max_batch}
+        )
+        runtime = WorkerRuntime(connect(settings), settings.worker, create_backend(settings.worker))
+        runtime.register()
+        return runtime
+
+    return start
+
+
+def work(runtime: WorkerRuntime, redis_url: str) -> None:
+    """Run every queued micro-batch of this worker, in this process, then return."""
+    build_rq_worker(make_settings(redis_url), runtime).work(burst=True)
+
+
+def balancer(conn: redis.Redis, settings: Settings | None = None, **overrides: object) -> Balancer:
+    cfg = (settings or Settings(_env_file=None)).balancer.model_copy(update=overrides)  # type: ignore[call-arg]
+    return Balancer(conn, cfg)

@@ -1,0 +1,225 @@
+"""The pipeline against a real redis-server: submit, dispatch, run, record, read back."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+
+import pytest
+import redis
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from balancer.dispatcher import NOT_ACCEPTING
+from balancer.policy import WorkerView
+from gpulb import keys
+from gpulb.errors import BatchNotFound
+from gpulb.models import BatchState
+from producer import Client
+from tests.integration.conftest import StartWorker, balancer, work
+
+
+def assert_settled(conn: redis.Redis, worker_ids: list[str], model: str = "m") -> None:
+    """No request is left anywhere but in its batch's results."""
+    assert conn.zcard(keys.ingress_key(model)) == 0
+    assert int(conn.get(keys.ingress_tokens_key(model)) or 0) == 0
+    assert conn.keys("gpulb:mb:*") == []
+    for w in worker_ids:
+        assert conn.hgetall(keys.credit_key(w)) in ({}, {"batches": "0", "tokens": "0"})
+        assert conn.scard(keys.inflight_key(w)) == 0
+
+
+class TestRoundTrip:
+    def test_every_request_comes_back_once_and_correct(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        fast, slow = start_worker("fast", max_batch=8), start_worker("slow", max_batch=8)
+        requests = [{"prompt": f"w{i} x", "max_tokens": 1 + i % 5} for i in range(50)]
+        batch = client.submit_batch(requests, model="m")
+        assert batch.status().pending == 50
+        bal = balancer(conn)
+        while bal.dispatch_round():
+            work(fast, redis_url)
+            work(slow, redis_url)
+        results = batch.results(timeout=5)
+        assert [r.index for r in results] == list(range(50))
+        assert [r.request_id for r in results] == [f"{batch.id}-{i}" for i in range(50)]
+        for r, req in zip(results, requests, strict=True):
+            assert r.error is None and r.attempts == 1
+            assert r.output_tokens == req["max_tokens"]
+            assert r.text == " ".join(([f"w{r.index}", "x"] * 5)[: int(req["max_tokens"])])  # type: ignore[call-overload]
+            assert r.worker in {"fast", "slow"}
+            assert r.submitted_at <= r.started_at <= r.finished_at
+        assert {r.worker for r in results} == {"fast", "slow"}
+        status = batch.status()
+        assert (status.state, status.completed, status.failed, status.running, status.pending) == (
+            BatchState.COMPLETED, 50, 0, 0, 0,
+        )  # fmt: skip
+        assert_settled(conn, ["fast", "slow"])
+
+    def test_key_schema_after_a_run(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w1")
+        batch = client.submit_batch(["a", "b"], model="m")
+        balancer(conn).dispatch_round()
+        work(w, redis_url)
+        batch.wait(timeout=5)
+        gpulb_keys = sorted(k for k in conn.keys("gpulb:*"))
+        assert gpulb_keys == sorted([
+            "gpulb:seq", "gpulb:models", "gpulb:workers", "gpulb:{m}:ingress_tokens", "gpulb:balancer:wakeup",
+            f"gpulb:batch:{batch.id}", f"gpulb:batch:{batch.id}:results",
+            "gpulb:worker:w1:load", "gpulb:worker:w1:credit",
+        ])  # fmt: skip
+        assert conn.ttl(f"gpulb:batch:{batch.id}") > 0  # done batches expire
+        assert conn.ttl(f"gpulb:batch:{batch.id}:results") > 0
+        assert conn.ttl("gpulb:worker:w1:load") > 0
+
+    def test_get_batch_reattaches_from_another_client(self, client: Client, redis_url: str) -> None:
+        batch = client.submit_batch(["a", "b", "c"], model="m")
+        with Client(redis_url) as other:
+            again = other.get_batch(batch.id)
+            assert (again.id, again.total, again.status().pending) == (batch.id, 3, 3)
+            with pytest.raises(BatchNotFound, match="batch 0123456789abcdef not found"):
+                other.get_batch("0123456789abcdef")
+
+    def test_waiting_without_workers_times_out(self, client: Client) -> None:
+        batch = client.submit_batch(["a"], model="m")
+        with pytest.raises(TimeoutError, match=f"batch {batch.id} not finished after 0.2 s"):
+            batch.wait(timeout=0.2)
+        handle = client.submit("hello", model="m")
+        with pytest.raises(TimeoutError):
+            handle.result(timeout=0.1)
+
+    def test_sampling_fields_reach_the_worker(self, client: Client, conn: redis.Redis) -> None:
+        handle = client.submit("hi", model="m", max_tokens=4, temperature=0.3, seed=11)
+        stored = json.loads(conn.hget(keys.batch_requests_key(handle.batch.id), "0"))  # type: ignore[arg-type]
+        assert stored == {"prompt": "hi", "max_tokens": 4, "sampling": {"temperature": 0.3, "seed": 11}}
+
+
+class TestDispatch:
+    def test_one_rq_job_per_micro_batch_json_only_and_credit_bounded(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        start_worker("w1", max_batch=5)
+        client.submit_batch([f"p{i}" for i in range(30)], model="m")
+        placed = balancer(conn, max_outstanding_batches=2).dispatch_round()
+        assert placed == 10  # 2 micro-batches of 5: the other 20 wait in the ingress (late binding)
+        assert conn.zcard(keys.ingress_key("m")) == 20
+        rq_conn = redis.Redis.from_url(redis_url)
+        queue = Queue("w1", connection=rq_conn, serializer=JSONSerializer)
+        job_ids = queue.job_ids
+        assert len(job_ids) == 2
+        for job_id in job_ids:
+            job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
+            assert (job.func_name, job.args, job.origin, job.get_status()) == (keys.JOB_FUNC, [job_id], "w1", "queued")
+            raw = zlib.decompress(rq_conn.hget(keys.rq_job_key(job_id), "data"))  # type: ignore[arg-type]
+            assert json.loads(raw)[0] == keys.JOB_FUNC  # JSON on the wire, never pickle
+            assert len(conn.hget(keys.microbatch_key(job_id), "entries").split()) == 5  # type: ignore[union-attr]
+        assert conn.hgetall(keys.credit_key("w1")) == {"batches": "2", "tokens": str(10 * 16)}
+
+    @pytest.mark.parametrize("case", ["draining", "gone", "other-model"])
+    def test_refuses_a_worker_that_cannot_take_work(
+        self, case: str, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        runtime = start_worker("w1")
+        if case == "draining":
+            runtime.start_draining()
+            runtime.publish_load()
+        elif case == "gone":
+            conn.delete(keys.load_key("w1"))
+        client.submit_batch(["a", "b"], model="m")
+        model = "other" if case == "other-model" else "m"
+        if model == "other":
+            client.submit_batch(["a", "b"], model="other")
+        view = WorkerView("w1", model, capacity=8, tokens_per_s=1000)
+        result = balancer(conn).dispatch(view, 10_000)
+        assert result.status == NOT_ACCEPTING
+        assert conn.zcard(keys.ingress_key(model)) == 2
+        assert conn.llen(keys.rq_queue_key("w1")) == 0
+
+    def test_higher_priority_goes_first(self, client: Client, conn: redis.Redis, start_worker: StartWorker) -> None:
+        start_worker("w1", max_batch=1)
+        low = client.submit_batch(["low"] * 3, model="m", priority=0)
+        high = client.submit_batch(["high"] * 2, model="m", priority=5)
+        balancer(conn, max_outstanding_batches=1).dispatch_round()
+        (job_id,) = conn.lrange(keys.rq_queue_key("w1"), 0, -1)
+        assert conn.hget(keys.microbatch_key(job_id), "entries").startswith(f"{high.id}:0:")  # type: ignore[union-attr]
+        assert low.status().pending == 3
+
+    def test_micro_batch_is_cut_to_the_token_budget(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        start_worker("w1")
+        client.submit_batch([{"prompt": "p", "max_tokens": 100}] * 10, model="m")
+        view = WorkerView("w1", "m", capacity=64, tokens_per_s=1000)
+        result = balancer(conn).dispatch(view, 350)
+        assert (result.requests, result.tokens, result.next_cost) == (3, 300, 100)
+        assert int(conn.get(keys.ingress_tokens_key("m"))) == 700  # type: ignore[arg-type]
+
+
+class TestExactlyOnce:
+    def test_a_result_is_recorded_only_once(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w1")
+        batch = client.submit_batch(["a b"], model="m", max_tokens=3)
+        balancer(conn).dispatch_round()
+        (mb_id,) = conn.lrange(keys.rq_queue_key("w1"), 0, -1)
+        entries = conn.hget(keys.microbatch_key(mb_id), "entries")
+        work(w, redis_url)
+        first = batch.results(timeout=5)[0]
+        # the same micro-batch run again (a late duplicate) must not overwrite or double-count
+        conn.hset(keys.microbatch_key(mb_id), mapping={"entries": entries, "tokens": 3})  # type: ignore[arg-type]
+        conn.hset(keys.batch_requests_key(batch.id), "0", '{"prompt": "z", "max_tokens": 3}')
+        assert w.run_microbatch(mb_id)["recorded"] == 0
+        assert batch.results(timeout=5)[0] == first
+        status = batch.status()
+        assert (status.completed, status.failed, status.running) == (1, 0, 0)
+
+
+class TestWorkerLifecycle:
+    def test_deregister_hands_queued_work_back_in_order(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        leaving = start_worker("leaving", max_batch=4)
+        batch = client.submit_batch([f"p{i}" for i in range(12)], model="m")
+        before = conn.zrange(keys.ingress_key("m"), 0, -1, withscores=True)
+        tokens_before = conn.get(keys.ingress_tokens_key("m"))
+        assert balancer(conn).dispatch_round() == 8
+        leaving.deregister()
+        assert conn.zrange(keys.ingress_key("m"), 0, -1, withscores=True) == before
+        assert conn.get(keys.ingress_tokens_key("m")) == tokens_before
+        assert conn.llen(keys.rq_queue_key("leaving")) == 0 and conn.keys("rq:job:*") == []
+        assert not conn.exists(keys.load_key("leaving")) and not conn.sismember(keys.workers_key(), "leaving")
+        assert_settled_credit = conn.hgetall(keys.credit_key("leaving"))
+        assert assert_settled_credit == {"batches": "0", "tokens": "0"}
+        staying = start_worker("staying")
+        while balancer(conn).dispatch_round():
+            work(staying, redis_url)
+        assert {r.worker for r in batch.results(timeout=5)} == {"staying"}
+        assert batch.status().completed == 12
+
+    def test_a_live_worker_id_cannot_be_taken_twice(self, start_worker: StartWorker) -> None:
+        from gpulb.errors import WorkerIdInUse
+
+        start_worker("w1")
+        with pytest.raises(WorkerIdInUse, match="worker id 'w1' is in use by a live worker"):
+            start_worker("w1")
+
+
+class TestOnlyOurOwnJobs:
+    def test_foreign_function_is_refused_not_imported(
+        self, conn: redis.Redis, redis_url: str, start_worker: StartWorker, tmp_path: object
+    ) -> None:
+        w = start_worker("w1")
+        rq_conn = redis.Redis.from_url(redis_url)
+        job = Queue("w1", connection=rq_conn, serializer=JSONSerializer).enqueue("os.remove", "/nonexistent")
+        work(w, redis_url)
+        job.refresh()
+        assert job.get_status() == "failed"
+        assert job.id in FailedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
+        assert re.search(r"foreign job function 'os.remove' refused", job.latest_result().exc_string)  # type: ignore[union-attr]

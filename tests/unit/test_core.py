@@ -1,0 +1,125 @@
+"""Key schema, wire models, settings and the simulated backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpulb import keys
+from gpulb.cli import build_parser, settings_from_args
+from gpulb.connection import redact_url
+from gpulb.errors import BadPayload, ConfigError
+from gpulb.models import RequestSpec, WorkerLoad, WorkerState, request_cost
+from gpulb.settings import Settings
+from worker.backends.simulated import SimulatedBackend, echo_text
+
+
+class TestKeySchema:
+    def test_every_key_is_pinned(self) -> None:
+        assert keys.ingress_key("llama-3") == "gpulb:{llama-3}:ingress"
+        assert keys.ingress_tokens_key("llama-3") == "gpulb:{llama-3}:ingress_tokens"
+        assert keys.batch_key("b1") == "gpulb:batch:b1"
+        assert keys.batch_requests_key("b1") == "gpulb:batch:b1:requests"
+        assert keys.batch_results_key("b1") == "gpulb:batch:b1:results"
+        assert keys.batch_events_channel("b1") == "gpulb:batch:b1:events"
+        assert keys.load_key("w1") == "gpulb:worker:w1:load"
+        assert keys.credit_key("w1") == "gpulb:worker:w1:credit"
+        assert keys.inflight_key("w1") == "gpulb:worker:w1:inflight"
+        assert keys.microbatch_key("mb-1") == "gpulb:mb:mb-1"
+        assert (keys.workers_key(), keys.models_key(), keys.seq_key()) == ("gpulb:workers", "gpulb:models", "gpulb:seq")
+        assert keys.wakeup_key() == "gpulb:balancer:wakeup"
+        assert (keys.rq_queue_key("w1"), keys.rq_job_key("mb-1"), keys.rq_queues_key()) == (
+            "rq:queue:w1", "rq:job:mb-1", "rq:queues",
+        )  # fmt: skip
+        assert keys.JOB_FUNC == "worker.jobs.run_microbatch"
+
+    def test_ingress_member_round_trip(self) -> None:
+        member = keys.ingress_member("ab12", 7, 300, attempt=2)
+        assert member == "ab12:7:300:2"
+        assert keys.parse_ingress_member(member) == ("ab12", 7, 300, 2)
+        with pytest.raises(ValueError):
+            keys.parse_ingress_member("garbage")
+
+    def test_scores_order_by_priority_then_submission(self) -> None:
+        scores = [
+            keys.ingress_score(0, 5),
+            keys.ingress_score(10, 900),
+            keys.ingress_score(0, 4),
+            keys.ingress_score(-1, 1),
+        ]
+        order = sorted(range(4), key=lambda i: scores[i])
+        assert order == [1, 2, 0, 3]
+        extreme = keys.ingress_score(keys.MAX_ABS_PRIORITY, keys.PRIORITY_SPAN - 1)
+        assert float(extreme) == extreme  # exact as a Redis zset score (a double)
+
+
+class TestModels:
+    def test_request_cost_counts_output_and_a_little_prompt(self) -> None:
+        assert request_cost(0, 16) == 16
+        assert request_cost(320, 16) == 26
+        assert RequestSpec(prompt="x" * 64, max_tokens=5).cost_tokens() == 7
+
+    def test_sampling_keeps_only_what_was_set(self) -> None:
+        spec = RequestSpec(prompt="p", max_tokens=3, temperature=0.2, stop=["\n"])
+        assert spec.sampling() == {"temperature": 0.2, "stop": ["\n"]}
+
+    def test_load_key_round_trips_as_flat_strings(self) -> None:
+        load = WorkerLoad(worker_id="w", model="m", backend="simulated", state=WorkerState.BUSY, capacity=8,
+                          running=3, tokens_per_s=1234.5, ts=100.0)  # fmt: skip
+        flat = load.to_hash()
+        assert all(isinstance(v, str) for v in flat.values())
+        assert flat["v"] == "1" and flat["state"] == "busy"
+        assert WorkerLoad.from_hash(flat) == load
+
+    def test_garbage_load_key_is_a_bad_payload(self) -> None:
+        with pytest.raises(BadPayload, match="malformed load key"):
+            WorkerLoad.from_hash({"worker_id": "w", "model": "m", "backend": "x", "state": "busy", "capacity": "lots"})
+
+
+class TestSettings:
+    def test_environment_reaches_nested_sections(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("GPULB_REDIS_URL", "redis://example:6380/2")
+        monkeypatch.setenv("GPULB_WORKER__TOKENS_PER_S", "2500")
+        monkeypatch.setenv("GPULB_BALANCER__BATCH_TARGET_S", "0.25")
+        s = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert (s.redis_url, s.worker.tokens_per_s, s.balancer.batch_target_s) == ("redis://example:6380/2", 2500, 0.25)
+
+    def test_cli_options_override_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("GPULB_WORKER__TOKENS_PER_S", "2500")
+        monkeypatch.setenv("GPULB_WORKER__MAX_BATCH", "7")
+        args = build_parser(Settings()).parse_args(["worker", "--id", "g0", "--model", "m", "--tokens-per-s", "900"])
+        s = settings_from_args(args)
+        assert (s.worker.id, s.worker.model, s.worker.tokens_per_s, s.worker.max_batch) == ("g0", "m", 900.0, 7)
+
+    def test_bad_option_value_names_the_setting(self) -> None:
+        args = build_parser(Settings()).parse_args(["worker", "--id", "bad id!", "--model", "m"])
+        with pytest.raises(ConfigError, match=r"worker\.id"):
+            settings_from_args(args)
+
+    def test_default_worker_id_names_host_and_gpu(self) -> None:
+        s = Settings(_env_file=None, worker={"gpu": 3})  # type: ignore[call-arg]
+        assert s.worker.resolved_id().endswith("-gpu3")
+
+    def test_redact_url_hides_passwords(self) -> None:
+        assert redact_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+        assert redact_url("rediss://:s3cret@host/0") == "rediss://:***@host/0"
+        assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+class TestSimulatedBackend:
+    @pytest.mark.parametrize(
+        ("prompt", "n", "text"),
+        [("a b", 3, "a b a"), ("a b", 1, "a"), ("one", 4, "one one one one"), ("  x  y ", 2, "x y"), ("x", 0, "")],
+    )
+    def test_output_repeats_the_prompt_words_to_max_tokens(self, prompt: str, n: int, text: str) -> None:
+        assert echo_text(prompt, n) == text
+
+    def test_a_batch_takes_its_tokens_over_the_speed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from worker.backends.base import BackendRequest
+
+        backend = SimulatedBackend(tokens_per_s=2000)
+        waited: list[float] = []
+        monkeypatch.setattr(backend._stop, "wait", lambda seconds: waited.append(seconds))
+        outputs = backend.generate([BackendRequest("a b", 300), BackendRequest("c", 700)])
+        assert waited == [0.5]
+        assert [o.output_tokens for o in outputs] == [300, 700]
+        assert outputs[0].text.split()[:3] == ["a", "b", "a"] and len(outputs[1].text.split()) == 700
