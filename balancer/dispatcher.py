@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
@@ -19,9 +20,11 @@ from rq.serializers import JSONSerializer
 from balancer.fleet import Backlog, read_fleet
 from balancer.policy import WorkerView, batch_budget, choose_least_time
 from gpulb import keys
+from gpulb.connection import CONNECTION_ERRORS
 from gpulb.logs import get_logger
+from gpulb.recovery import reap_dead_workers
 from gpulb.scripts import Scripts, as_ints
-from gpulb.settings import BalancerSettings
+from gpulb.settings import Settings
 
 log = get_logger("gpulb.balancer")
 
@@ -41,9 +44,18 @@ class Dispatch:
 class Balancer:
     """Places requests from per-model ingresses onto per-worker RQ queues."""
 
-    def __init__(self, conn: redis.Redis, settings: BalancerSettings, *, rng: random.Random | None = None) -> None:
-        self.conn = conn
-        self.settings = settings
+    def __init__(
+        self,
+        conn: redis.Redis,
+        rq_conn: redis.Redis,
+        settings: Settings,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.conn, self.rq_conn = conn, rq_conn
+        self.max_attempts = settings.max_attempts
+        self.max_backoff_s = settings.redis.max_backoff_s
+        self.settings = settings.balancer
         self.scripts = Scripts(conn)
         self.rng = rng or random.Random()
         self.stop_event = threading.Event()
@@ -59,11 +71,19 @@ class Balancer:
             batch_target_s=self.settings.batch_target_s,
             max_outstanding_batches=self.settings.max_outstanding_batches,
         )
+        delay = 0.1
         while not self.stop_event.is_set():
-            self._beat()
-            if self.dispatch_round() == 0:
-                self._wait_for_wakeup()
-        self.conn.delete(keys.balancer_heartbeat_key())
+            try:
+                self._beat()
+                if self.dispatch_round() == 0:
+                    self._wait_for_wakeup()
+                delay = 0.1
+            except CONNECTION_ERRORS as exc:  # Redis restarting or unreachable: back off, keep going
+                log.warning("redis unavailable", error=str(exc), retry_in_s=delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            self.conn.delete(keys.balancer_heartbeat_key())
         log.info("balancer stopped", requests=self.dispatched_requests, micro_batches=self.dispatched_batches)
 
     def stop(self) -> None:
@@ -90,6 +110,8 @@ class Balancer:
     def dispatch_round(self) -> int:
         """Place as much as credit allows, for every model; returns requests dispatched."""
         fleet = read_fleet(self.conn)
+        if fleet.dead:
+            reap_dead_workers(self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts)
         return sum(
             self._dispatch_model(model, workers, fleet.backlog[model])
             for model, workers in fleet.by_model.items()
@@ -161,6 +183,7 @@ class Balancer:
         result = Dispatch(*as_ints(reply))
         if result.dropped:
             log.warning("dropped foreign ingress members", model=worker.model, count=result.dropped)
+            self.conn.hincrby(keys.stats_key(), "dropped_ingress_members", result.dropped)
         if result.status == DISPATCHED:
             self.dispatched_requests += result.requests
             self.dispatched_batches += 1

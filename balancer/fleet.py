@@ -25,6 +25,7 @@ class Backlog:
 class Fleet:
     by_model: dict[str, list[WorkerView]] = field(default_factory=dict)
     backlog: dict[str, Backlog] = field(default_factory=dict)
+    dead: list[str] = field(default_factory=list)  # registered, but no load key: heartbeat expired
     malformed: int = 0
 
 
@@ -37,16 +38,19 @@ def read_fleet(conn: redis.Redis) -> Fleet:
     replies = pipe.execute()
     fleet = Fleet()
     for i, worker_id in enumerate(worker_ids):
+        if not replies[2 * i]:
+            fleet.dead.append(worker_id)
+            continue
         view = _view(worker_id, replies[2 * i], replies[2 * i + 1], fleet)
         if view is not None:
             fleet.by_model.setdefault(view.model, []).append(view)
+    if fleet.malformed:
+        conn.hincrby(keys.stats_key(), "malformed_load_keys", fleet.malformed)
     _read_backlogs(conn, fleet)
     return fleet
 
 
 def _view(worker_id: str, load_raw: dict[str, str], credit: dict[str, str], fleet: Fleet) -> WorkerView | None:
-    if not load_raw:
-        return None  # no heartbeat within its TTL: not a target
     try:
         load = WorkerLoad.from_hash(load_raw)
         batches, tokens = int(credit.get("batches", 0)), int(credit.get("tokens", 0))

@@ -14,7 +14,7 @@ def run_balancer(settings: Settings) -> None:
     with broker_errors(settings.redis_url):
         conn = connect(settings)
         conn.ping()
-        balancer = Balancer(conn, settings.balancer)
+        balancer = Balancer(conn, connect(settings, decode=False), settings)
 
         def _stop(signum: int, frame: FrameType | None) -> None:
             balancer.stop()

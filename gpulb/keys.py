@@ -24,6 +24,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 | gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
 |   fields worker, model, tokens, entries (space-separated ingress members), created_at                        |
 | gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
+| gpulb:stats                          | hash   | none                 | balancer, worker (HINCRBY) | status             |
+|   bad data seen and skipped: malformed_load_keys, dropped_ingress_members, refused_jobs, malformed_payloads     |
 | gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
 |   fields host, pid, ts, requests, micro_batches                                                                |
 | rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
@@ -101,6 +103,10 @@ def wakeup_key() -> str:
     return f"{PREFIX}:balancer:wakeup"
 
 
+def stats_key() -> str:
+    return f"{PREFIX}:stats"
+
+
 def balancer_heartbeat_key() -> str:
     return f"{PREFIX}:balancer:heartbeat"
 
@@ -112,6 +118,10 @@ def rq_queue_name(worker_id: str) -> str:
 
 def rq_queue_key(worker_id: str) -> str:
     return f"{Queue.redis_queue_namespace_prefix}{rq_queue_name(worker_id)}"
+
+
+def rq_intermediate_key(worker_id: str) -> str:
+    return f"{rq_queue_key(worker_id)}:intermediate"
 
 
 def rq_queues_key() -> str:

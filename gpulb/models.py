@@ -77,6 +77,7 @@ class Result(BaseModel):
     output_tokens: int
     worker: str
     error: str | None = None
+    cancelled: bool = False
     attempts: int = 1
     submitted_at: float
     started_at: float
@@ -91,10 +92,15 @@ class BatchState(StrEnum):
     PENDING = "pending"  # nothing started yet
     RUNNING = "running"
     COMPLETED = "completed"  # every request has a result (some may have failed)
+    CANCELLED = "cancelled"  # every request has a result, and some were cancelled
+
+
+FINAL_STATES = frozenset({BatchState.COMPLETED, BatchState.CANCELLED})
 
 
 class BatchStatus(BaseModel):
-    """Counts of one batch. ``running`` means started on a worker and not yet recorded."""
+    """Counts of one batch. ``running`` means started on a worker and not yet recorded;
+    ``pending`` means waiting in the ingress or in a worker's queue."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -105,13 +111,18 @@ class BatchStatus(BaseModel):
     running: int
     completed: int
     failed: int
+    cancelled: int = 0
     state: BatchState
     submitted_at: float
     finished_at: float | None = None
 
     @property
     def done(self) -> int:
-        return self.completed + self.failed
+        return self.completed + self.failed + self.cancelled
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
 
 
 class WorkerState(StrEnum):

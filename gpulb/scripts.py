@@ -79,41 +79,19 @@ return {1, #members, tokens, next_cost, dropped}
 """
 )
 
-RECORD = """
--- Record a finished micro-batch: each result only if none is recorded yet, then settle counters.
--- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] wakeup list
--- KEYS[5+3(b-1)..] for batch b: batch hash, results hash, requests hash
--- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep
--- ARGV[4..] per batch b: events channel, number started, number of results n,
---           then n times: field, result JSON, '1' if failed else '0'
--- Returns the number of results newly recorded.
-local owned = redis.call('HGET', KEYS[1], 'tokens')
-if owned then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[1])
-  redis.call('HINCRBY', KEYS[3], 'batches', -1)
-  redis.call('HINCRBY', KEYS[3], 'tokens', -tonumber(owned))
-end
-local recorded, pos, b = 0, 4, 0
-while pos <= #ARGV do
-  local bkey, rkey, qkey = KEYS[5 + 3 * b], KEYS[6 + 3 * b], KEYS[7 + 3 * b]
-  local channel, started, n = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-  pos = pos + 3
-  local completed, failed = 0, 0
-  for i = 1, n do
-    local field = ARGV[pos]
-    if redis.call('HSETNX', rkey, field, ARGV[pos + 1]) == 1 then
-      if ARGV[pos + 2] == '1' then failed = failed + 1 else completed = completed + 1 end
-      redis.call('HDEL', qkey, field)
-    end
-    pos = pos + 3
-  end
-  if owned and started > 0 then redis.call('HINCRBY', bkey, 'running', -started) end
-  local done_completed = redis.call('HINCRBY', bkey, 'completed', completed)
-  local done_failed = redis.call('HINCRBY', bkey, 'failed', failed)
+# Shared Lua: after results were added to a batch, mark it completed (and set its expiry) when
+# every request has one, and tell waiting producers. Returns completed + failed.
+_SETTLE_BATCH = """
+local function settle_batch(bkey, rkey, qkey, channel, now, completed, failed, cancelled)
+  local done = redis.call('HINCRBY', bkey, 'completed', completed)
+    + redis.call('HINCRBY', bkey, 'failed', failed)
+    + redis.call('HINCRBY', bkey, 'cancelled', cancelled)
   local total = tonumber(redis.call('HGET', bkey, 'total') or '0')
-  if done_completed + done_failed >= total and redis.call('HGET', bkey, 'state') ~= 'completed' then
-    redis.call('HSET', bkey, 'state', 'completed', 'finished_at', ARGV[2], 'running', 0)
+  local state = redis.call('HGET', bkey, 'state')
+  if done >= total and state ~= 'completed' and state ~= 'cancelled' then
+    local final = 'completed'
+    if tonumber(redis.call('HGET', bkey, 'cancelled')) > 0 then final = 'cancelled' end
+    redis.call('HSET', bkey, 'state', final, 'finished_at', now, 'running', 0)
     local ttl = tonumber(redis.call('HGET', bkey, 'ttl_s') or '0')
     if ttl > 0 then
       redis.call('EXPIRE', bkey, ttl)
@@ -121,42 +99,159 @@ while pos <= #ARGV do
       redis.call('EXPIRE', qkey, ttl)
     end
   end
-  redis.call('PUBLISH', channel, done_completed + done_failed)
-  recorded = recorded + completed + failed
-  b = b + 1
+  redis.call('PUBLISH', channel, done)
+  return done
 end
-redis.call('RPUSH', KEYS[4], ARGV[1])
-redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
-return recorded
+
+local function release_credit(mbkey, inflight, credit, mb_id, tokens, wakeup, keep)
+  redis.call('DEL', mbkey)
+  redis.call('SREM', inflight, mb_id)
+  redis.call('HINCRBY', credit, 'batches', -1)
+  redis.call('HINCRBY', credit, 'tokens', -tonumber(tokens))
+  redis.call('RPUSH', wakeup, mb_id)
+  redis.call('LTRIM', wakeup, -tonumber(keep), -1)
+end
 """
 
-RELEASE = """
--- Hand a queued (not started) micro-batch back: its requests return to the ingress with their
--- original scores, so they keep their place at the front.
--- KEYS[1] rq queue list  KEYS[2] micro-batch hash  KEYS[3] worker inflight  KEYS[4] worker credit
--- KEYS[5] rq job hash    KEYS[6] ingress zset      KEYS[7] ingress_tokens  KEYS[8] wakeup list
--- ARGV[1] micro-batch id  ARGV[2] wakeup list length to keep
--- Returns the number of requests put back (0 if the micro-batch was no longer queued).
-if redis.call('LREM', KEYS[1], 0, ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[5])
-local mb = redis.call('HMGET', KEYS[2], 'entries', 'scores', 'tokens')
-if not mb[1] then return 0 end
+BEGIN = """
+-- A worker starts a micro-batch: mark it started (a crash from now on counts as an attempt).
+-- KEYS[1] micro-batch hash.  Returns its entries, or nil if it is no longer this worker's.
+local entries = redis.call('HGET', KEYS[1], 'entries')
+if entries then redis.call('HSET', KEYS[1], 'started', '1') end
+return entries
+"""
+
+RECORD = (
+    _SETTLE_BATCH
+    + """
+-- Record a finished micro-batch: each result only if none is recorded yet, then settle counters.
+-- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] wakeup list
+-- KEYS[5+3(b-1)..] for batch b: batch hash, results hash, requests hash
+-- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep
+-- ARGV[4..] per batch b: events channel, number started, number of results n,
+--           then n times: field, result JSON, outcome ('0' completed, '1' failed, '2' cancelled)
+-- A micro-batch that was taken back meanwhile (its worker looked dead) still records results
+-- that are not recorded yet, but no longer touches credit or running counts.
+-- Returns the number of results newly recorded.
+local owned = redis.call('HGET', KEYS[1], 'tokens')
+if owned then release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], owned, KEYS[4], ARGV[3]) end
+local recorded, pos, b = 0, 4, 0
+while pos <= #ARGV do
+  local bkey, rkey, qkey = KEYS[5 + 3 * b], KEYS[6 + 3 * b], KEYS[7 + 3 * b]
+  local channel, started, n = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  local counts = {['0'] = 0, ['1'] = 0, ['2'] = 0}
+  for i = 1, n do
+    local field = ARGV[pos]
+    if redis.call('HSETNX', rkey, field, ARGV[pos + 1]) == 1 then
+      counts[ARGV[pos + 2]] = counts[ARGV[pos + 2]] + 1
+      redis.call('HDEL', qkey, field)
+    end
+    pos = pos + 3
+  end
+  if owned and started > 0 then redis.call('HINCRBY', bkey, 'running', -started) end
+  settle_batch(bkey, rkey, qkey, channel, ARGV[2], counts['0'], counts['1'], counts['2'])
+  recorded = recorded + counts['0'] + counts['1'] + counts['2']
+  b = b + 1
+end
+if not owned then
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
+end
+return recorded
+"""
+)
+
+REQUEUE = (
+    _SETTLE_BATCH
+    + """
+-- Take a micro-batch back from a worker and put its unfinished requests at the front of the
+-- ingress (their original scores). Mode 'release': only if still queued (a draining worker hands
+-- back what it has not started). Mode 'recover': whatever its state (its worker is dead).
+-- A request whose micro-batch had started counts one more attempt; at max_attempts it is
+-- recorded as failed with the reason instead (dead letter). Recorded requests are not re-run.
+-- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] rq queue list
+-- KEYS[5] rq job hash  KEYS[6] ingress zset  KEYS[7] ingress_tokens  KEYS[8] wakeup list
+-- KEYS[9+3(b-1)..] for batch b: batch hash, results hash, requests hash
+-- ARGV[1] micro-batch id  ARGV[2] mode  ARGV[3] now  ARGV[4] max attempts  ARGV[5] wakeup keep
+-- ARGV[6] worker id  ARGV[7] reason  ARGV[8..] per batch b: batch id, events channel
+-- Returns {requeued, dead_lettered, was_queued}.
+local mb = redis.call('HMGET', KEYS[1], 'entries', 'scores', 'tokens', 'started')
+if not mb[1] then return {0, 0, 0} end
+local queued = redis.call('LREM', KEYS[4], 0, ARGV[1])
+if ARGV[2] == 'release' and queued == 0 then return {0, 0, 0} end
+if queued > 0 then redis.call('DEL', KEYS[5]) end
+local started = mb[4] == '1' and queued == 0
+local now, max_attempts = ARGV[3], tonumber(ARGV[4])
+local slot = {}
+for b = 0, (#ARGV - 9) / 2 do slot[ARGV[8 + 2 * b]] = b end
 local scores = {}
-for s in string.gmatch(mb[2], '%S+') do scores[#scores + 1] = s end
-local i = 0
+for sc in string.gmatch(mb[2], '%S+') do scores[#scores + 1] = sc end
+local running, dead, tokens, requeued, i = {}, {}, 0, 0, 0
 for member in string.gmatch(mb[1], '%S+') do
   i = i + 1
-  redis.call('ZADD', KEYS[6], scores[i], member)
+  local bid, idx, cost, attempt = string.match(member, '^([%w_]+):(%d+):(%d+):(%d+)$')
+  local b = slot[bid]
+  local rkey = KEYS[10 + 3 * b]
+  if redis.call('HEXISTS', rkey, idx) == 0 then
+    local next_attempt = tonumber(attempt)
+    if started then
+      next_attempt = next_attempt + 1
+      running[b] = (running[b] or 0) + 1
+    end
+    if next_attempt >= max_attempts then
+      local submitted = tonumber(redis.call('HGET', KEYS[9 + 3 * b], 'submitted_at') or now)
+      redis.call('HSET', rkey, idx, cjson.encode({request_id = bid .. '-' .. idx, index = tonumber(idx),
+        text = '', output_tokens = 0, worker = ARGV[6], error = ARGV[7], attempts = next_attempt,
+        submitted_at = submitted, started_at = tonumber(now), finished_at = tonumber(now)}))
+      redis.call('HDEL', KEYS[11 + 3 * b], idx)
+      dead[b] = (dead[b] or 0) + 1
+    else
+      redis.call('ZADD', KEYS[6], scores[i], bid .. ':' .. idx .. ':' .. cost .. ':' .. next_attempt)
+      tokens = tokens + tonumber(cost)
+      requeued = requeued + 1
+    end
+  end
 end
-redis.call('INCRBY', KEYS[7], tonumber(mb[3]))
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[4], 'batches', -1)
-redis.call('HINCRBY', KEYS[4], 'tokens', -tonumber(mb[3]))
-redis.call('RPUSH', KEYS[8], ARGV[1])
-redis.call('LTRIM', KEYS[8], -tonumber(ARGV[2]), -1)
-return i
+local dead_total = 0
+for b = 0, (#ARGV - 9) / 2 do
+  local bkey = KEYS[9 + 3 * b]
+  if running[b] then redis.call('HINCRBY', bkey, 'running', -running[b]) end
+  if dead[b] then
+    dead_total = dead_total + dead[b]
+    settle_batch(bkey, KEYS[10 + 3 * b], KEYS[11 + 3 * b], ARGV[9 + 2 * b], now, 0, dead[b], 0)
+  end
+end
+redis.call('INCRBY', KEYS[7], tokens)
+release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], mb[3], KEYS[8], ARGV[5])
+return {requeued, dead_total, queued}
 """
+)
+
+
+CANCEL = (
+    _SETTLE_BATCH
+    + """
+-- Cancel what of a batch still waits in the ingress: remove it and record it as cancelled.
+-- (Requests already in a worker's queue are cancelled by that worker when it reaches them.)
+-- KEYS[1] ingress zset  KEYS[2] ingress_tokens  KEYS[3] batch hash  KEYS[4] results hash
+-- KEYS[5] requests hash
+-- ARGV[1] now  ARGV[2] events channel  ARGV[3..] triples: ingress member, field, cancelled result JSON
+-- Returns the number of requests cancelled here.
+if not redis.call('HGET', KEYS[3], 'cancelled_at') then redis.call('HSET', KEYS[3], 'cancelled_at', ARGV[1]) end
+local n, tokens = 0, 0
+for pos = 3, #ARGV, 3 do
+  if redis.call('ZREM', KEYS[1], ARGV[pos]) == 1 then
+    tokens = tokens + tonumber(string.match(ARGV[pos], ':(%d+):%d+$'))
+    if redis.call('HSETNX', KEYS[4], ARGV[pos + 1], ARGV[pos + 2]) == 1 then n = n + 1 end
+    redis.call('HDEL', KEYS[5], ARGV[pos + 1])
+  end
+end
+redis.call('DECRBY', KEYS[2], tokens)
+settle_batch(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[1], 0, 0, n)
+return n
+"""
+)
 
 
 class Scripts:
@@ -164,8 +259,10 @@ class Scripts:
 
     def __init__(self, conn: redis.Redis) -> None:
         self.dispatch: Script = conn.register_script(DISPATCH)
+        self.begin: Script = conn.register_script(BEGIN)
         self.record: Script = conn.register_script(RECORD)
-        self.release: Script = conn.register_script(RELEASE)
+        self.requeue: Script = conn.register_script(REQUEUE)
+        self.cancel: Script = conn.register_script(CANCEL)
 
 
 def as_ints(reply: Any) -> list[int]:

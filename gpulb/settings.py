@@ -38,6 +38,8 @@ class RedisSettings(BaseModel):
     connect_timeout_s: PositiveFloat = 3.0
     socket_timeout_s: PositiveFloat = 10.0
     password: SecretStr | None = None
+    ssl_ca_certs: str | None = None
+    max_backoff_s: PositiveFloat = 5.0
 
 
 class ProducerSettings(BaseModel):
@@ -49,6 +51,7 @@ class ProducerSettings(BaseModel):
     chunk_size: int = Field(default=5_000, ge=1)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     poll_fallback_s: PositiveFloat = 1.0
+    reconnect_grace_s: PositiveFloat = 30.0
 
 
 class BalancerSettings(BaseModel):
@@ -63,7 +66,7 @@ class BalancerSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    """One worker process: which GPU, which model, which backend."""
+    """One worker process: which GPU, which model, which backend, and how it copes with failure."""
 
     id: str | None = None
     model: str | None = None
@@ -74,6 +77,10 @@ class WorkerSettings(BaseModel):
     heartbeat_s: PositiveFloat = 1.0
     load_ttl_s: PositiveFloat = 10.0
     ema_alpha: float = Field(default=0.3, gt=0, le=1)
+    retry_backoff_s: PositiveFloat = 0.5
+    min_call_timeout_s: PositiveFloat = 120.0
+    call_timeout_factor: PositiveFloat = 10.0
+    simulate_faults: bool = False
 
     @field_validator("id")
     @classmethod
@@ -109,6 +116,7 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://localhost:6379/0"
+    max_attempts: int = Field(default=3, ge=1)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.AUTO
     redis: RedisSettings = RedisSettings()

@@ -1,18 +1,24 @@
-"""Start one worker process: load the backend once, register, work its RQ queue, drain on stop."""
+"""Start one worker process: load the backend once, register, work its RQ queue, drain on stop.
+
+If Redis goes away, the worker waits with bounded exponential backoff, takes back whatever it
+held but can no longer run, and carries on; it exits only on SIGTERM/SIGINT (or in burst mode).
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+from types import FrameType
 
 import redis
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.worker import Worker
 
 from gpulb import keys
-from gpulb.connection import broker_errors, connect
-from gpulb.errors import ConfigError
+from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect
+from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
+from gpulb.recovery import retire_rq_worker
 from gpulb.settings import Settings
 from worker.backends import create_backend
 from worker.heartbeat import Heartbeat
@@ -29,36 +35,71 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
         raise ConfigError("worker needs a model: pass --model or set GPULB_WORKER__MODEL")
     if cfg.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg.gpu)  # before any backend imports CUDA
+    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings, create_backend(cfg))
     with broker_errors(settings.redis_url):
-        conn = connect(settings)
-        conn.ping()
-        runtime = WorkerRuntime(conn, cfg, create_backend(cfg))
+        runtime.conn.ping()
         runtime.backend.start()
-        _forget_dead_rq_worker(connect(settings, decode=False), runtime.worker_id)
         runtime.register()
     heartbeat = Heartbeat(runtime.heartbeat, cfg.heartbeat_s)
     heartbeat.start()
     try:
-        build_rq_worker(settings, runtime).work(burst=burst, logging_level=settings.log_level.upper())
+        while not _work(settings, runtime, burst) and not runtime.draining:
+            _wait_for_redis(runtime, settings)
+            if runtime.draining:
+                break
     finally:
-        runtime.start_draining()
-        heartbeat.stop()
-        with broker_errors(settings.redis_url):
-            runtime.deregister()
-        runtime.backend.shutdown()
+        _shut_down(settings, runtime, heartbeat)
 
 
 def build_rq_worker(settings: Settings, runtime: WorkerRuntime) -> GpulbWorker:
-    rq_conn = connect(settings, decode=False)  # RQ expects bytes from Redis
-    queue = Queue(keys.rq_queue_name(runtime.worker_id), connection=rq_conn, serializer=JSONSerializer)
-    return GpulbWorker([queue], name=runtime.worker_id, connection=rq_conn, serializer=JSONSerializer, runtime=runtime)
+    queue = Queue(keys.rq_queue_name(runtime.worker_id), connection=runtime.rq_conn, serializer=JSONSerializer)
+    worker = GpulbWorker(
+        [queue], name=runtime.worker_id, connection=runtime.rq_conn, serializer=JSONSerializer, runtime=runtime
+    )
+    worker.max_connection_wait_time = settings.redis.max_backoff_s
+    return worker
 
 
-def _forget_dead_rq_worker(rq_conn: redis.Redis, worker_id: str) -> None:
-    """RQ refuses a name whose record has not expired; a dead predecessor's record is retired."""
-    worker_key = Worker.redis_worker_namespace_prefix + worker_id
-    if rq_conn.exists(worker_key) and not rq_conn.exists(keys.load_key(worker_id)):
-        dead = Worker.find_by_key(worker_key, connection=rq_conn, serializer=JSONSerializer)
-        if dead is not None:
-            dead.register_death()  # type: ignore[no-untyped-call]
-            log.info("retired the RQ record of a dead worker with this id", worker_id=worker_id)
+def _work(settings: Settings, runtime: WorkerRuntime, burst: bool) -> bool:
+    """Run RQ's work loop; True if it ended as asked (burst done or stop requested)."""
+    try:
+        retire_rq_worker(runtime.rq_conn, runtime.worker_id)  # our own record from before an outage
+        build_rq_worker(settings, runtime).work(burst=burst, logging_level=settings.log_level.upper())
+    except CONNECTION_ERRORS as exc:
+        log.warning("lost redis", error=str(exc))
+        return False
+    return burst or runtime.draining
+
+
+def _wait_for_redis(runtime: WorkerRuntime, settings: Settings) -> None:
+    """Back off (bounded, exponential) until Redis answers, then take back orphaned micro-batches."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        runtime.start_draining()
+        runtime.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    delay = 0.1
+    while not runtime.draining:
+        try:
+            runtime.conn.ping()
+            recovered = runtime.recover_orphans()
+            log.info("redis is back", requeued=recovered.requests)
+            return
+        except redis.RedisError as exc:
+            log.warning("waiting for redis", error=str(exc), retry_in_s=delay)
+            runtime.stopping.wait(delay)
+            delay = min(delay * 2, settings.redis.max_backoff_s)
+
+
+def _shut_down(settings: Settings, runtime: WorkerRuntime, heartbeat: Heartbeat) -> None:
+    runtime.start_draining()
+    heartbeat.stop()
+    try:
+        with broker_errors(settings.redis_url):
+            runtime.deregister()
+    except BrokerUnavailable as exc:  # our load key expires; the balancer takes our work back
+        log.warning("could not deregister", error=str(exc))
+    runtime.stopping.set()
+    runtime.backend.shutdown()

@@ -23,11 +23,12 @@ class Item:
     submitted_at: float = 0.0
     payload: RequestPayload | None = None
     already_done: bool = False
+    cancelled: bool = False
     problem: str | None = None  # why it cannot run (missing or malformed payload)
 
     @property
     def runnable(self) -> bool:
-        return not self.already_done and self.problem is None and self.payload is not None
+        return not self.already_done and not self.cancelled and self.problem is None and self.payload is not None
 
 
 def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
@@ -41,19 +42,20 @@ def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
         fields = [str(i.index) for i in group]
         pipe.hmget(keys.batch_requests_key(batch_id), fields)
         pipe.hmget(keys.batch_results_key(batch_id), fields)
-        pipe.hget(keys.batch_key(batch_id), "submitted_at")
+        pipe.hmget(keys.batch_key(batch_id), ["submitted_at", "cancelled_at"])
     replies = iter(pipe.execute())
     for group in by_batch.values():
-        payloads, results, submitted_at = next(replies), next(replies), next(replies)
+        payloads, results, (submitted_at, cancelled_at) = next(replies), next(replies), next(replies)
         for item, payload, result in zip(group, payloads, results, strict=True):
             item.submitted_at = float(submitted_at or 0.0)
             item.already_done = result is not None
+            item.cancelled = cancelled_at is not None
             _attach_payload(item, payload)
     return items
 
 
 def _attach_payload(item: Item, raw: str | None) -> None:
-    if item.already_done:
+    if item.already_done or item.cancelled:
         return
     if raw is None:
         item.problem = "request payload missing from Redis"
@@ -62,6 +64,13 @@ def _attach_payload(item: Item, raw: str | None) -> None:
         item.payload = RequestPayload.model_validate_json(raw)
     except ValidationError as exc:
         item.problem = f"malformed request payload: {exc.errors()[0]['msg']}"
+
+
+def outcome_flag(result: Result) -> str:
+    """How the record script counts a result: '0' completed, '1' failed, '2' cancelled."""
+    if result.cancelled:
+        return "2"
+    return "1" if result.error else "0"
 
 
 def mark_started(conn: redis.Redis, items: list[Item]) -> None:
@@ -100,5 +109,5 @@ def record_arguments(
         args += [keys.batch_events_channel(batch_id), started, len(recorded)]
         for p in recorded:
             result = results[p]
-            args += [str(items[p].index), result.model_dump_json(), "1" if result.error else "0"]
+            args += [str(items[p].index), result.model_dump_json(), outcome_flag(result)]
     return script_keys, args

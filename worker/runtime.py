@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 import structlog
 
 from gpulb import keys
+from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import WorkerIdInUse
 from gpulb.logs import get_logger
 from gpulb.models import Result, WorkerLoad, WorkerState
+from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
 from gpulb.scripts import Scripts
-from gpulb.settings import WorkerSettings
+from gpulb.settings import Settings
 from worker.backends.base import Backend, BackendOutput, BackendRequest
+from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.microbatch import Item, load_items, mark_started, record_arguments
 
 log = get_logger("gpulb.worker")
+T = TypeVar("T")
+
+CANCELLED = "cancelled"
 
 
 class ThroughputMeter:
@@ -39,16 +48,21 @@ class ThroughputMeter:
 class WorkerRuntime:
     """The state of one worker process; the RQ job function calls :meth:`run_microbatch`."""
 
-    def __init__(self, conn: redis.Redis, settings: WorkerSettings, backend: Backend) -> None:
-        if not settings.model:
+    def __init__(self, conn: redis.Redis, rq_conn: redis.Redis, settings: Settings, backend: Backend) -> None:
+        cfg = settings.worker
+        if not cfg.model:
             raise ValueError("worker settings need a model")
-        self.conn = conn
-        self.settings = settings
-        self.worker_id = settings.resolved_id()
-        self.model: str = settings.model
+        self.conn, self.rq_conn = conn, rq_conn
+        self.settings, self.cfg = settings, cfg
+        self.worker_id = cfg.resolved_id()
+        self.model: str = cfg.model
         self.backend = backend
         self.scripts = Scripts(conn)
-        self.meter = ThroughputMeter(settings.ema_alpha)
+        self.meter = ThroughputMeter(cfg.ema_alpha)
+        self.stopping = threading.Event()
+        policy = ExecutionPolicy(settings.max_attempts, cfg.retry_backoff_s, cfg.min_call_timeout_s,
+                                 cfg.call_timeout_factor)  # fmt: skip
+        self.executor = IsolatingExecutor(backend, policy, self.stopping)
         self.state = WorkerState.STARTING
         self.running = 0
         self.queued = 0
@@ -57,54 +71,66 @@ class WorkerRuntime:
 
     def load_report(self) -> WorkerLoad:
         return WorkerLoad(
-            worker_id=self.worker_id,
-            model=self.model,
-            backend=self.backend.name,
-            state=self.state,
-            capacity=self.settings.max_batch,
-            running=self.running,
-            queued=self.queued,
-            tokens_per_s=round(self.meter.tokens_per_s, 3),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            gpu=-1 if self.settings.gpu is None else self.settings.gpu,
-        )
+            worker_id=self.worker_id, model=self.model, backend=self.backend.name, state=self.state,
+            capacity=self.cfg.max_batch, running=self.running, queued=self.queued,
+            tokens_per_s=round(self.meter.tokens_per_s, 3), host=socket.gethostname(), pid=os.getpid(),
+            gpu=-1 if self.cfg.gpu is None else self.cfg.gpu,
+        )  # fmt: skip
 
     def publish_load(self, pipe: redis.client.Pipeline | None = None) -> None:
-        own = pipe is None
         target = self.conn.pipeline(transaction=False) if pipe is None else pipe
         target.hset(keys.load_key(self.worker_id), mapping=self.load_report().to_hash())  # type: ignore[arg-type]
-        target.expire(keys.load_key(self.worker_id), int(max(1, self.settings.load_ttl_s)))
-        if own:
+        target.expire(keys.load_key(self.worker_id), int(max(1, self.cfg.load_ttl_s)))
+        target.sadd(keys.workers_key(), self.worker_id)  # a worker declared dead that resumes comes back
+        if pipe is None:
             target.execute()
 
     def heartbeat(self) -> None:
         """Refresh the load key; called from the heartbeat thread, also while a batch runs."""
         self.queued = int(self.conn.llen(keys.rq_queue_key(self.worker_id)))
-        self.publish_load()
+        if self.state is not WorkerState.STARTING:
+            self.publish_load()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def register(self) -> None:
-        """Claim the worker id and announce the worker as idle. Refuses an id a live worker holds."""
-        if self.conn.exists(keys.load_key(self.worker_id)):
-            raise WorkerIdInUse(
-                f"worker id {self.worker_id!r} is in use by a live worker (its load key exists); "
-                "pick another --id or stop that worker"
-            )
+    def register(self) -> Requeued:
+        """Claim the worker id, take back what a dead predecessor of this id held, announce idle."""
+        self._wait_for_predecessor()
+        retire_rq_worker(self.rq_conn, self.worker_id)
+        recovered = recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
+                                   max_attempts=self.settings.max_attempts)  # fmt: skip
         self.state = WorkerState.IDLE
         pipe = self.conn.pipeline(transaction=False)
         self.publish_load(pipe)
-        pipe.sadd(keys.workers_key(), self.worker_id)
         pipe.sadd(keys.models_key(), self.model)
         pipe.rpush(keys.wakeup_key(), self.worker_id)
         pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
         pipe.execute()
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
-        log.info("worker registered", model=self.model, backend=self.backend.name, capacity=self.settings.max_batch)
+        log.info("worker registered", model=self.model, backend=self.backend.name, capacity=self.cfg.max_batch,
+                 recovered_requests=recovered.requests)  # fmt: skip
+        return recovered
+
+    def _wait_for_predecessor(self) -> None:
+        """A load key under our id is either a live worker (refuse) or a dead one's (wait out its TTL)."""
+        deadline = time.monotonic() + self.cfg.load_ttl_s + 1
+        while (raw := self.conn.hgetall(keys.load_key(self.worker_id))):  # fmt: skip
+            if raw.get("host") == socket.gethostname() and not _pid_alive(int(raw.get("pid", 0) or 0)):
+                self.conn.delete(keys.load_key(self.worker_id))  # our host, its process is gone
+                return
+            if time.monotonic() > deadline:
+                raise WorkerIdInUse(
+                    f"worker id {self.worker_id!r} is in use by a live worker (its load key keeps being "
+                    "refreshed); pick another --id or stop that worker"
+                )
+            self.stopping.wait(0.25)
 
     def start_draining(self) -> None:
         self.state = WorkerState.DRAINING
+
+    @property
+    def draining(self) -> bool:
+        return self.state is WorkerState.DRAINING
 
     def _set_busy(self, running: int) -> None:
         self.running = running
@@ -112,27 +138,22 @@ class WorkerRuntime:
             self.state = WorkerState.BUSY if running else WorkerState.IDLE
 
     def release_queued(self) -> int:
-        """Hand every queued (not started) micro-batch back to the ingress; returns requests released."""
+        """Hand every queued (not started) micro-batch back to the front of the ingress."""
         released = 0
         queued: list[str] = self.conn.lrange(keys.rq_queue_key(self.worker_id), 0, -1)  # type: ignore[assignment]
         for microbatch_id in queued:
-            mb = self.conn.hget(keys.microbatch_key(microbatch_id), "model")
-            released += int(
-                self.scripts.release(
-                    keys=[
-                        keys.rq_queue_key(self.worker_id),
-                        keys.microbatch_key(microbatch_id),
-                        keys.inflight_key(self.worker_id),
-                        keys.credit_key(self.worker_id),
-                        keys.rq_job_key(microbatch_id),
-                        keys.ingress_key(str(mb or self.model)),
-                        keys.ingress_tokens_key(str(mb or self.model)),
-                        keys.wakeup_key(),
-                    ],
-                    args=[microbatch_id, keys.WAKEUP_KEEP],
-                )
-            )
+            moved, _ = requeue_microbatch(
+                self.conn, self.scripts, self.worker_id, microbatch_id, mode=RequeueMode.RELEASE,
+                max_attempts=self.settings.max_attempts, reason="released",
+            )  # fmt: skip
+            released += moved.requests
         return released
+
+    def recover_orphans(self, keep: frozenset[str] = frozenset()) -> Requeued:
+        """After an outage: take back micro-batches we hold but will never run (not queued, not running)."""
+        queued: list[str] = self.conn.lrange(keys.rq_queue_key(self.worker_id), 0, -1)  # type: ignore[assignment]
+        return recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
+                              max_attempts=self.settings.max_attempts, keep=frozenset(queued) | keep)  # fmt: skip
 
     def deregister(self) -> None:
         """Stop being a target: mark draining, hand back queued work, remove the load key."""
@@ -149,70 +170,70 @@ class WorkerRuntime:
 
     def run_microbatch(self, microbatch_id: str) -> dict[str, int]:
         """Run one micro-batch as one backend batch and record each result once."""
-        members_raw = self.conn.hget(keys.microbatch_key(microbatch_id), "entries")
+        members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
         if members_raw is None:
             log.warning("micro-batch no longer owned by this worker, skipped", microbatch_id=microbatch_id)
             return {"requests": 0, "recorded": 0}
-        items = load_items(self.conn, str(members_raw).split())
+        try:
+            return self._run(microbatch_id, str(members_raw).split())
+        except BaseException:
+            self._give_back(microbatch_id)
+            raise
+
+    def _run(self, microbatch_id: str, members: list[str]) -> dict[str, int]:
+        items = load_items(self.conn, members)
         mark_started(self.conn, items)
         self._set_busy(sum(1 for i in items if i.runnable))
         started_at = time.time()
-        outputs = self._generate(items)
+        outcomes = self._execute(items)
         finished_at = time.time()
-        results = self._results(items, outputs, started_at, finished_at)
-        recorded = self._record(microbatch_id, items, results, finished_at)
+        results = self._results(items, outcomes, started_at, finished_at)
+        recorded = self._with_redis_retry(lambda: self._record(microbatch_id, items, results, finished_at))
         work = sum(i.cost for i in items if i.runnable)
         self.meter.observe(work, finished_at - started_at)
+        failed = sum(1 for r in results.values() if r.error and not r.cancelled)
         log.info(
-            "micro-batch done",
-            microbatch_id=microbatch_id,
-            requests=len(items),
-            recorded=recorded,
-            tokens=work,
-            elapsed_s=round(finished_at - started_at, 4),
-            tokens_per_s=round(self.meter.tokens_per_s, 1),
-        )
+            "micro-batch done", microbatch_id=microbatch_id, requests=len(items), recorded=recorded, failed=failed,
+            tokens=work, elapsed_s=round(finished_at - started_at, 4), tokens_per_s=round(self.meter.tokens_per_s, 1),
+        )  # fmt: skip
         return {"requests": len(items), "recorded": recorded}
 
-    def _generate(self, items: list[Item]) -> dict[int, BackendOutput]:
-        runnable = [(p, i) for p, i in enumerate(items) if i.runnable and i.payload is not None]
-        requests = [
-            BackendRequest(prompt=i.payload.prompt, max_tokens=i.payload.max_tokens, sampling=i.payload.sampling)
-            for _, i in runnable
-            if i.payload is not None
-        ]
-        if not requests:
-            return {}
+    def _give_back(self, microbatch_id: str) -> None:
+        """The run broke (time-out, Redis gone, bug): put the unfinished requests back, as if we had died."""
         try:
-            outputs = self.backend.generate(requests)
-            if len(outputs) != len(requests):
-                raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(requests)} requests")
-        except Exception as exc:  # the whole batch failed: every request gets the error, none is lost
-            log.exception("backend failed on a micro-batch", requests=len(requests))
-            message = f"{type(exc).__name__}: {exc}"
-            outputs = [BackendOutput(text="", output_tokens=0, error=message) for _ in requests]
-        return {p: out for (p, _), out in zip(runnable, outputs, strict=True)}
+            requeue_microbatch(self.conn, self.scripts, self.worker_id, microbatch_id, mode=RequeueMode.RECOVER,
+                               max_attempts=self.settings.max_attempts,
+                               reason=f"worker {self.worker_id} failed this request's micro-batch")  # fmt: skip
+        except redis.RedisError:
+            log.warning("could not give back a micro-batch now; it is recovered after the outage",
+                        microbatch_id=microbatch_id)  # fmt: skip
+        finally:
+            self._set_busy(0)
+
+    def _execute(self, items: list[Item]) -> dict[int, Outcome]:
+        runnable = [(p, i.payload) for p, i in enumerate(items) if i.runnable and i.payload is not None]
+        requests = [
+            BackendRequest(prompt=pl.prompt, max_tokens=pl.max_tokens, sampling=pl.sampling) for _, pl in runnable
+        ]
+        outcomes = self.executor.run(requests, self.meter.tokens_per_s)
+        return {p: outcome for (p, _), outcome in zip(runnable, outcomes, strict=True)}
 
     def _results(
-        self, items: list[Item], outputs: dict[int, BackendOutput], started_at: float, finished_at: float
+        self, items: list[Item], outcomes: dict[int, Outcome], started_at: float, finished_at: float
     ) -> dict[int, Result]:
         results: dict[int, Result] = {}
         for position, item in enumerate(items):
             if item.already_done:
                 continue
-            out = outputs.get(position) or BackendOutput(text="", output_tokens=0, error=item.problem)
-            results[position] = Result(
-                request_id=keys.request_id(item.batch_id, item.index),
-                index=item.index,
-                text=out.text,
-                output_tokens=out.output_tokens,
-                worker=self.worker_id,
-                error=out.error,
-                attempts=item.attempt + 1,
-                submitted_at=item.submitted_at,
-                started_at=started_at,
-                finished_at=finished_at,
+            outcome = outcomes.get(position) or Outcome(
+                BackendOutput(text="", output_tokens=0, error=CANCELLED if item.cancelled else item.problem), 0
             )
+            results[position] = Result(
+                request_id=keys.request_id(item.batch_id, item.index), index=item.index,
+                text=outcome.output.text, output_tokens=outcome.output.output_tokens, worker=self.worker_id,
+                error=outcome.output.error, cancelled=item.cancelled, attempts=item.attempt + outcome.tries,
+                submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
+            )  # fmt: skip
         return results
 
     def _record(self, microbatch_id: str, items: list[Item], results: dict[int, Result], now: float) -> int:
@@ -222,3 +243,28 @@ class WorkerRuntime:
         self.scripts.record(keys=script_keys, args=args, client=pipe)
         self.publish_load(pipe)
         return int(pipe.execute()[0])
+
+    def _with_redis_retry(self, step: Callable[[], T]) -> T:
+        """Results are precious: ride out a Redis blip with bounded exponential backoff."""
+        delay, deadline = 0.1, time.monotonic() + self.settings.producer.reconnect_grace_s
+        while True:
+            try:
+                return step()
+            except CONNECTION_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("redis unavailable while recording results; retrying", error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.redis.max_backoff_s)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,10 +16,11 @@ from rq.serializers import JSONSerializer
 from balancer.dispatcher import NOT_ACCEPTING
 from balancer.policy import WorkerView
 from gpulb import keys
-from gpulb.errors import BatchNotFound
+from gpulb.errors import BatchNotFound, WorkerIdInUse
 from gpulb.models import BatchState
 from producer import Client
 from tests.integration.conftest import StartWorker, balancer, work
+from worker.heartbeat import Heartbeat
 
 
 def assert_settled(conn: redis.Redis, worker_ids: list[str], model: str = "m") -> None:
@@ -204,11 +205,28 @@ class TestWorkerLifecycle:
         assert batch.status().completed == 12
 
     def test_a_live_worker_id_cannot_be_taken_twice(self, start_worker: StartWorker) -> None:
-        from gpulb.errors import WorkerIdInUse
+        first = start_worker("w1", load_ttl_s=1.0)
+        beat = Heartbeat(first.heartbeat, 0.1)
+        beat.start()
+        try:
+            with pytest.raises(WorkerIdInUse, match="worker id 'w1' is in use by a live worker"):
+                start_worker("w1", load_ttl_s=1.0)
+        finally:
+            beat.stop()
 
-        start_worker("w1")
-        with pytest.raises(WorkerIdInUse, match="worker id 'w1' is in use by a live worker"):
-            start_worker("w1")
+    def test_a_dead_predecessor_is_waited_out_and_its_work_taken_back(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        start_worker("w1", load_ttl_s=1.0, max_batch=4)
+        batch = client.submit_batch([f"p{i}" for i in range(8)], model="m")
+        assert balancer(conn).dispatch_round() == 8  # two micro-batches now belong to w1, which "dies"
+        conn.hset(keys.load_key("w1"), "host", "elsewhere")  # not our host: its pid cannot be checked
+        successor = start_worker("w1", load_ttl_s=1.0)  # waits for the stale key to expire, then recovers
+        assert conn.zcard(keys.ingress_key("m")) == 8 and conn.llen(keys.rq_queue_key("w1")) == 0
+        while balancer(conn).dispatch_round():
+            work(successor, redis_url)
+        assert [r.attempts for r in batch.results(timeout=5)] == [1] * 8  # queued, never started: no attempt
+        assert_settled(conn, ["w1"])
 
 
 class TestOnlyOurOwnJobs:

@@ -12,5 +12,5 @@ __all__ = ["Backend", "BackendOutput", "BackendRequest", "EngineLoad", "create_b
 
 def create_backend(settings: WorkerSettings) -> Backend:
     if settings.backend is BackendName.SIMULATED:
-        return SimulatedBackend(settings.tokens_per_s)
+        return SimulatedBackend(settings.tokens_per_s, simulate_faults=settings.simulate_faults)
     raise ConfigError(f"backend {settings.backend!r} is not available")  # pragma: no cover

@@ -1,0 +1,124 @@
+"""Taking micro-batches back from workers: a draining worker's queued ones, a dead worker's all.
+
+Shared by the balancer (which reaps dead workers) and the worker (which hands back on SIGTERM and
+starts clean after a crash). The moves themselves are the atomic ``REQUEUE`` script.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import Worker
+
+from gpulb import keys
+from gpulb.logs import get_logger
+from gpulb.scripts import Scripts, as_ints
+
+log = get_logger("gpulb.recovery")
+
+
+class RequeueMode(StrEnum):
+    RELEASE = "release"  # only micro-batches still queued (graceful stop)
+    RECOVER = "recover"  # everything (the worker is dead)
+
+
+@dataclass(slots=True)
+class Requeued:
+    requests: int = 0
+    dead_lettered: int = 0
+    microbatches: int = 0
+
+    def add(self, other: Requeued) -> None:
+        self.requests += other.requests
+        self.dead_lettered += other.dead_lettered
+        self.microbatches += other.microbatches
+
+
+def requeue_microbatch(
+    conn: redis.Redis, scripts: Scripts, worker_id: str, microbatch_id: str, *,
+    mode: RequeueMode, max_attempts: int, reason: str,
+) -> tuple[Requeued, bool]:  # fmt: skip
+    """Requeue one micro-batch; returns what moved and whether it was still queued (never started)."""
+    raw: list[str | None] = conn.hmget(keys.microbatch_key(microbatch_id), ["entries", "model"])  # type: ignore[assignment]
+    entries, model = raw
+    if entries is None or model is None:
+        return Requeued(), False
+    batch_ids = list(dict.fromkeys(keys.parse_ingress_member(m)[0] for m in entries.split()))
+    script_keys = [
+        keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
+        keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),
+        keys.ingress_tokens_key(model), keys.wakeup_key(),
+    ]  # fmt: skip
+    args: list[str | int | float] = [
+        microbatch_id, mode.value, time.time(), max_attempts, keys.WAKEUP_KEEP, worker_id, reason,
+    ]  # fmt: skip
+    for batch_id in batch_ids:
+        script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
+        args += [batch_id, keys.batch_events_channel(batch_id)]
+    requeued, dead, queued = as_ints(scripts.requeue(keys=script_keys, args=args))
+    moved = requeued + dead > 0 or queued > 0
+    return Requeued(requeued, dead, 1 if moved else 0), queued > 0
+
+
+def recover_worker(
+    conn: redis.Redis, rq_conn: redis.Redis, scripts: Scripts, worker_id: str, *,
+    max_attempts: int, keep: frozenset[str] = frozenset(),
+) -> Requeued:  # fmt: skip
+    """Put back every micro-batch ``worker_id`` holds (except ``keep``) and clean RQ's records of them."""
+    total = Requeued()
+    reason = f"worker {worker_id} died while running this request {max_attempts} times"
+    inflight: set[str] = conn.smembers(keys.inflight_key(worker_id))  # type: ignore[assignment]
+    for microbatch_id in sorted(inflight - keep):
+        moved, was_queued = requeue_microbatch(
+            conn, scripts, worker_id, microbatch_id, mode=RequeueMode.RECOVER, max_attempts=max_attempts, reason=reason
+        )
+        total.add(moved)
+        if not was_queued:
+            _fail_rq_job(rq_conn, worker_id, microbatch_id, f"worker {worker_id} died; gpulb requeued the requests")
+    return total
+
+
+def _fail_rq_job(rq_conn: redis.Redis, worker_id: str, job_id: str, reason: str) -> None:
+    """Keep RQ's registries truthful: the started job of a dead worker becomes a failed job."""
+    queue_name = keys.rq_queue_name(worker_id)
+    try:
+        job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return
+    StartedJobRegistry(queue_name, connection=rq_conn, serializer=JSONSerializer).remove_executions(job)
+    rq_conn.lrem(keys.rq_intermediate_key(worker_id), 0, job_id)
+    job.set_status(JobStatus.FAILED)
+    FailedJobRegistry(queue_name, connection=rq_conn, serializer=JSONSerializer).add(job, exc_string=reason)
+
+
+def retire_rq_worker(rq_conn: redis.Redis, worker_id: str) -> None:
+    """Mark a dead worker's RQ record dead, so ``rq info`` stops listing it and its id can be reused."""
+    worker_key = Worker.redis_worker_namespace_prefix + worker_id
+    if rq_conn.exists(worker_key) and not rq_conn.hexists(worker_key, "death"):
+        dead = Worker.find_by_key(worker_key, connection=rq_conn, serializer=JSONSerializer)
+        if dead is not None:
+            dead.register_death()  # type: ignore[no-untyped-call]
+
+
+def reap_dead_workers(
+    conn: redis.Redis, rq_conn: redis.Redis, scripts: Scripts, dead_ids: list[str], *, max_attempts: int
+) -> Requeued:
+    """For workers whose load key expired: take their work back, forget them."""
+    total = Requeued()
+    for worker_id in dead_ids:
+        if conn.exists(keys.load_key(worker_id)):
+            continue  # it came back since we looked
+        moved = recover_worker(conn, rq_conn, scripts, worker_id, max_attempts=max_attempts)
+        conn.srem(keys.workers_key(), worker_id)
+        retire_rq_worker(rq_conn, worker_id)
+        total.add(moved)
+        log.warning("reaped dead worker", worker_id=worker_id, requeued=moved.requests,
+                    dead_lettered=moved.dead_lettered, microbatches=moved.microbatches)  # fmt: skip
+    return total

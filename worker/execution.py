@@ -1,0 +1,91 @@
+"""Running a micro-batch on a backend so that one bad request cannot take the others down.
+
+A failing batch is split in halves until the culprit is alone; a request that fails alone is
+retried with exponential backoff up to ``max_attempts`` tries, then reported as failed with its
+error. Every backend call runs under a time-out proportional to its expected duration.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from gpulb.errors import BackendError
+from worker.backends.base import Backend, BackendOutput, BackendRequest
+
+
+class BackendTimeout(BackendError):
+    """A backend call did not return within its time-out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    output: BackendOutput
+    tries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionPolicy:
+    max_attempts: int = 3
+    retry_backoff_s: float = 0.5
+    min_call_timeout_s: float = 120.0
+    call_timeout_factor: float = 10.0
+
+
+class IsolatingExecutor:
+    def __init__(self, backend: Backend, policy: ExecutionPolicy, stop: threading.Event) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.stop = stop
+
+    def run(self, requests: list[BackendRequest], tokens_per_s: float) -> list[Outcome]:
+        """One outcome per request, in order; never raises for a backend failure."""
+        return self._isolate(requests, tokens_per_s) if requests else []
+
+    def _isolate(self, requests: list[BackendRequest], tokens_per_s: float) -> list[Outcome]:
+        try:
+            return [Outcome(out) for out in self._call(requests, tokens_per_s)]
+        except Exception as exc:
+            if len(requests) == 1:
+                return [self._retry_alone(requests[0], tokens_per_s, exc)]
+            mid = len(requests) // 2
+            return self._isolate(requests[:mid], tokens_per_s) + self._isolate(requests[mid:], tokens_per_s)
+
+    def _retry_alone(self, request: BackendRequest, tokens_per_s: float, first: Exception) -> Outcome:
+        tries, last = 1, first
+        while tries < self.policy.max_attempts:
+            if self.stop.wait(self.policy.retry_backoff_s * 2 ** (tries - 1)):
+                break  # shutting down: report what we have
+            tries += 1
+            try:
+                return Outcome(self._call([request], tokens_per_s)[0], tries)
+            except Exception as exc:
+                last = exc
+        return Outcome(BackendOutput(text="", output_tokens=0, error=f"{type(last).__name__}: {last}"), tries)
+
+    def timeout_s(self, requests: list[BackendRequest], tokens_per_s: float) -> float:
+        expected = sum(r.max_tokens for r in requests) / tokens_per_s if tokens_per_s > 0 else 0.0
+        return max(self.policy.min_call_timeout_s, self.policy.call_timeout_factor * expected)
+
+    def _call(self, requests: list[BackendRequest], tokens_per_s: float) -> list[BackendOutput]:
+        """``backend.generate`` in a thread, so that a hung engine call is abandoned after its time-out."""
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["out"] = self.backend.generate(requests)
+            except Exception as exc:
+                box["err"] = exc
+
+        thread = threading.Thread(target=target, name="gpulb-generate", daemon=True)
+        thread.start()
+        timeout = self.timeout_s(requests, tokens_per_s)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise BackendTimeout(f"backend did not answer {len(requests)} requests within {timeout:.1f} s")
+        if "err" in box:
+            raise box["err"]  # type: ignore[misc]
+        outputs = box["out"]
+        if not isinstance(outputs, list) or len(outputs) != len(requests):
+            raise BackendError(f"backend returned {outputs!r:.80} for {len(requests)} requests")
+        return outputs
