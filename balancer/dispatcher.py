@@ -111,7 +111,11 @@ class Balancer:
         """Place as much as credit allows, for every model; returns requests dispatched."""
         fleet = read_fleet(self.conn)
         if fleet.dead:
-            reap_dead_workers(self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts)
+            reaped = reap_dead_workers(
+                self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts
+            )
+            if reaped.requests:
+                fleet = read_fleet(self.conn)  # the backlog just grew
         return sum(
             self._dispatch_model(model, workers, fleet.backlog[model])
             for model, workers in fleet.by_model.items()

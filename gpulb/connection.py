@@ -51,7 +51,11 @@ def broker_errors(url: str) -> Iterator[None]:
     try:
         yield
     except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
+        raise unavailable(url, exc) from exc
+
+
+def unavailable(url: str, exc: Exception) -> BrokerUnavailable:
+    return BrokerUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}")
 
 
 def redact_url(url: str) -> str:

@@ -10,7 +10,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 |   member ``BATCH:INDEX:COST:ATTEMPT``, score ``-priority * 2**44 + seq`` (lowest pops first)                 |
 | gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
-|   fields model, total, priority, submitted_at, running, completed, failed, state, finished_at             |
+|   fields model, total, priority, submitted_at, running, completed, failed, cancelled, state, finished_at, |
+|   ttl_s, cancelled_at                                                                                          |
 | gpulb:batch:B:requests               | hash   | result TTL once done | producer (HSET), worker    | worker             |
 |   field INDEX -> request JSON; a field is deleted once its result is recorded                               |
 | gpulb:batch:B:results                | hash   | result TTL once done | worker (HSETNX)            | producer           |
@@ -147,6 +148,11 @@ def parse_ingress_member(member: str) -> tuple[str, int, int, int]:
     """``(batch_id, index, cost_tokens, attempt)``; raises ValueError on a foreign member."""
     batch_id, index, cost, attempt = member.split(":")
     return batch_id, int(index), int(cost), int(attempt)
+
+
+def ingress_member_pattern(batch_id: str) -> str:
+    """A ZSCAN MATCH pattern for one batch's members of an ingress."""
+    return f"{batch_id}:*"
 
 
 def ingress_score(priority: int, seq: int) -> int:

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result as RQResult
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
@@ -87,15 +89,27 @@ def recover_worker(
 
 def _fail_rq_job(rq_conn: redis.Redis, worker_id: str, job_id: str, reason: str) -> None:
     """Keep RQ's registries truthful: the started job of a dead worker becomes a failed job."""
-    queue_name = keys.rq_queue_name(worker_id)
     try:
         job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
     except NoSuchJobError:
         return
-    StartedJobRegistry(queue_name, connection=rq_conn, serializer=JSONSerializer).remove_executions(job)
-    rq_conn.lrem(keys.rq_intermediate_key(worker_id), 0, job_id)
-    job.set_status(JobStatus.FAILED)
-    FailedJobRegistry(queue_name, connection=rq_conn, serializer=JSONSerializer).add(job, exc_string=reason)
+    StartedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer).remove_executions(
+        job
+    )
+    record_rq_failure(rq_conn, job, worker_id, reason)
+
+
+def record_rq_failure(rq_conn: redis.Redis, job: Job, worker_id: str, reason: str) -> None:
+    """Fail ``job`` in RQ's books (status, failed registry, result stream) without running or decoding it."""
+    pipe = rq_conn.pipeline()
+    pipe.lrem(keys.rq_intermediate_key(worker_id), 0, job.id)
+    job.set_status(JobStatus.FAILED, pipeline=pipe)
+    ttl = job.failure_ttl or DEFAULT_FAILURE_TTL
+    FailedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer).add(
+        job, ttl=ttl, exc_string=reason, pipeline=pipe
+    )
+    RQResult.create_failure(job, ttl, reason, worker_name=worker_id, pipeline=pipe)
+    pipe.execute()
 
 
 def retire_rq_worker(rq_conn: redis.Redis, worker_id: str) -> None:

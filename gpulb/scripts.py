@@ -181,7 +181,7 @@ if not mb[1] then return {0, 0, 0} end
 local queued = redis.call('LREM', KEYS[4], 0, ARGV[1])
 if ARGV[2] == 'release' and queued == 0 then return {0, 0, 0} end
 if queued > 0 then redis.call('DEL', KEYS[5]) end
-local started = mb[4] == '1' and queued == 0
+local started = mb[4] == '1'
 local now, max_attempts = ARGV[3], tonumber(ARGV[4])
 local slot = {}
 for b = 0, (#ARGV - 9) / 2 do slot[ARGV[8 + 2 * b]] = b end

@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 import redis
 
 from gpulb import keys
-from gpulb.connection import broker_errors, connect
+from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect, unavailable
 from gpulb.errors import ResultTimeout
-from gpulb.models import BatchState, BatchStatus, Result
+from gpulb.models import BatchStatus, Result
+from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 from producer import store
 from producer.validation import validate_batch_id, validate_model, validate_priority, validate_requests
@@ -42,6 +43,7 @@ class Client:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
         self._conn = connection if connection is not None else connect(settings)
+        self._scripts = Scripts(self._conn)
 
     def submit(self, prompt: str, *, model: str, max_tokens: int = 16, priority: int = 0, **sampling: Any) -> JobHandle:
         """Submit one request; ``sampling`` takes vLLM-style fields (temperature, top_p, seed, stop...)."""
@@ -94,21 +96,36 @@ class Client:
         """Return ``probe()`` once it is not None, re-probing when the batch publishes progress.
 
         Blocks on the batch's pub/sub channel; a slow fallback re-probe covers missed messages.
+        A Redis outage shorter than ``reconnect_grace_s`` is ridden out with bounded backoff.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        fallback_s = self.settings.producer.poll_fallback_s
-        with self._errors():
-            pubsub = self._conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        outage_since: float | None = None
+        delay = 0.1
+        while True:
             try:
-                pubsub.subscribe(keys.batch_events_channel(batch_id))
-                while (value := probe()) is None:
-                    remaining = fallback_s if deadline is None else deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ResultTimeout(f"{what} not finished after {timeout} s")
-                    pubsub.get_message(timeout=min(remaining, fallback_s))
-                return value
-            finally:
-                pubsub.close()
+                return self._wait_subscribed(batch_id, probe, deadline, timeout, what)
+            except CONNECTION_ERRORS as exc:
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > self.settings.producer.reconnect_grace_s:
+                    raise unavailable(self.settings.redis_url, exc) from exc
+                time.sleep(min(delay, max(0.0, (deadline or float("inf")) - time.monotonic())))
+                delay = min(delay * 2, self.settings.redis.max_backoff_s)
+
+    def _wait_subscribed(
+        self, batch_id: str, probe: Callable[[], T | None], deadline: float | None, timeout: float | None, what: str
+    ) -> T:
+        fallback_s = self.settings.producer.poll_fallback_s
+        pubsub = self._conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(keys.batch_events_channel(batch_id))
+            while (value := probe()) is None:
+                remaining = fallback_s if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ResultTimeout(f"{what} not finished after {timeout} s")
+                pubsub.get_message(timeout=min(remaining, fallback_s))
+            return value
+        finally:
+            pubsub.close()
 
 
 class BatchHandle:
@@ -127,10 +144,18 @@ class BatchHandle:
         """Block until every request has a result; raises ``TimeoutError`` (ResultTimeout) on timeout."""
 
         def finished() -> BatchStatus | None:
-            status = self.status()
-            return status if status.state is BatchState.COMPLETED else None
+            status = store.read_status(self.client._conn, self.id)
+            return status if status.finished else None
 
         return self.client._wait_for(self.id, finished, timeout, f"batch {self.id}")
+
+    def cancel(self) -> BatchStatus:
+        """Stop what has not started: requests still waiting are recorded as cancelled (``Result.cancelled``);
+        requests already running finish. Returns the status right after."""
+        status = self.status()
+        with self.client._errors():
+            store.cancel_batch(self.client._conn, self.client._scripts, self.id, status.model)
+        return self.status()
 
     def results(self, timeout: float | None = None) -> list[Result]:
         """Every result in submission order, waiting up to ``timeout`` for the batch to finish."""

@@ -11,6 +11,7 @@ import redis
 from gpulb import keys
 from gpulb.errors import BadPayload, BatchNotFound
 from gpulb.models import BatchState, BatchStatus, RequestPayload, RequestSpec, Result
+from gpulb.scripts import Scripts
 from gpulb.settings import ProducerSettings
 
 STAGING_TTL_S = 3600  # a batch whose submit died half-way vanishes after this; it was never visible
@@ -87,6 +88,7 @@ def _batch_record(model: str, priority: int, total: int, limits: ProducerSetting
         "running": 0,
         "completed": 0,
         "failed": 0,
+        "cancelled": 0,
         "state": BatchState.PENDING.value,
         "ttl_s": limits.result_ttl_s,
     }
@@ -103,16 +105,18 @@ def status_from_record(batch_id: str, raw: dict[str, str]) -> BatchStatus:
     try:
         total, running = int(raw["total"]), max(0, int(raw.get("running", 0)))
         completed, failed = int(raw.get("completed", 0)), int(raw.get("failed", 0))
+        cancelled = int(raw.get("cancelled", 0))
         state = BatchState(raw.get("state", BatchState.PENDING))
         finished = raw.get("finished_at")
         return BatchStatus(
             batch_id=batch_id,
             model=raw["model"],
             total=total,
-            pending=max(0, total - running - completed - failed),
+            pending=max(0, total - running - completed - failed - cancelled),
             running=running,
             completed=completed,
             failed=failed,
+            cancelled=cancelled,
             state=state,
             submitted_at=float(raw["submitted_at"]),
             finished_at=float(finished) if finished else None,
@@ -132,3 +136,27 @@ def read_results(conn: redis.Redis, batch_id: str, total: int) -> list[Result]:
 def read_result(conn: redis.Redis, batch_id: str, index: int) -> Result | None:
     raw = conn.hget(keys.batch_results_key(batch_id), str(index))
     return None if raw is None else Result.model_validate_json(raw)
+
+
+def cancel_batch(conn: redis.Redis, scripts: Scripts, batch_id: str, model: str, chunk: int = 1000) -> int:
+    """Cancel what of the batch still waits in the ingress; flag it so workers cancel the rest."""
+    now = time.time()
+    submitted_at = float(conn.hget(keys.batch_key(batch_id), "submitted_at") or now)
+    members = [m for m, _ in conn.zscan_iter(keys.ingress_key(model), match=keys.ingress_member_pattern(batch_id))]
+    cancelled = 0
+    for start in range(0, max(1, len(members)), chunk):
+        args: list[str | float] = [now, keys.batch_events_channel(batch_id)]
+        for member in members[start : start + chunk]:
+            _, index, _, attempt = keys.parse_ingress_member(member)
+            result = Result(
+                request_id=keys.request_id(batch_id, index), index=index, text="", output_tokens=0, worker="",
+                error="cancelled", cancelled=True, attempts=attempt, submitted_at=submitted_at,
+                started_at=now, finished_at=now,
+            )  # fmt: skip
+            args += [member, str(index), result.model_dump_json()]
+        script_keys = [
+            keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
+            keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id),
+        ]  # fmt: skip
+        cancelled += int(scripts.cancel(keys=script_keys, args=args))
+    return cancelled

@@ -8,8 +8,10 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
+from gpulb import keys
 from gpulb.keys import JOB_FUNC
 from gpulb.logs import get_logger
+from gpulb.recovery import record_rq_failure
 from worker.jobs import CURRENT_RUNTIME
 from worker.runtime import WorkerRuntime
 
@@ -50,8 +52,8 @@ class GpulbWorker(SimpleWorker):
         return None
 
     def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
+        """Fail the job in RQ's books without decoding it further (RQ's own paths read func_name)."""
         log.error("job refused", job_id=job.id, reason=reason)
-        self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-        self.handle_job_failure(job, queue, exc_string=reason)
+        record_rq_failure(self.connection, job, self.runtime.worker_id, reason)
+        self.runtime.conn.hincrby(keys.stats_key(), "refused_jobs", 1)
         self.set_state(WorkerStatus.IDLE)

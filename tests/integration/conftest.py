@@ -31,7 +31,7 @@ def start_worker(redis_url: str) -> StartWorker:
         worker_id: str, model: str = "m", *, tokens_per_s: float = 1e6, max_batch: int = 64, **extra: object
     ) -> WorkerRuntime:
         worker = {"id": worker_id, "model": model, "tokens_per_s": tokens_per_s, "max_batch": max_batch}
-        top = {k: extra.pop(k) for k in list(extra) if k in ("max_attempts",)}
+        top = {k: extra.pop(k) for k in list(extra) if k == "max_attempts"}
         settings = make_settings(redis_url, worker={**worker, **extra}, **top)
         runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings,
                                 create_backend(settings.worker))  # fmt: skip
@@ -48,6 +48,7 @@ def work(runtime: WorkerRuntime, redis_url: str) -> None:
 
 def balancer(conn: redis.Redis, settings: Settings | None = None, **overrides: object) -> Balancer:
     base = settings or Settings(_env_file=None)  # type: ignore[call-arg]
-    base = base.model_copy(update={"balancer": base.balancer.model_copy(update=overrides)})
+    top = {k: overrides.pop(k) for k in list(overrides) if k == "max_attempts"}
+    base = base.model_copy(update={"balancer": base.balancer.model_copy(update=overrides), **top})
     url = "redis://{host}:{port}/0".format(**conn.connection_pool.connection_kwargs)
     return Balancer(conn, redis.Redis.from_url(url), base)

@@ -1,0 +1,214 @@
+"""Faults in-process against a real redis-server: dead workers, poison, hangs, cancellation, bad data."""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from pathlib import Path
+
+import redis
+from rq.queue import Queue
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from gpulb import keys
+from gpulb.models import BatchState
+from producer import Client
+from tests.integration.conftest import StartWorker, balancer, work
+from tests.integration.test_pipeline import assert_settled
+from worker.backends.base import BackendOutput, BackendRequest
+from worker.backends.simulated import FAIL_MARKER, HANG_MARKER
+
+
+def queued_ids(conn: redis.Redis, worker_id: str) -> list[str]:
+    return conn.lrange(keys.rq_queue_key(worker_id), 0, -1)  # type: ignore[return-value]
+
+
+def kill(conn: redis.Redis, worker_id: str) -> None:
+    """What a SIGKILL looks like from Redis once the TTL passed: the load key is gone."""
+    conn.delete(keys.load_key(worker_id))
+
+
+class TestDeadWorker:
+    def test_started_and_queued_work_is_requeued_and_finished_elsewhere(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        dead = start_worker("dead", max_batch=3)
+        batch = client.submit_batch([f"p{i}" for i in range(6)], model="m")
+        assert balancer(conn).dispatch_round() == 6
+        running_mb, queued_mb = queued_ids(conn, "dead")
+        conn.lmove(keys.rq_queue_key("dead"), keys.rq_intermediate_key("dead"))  # RQ dequeued one...
+        dead.scripts.begin(keys=[keys.microbatch_key(running_mb)])  # ...the worker started it...
+        kill(conn, "dead")  # ...and died
+        assert balancer(conn).dispatch_round() == 0  # reaps (no live worker to dispatch to)
+        members = conn.zrange(keys.ingress_key("m"), 0, -1)
+        assert sorted(int(m.split(":")[3]) for m in members) == [0, 0, 0, 1, 1, 1]  # attempts: started ones +1
+        assert queued_ids(conn, "dead") == [] and not conn.sismember(keys.workers_key(), "dead")
+        assert batch.status().running == 0 and batch.status().pending == 6
+        rq_conn = redis.Redis.from_url(redis_url)
+        assert running_mb in FailedJobRegistry("dead", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
+        assert not conn.exists(keys.rq_job_key(queued_mb))
+        alive = start_worker("alive")
+        while balancer(conn).dispatch_round():
+            work(alive, redis_url)
+        results = batch.results(timeout=5)
+        assert {r.worker for r in results} == {"alive"}
+        assert sorted(r.attempts for r in results) == [1, 1, 1, 2, 2, 2]
+        assert batch.status().completed == 6
+        assert_settled(conn, ["dead", "alive"])
+
+    def test_a_request_that_keeps_killing_workers_is_dead_lettered(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        batch = client.submit_batch(["deadly"], model="m")
+        for round_ in range(2):
+            w = start_worker(f"victim{round_}", max_attempts=2)
+            assert balancer(conn).dispatch_round() == 1
+            (mb,) = queued_ids(conn, w.worker_id)
+            conn.lmove(keys.rq_queue_key(w.worker_id), keys.rq_intermediate_key(w.worker_id))
+            w.scripts.begin(keys=[keys.microbatch_key(mb)])
+            kill(conn, w.worker_id)
+            balancer(conn, max_attempts=2).dispatch_round()
+        (result,) = batch.results(timeout=5)
+        assert result.error == "worker victim1 died while running this request 2 times"
+        assert result.attempts == 2 and result.worker == "victim1"
+        status = batch.status()
+        assert (status.state, status.failed, status.completed, status.running) == (BatchState.COMPLETED, 1, 0, 0)
+        assert_settled(conn, ["victim0", "victim1"])
+
+    def test_late_results_of_a_worker_declared_dead_are_not_recorded_twice(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        """SIGSTOP past the TTL: the balancer requeues, another worker finishes, the first one resumes."""
+        paused, other = start_worker("paused"), start_worker("other")
+        conn.hset(keys.load_key("other"), "state", "draining")  # keep the first dispatch on "paused"
+        batch = client.submit_batch(["a b", "c d"], model="m", max_tokens=3)
+        balancer(conn).dispatch_round()
+        other.publish_load()
+        (mb,) = queued_ids(conn, "paused")
+        real_generate = paused.backend.generate
+
+        def generate_while_paused(requests: list[BackendRequest]) -> list[BackendOutput]:
+            kill(conn, "paused")
+            balancer(conn).dispatch_round()  # reaps "paused", re-dispatches to "other"
+            for requeued in queued_ids(conn, "other"):
+                other.run_microbatch(requeued)
+            return real_generate(requests)
+
+        paused.backend.generate = generate_while_paused  # type: ignore[method-assign]
+        assert paused.run_microbatch(mb)["recorded"] == 0  # the late results lose the HSETNX race
+        results = batch.results(timeout=5)
+        assert [r.worker for r in results] == ["other", "other"]
+        status = batch.status()
+        assert (status.completed, status.failed, status.running, status.pending) == (2, 0, 0, 0)
+        assert conn.hgetall(keys.credit_key("paused")) == {"batches": "0", "tokens": "0"}
+
+
+class TestPoisonAndHangs:
+    def test_poison_request_is_isolated_retried_then_failed(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w", simulate_faults=True, retry_backoff_s=0.01)
+        prompts = [f"fine {i}" for i in range(10)]
+        prompts[6] = f"bad {FAIL_MARKER}"
+        batch = client.submit_batch(prompts, model="m")
+        while balancer(conn).dispatch_round():
+            work(w, redis_url)
+        results = batch.results(timeout=5)
+        assert results[6].error == "SimulatedFault: simulated backend failure"
+        assert results[6].attempts == 3  # max_attempts
+        assert [r.error for i, r in enumerate(results) if i != 6] == [None] * 9
+        status = batch.status()
+        assert (status.completed, status.failed) == (9, 1)
+
+    def test_a_hung_backend_call_is_bounded_by_a_timeout(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w", simulate_faults=True, retry_backoff_s=0.01, min_call_timeout_s=0.2)
+        batch = client.submit_batch(["ok one", f"stuck {HANG_MARKER}", "ok two", "ok three"], model="m")
+        while balancer(conn).dispatch_round():
+            work(w, redis_url)
+        results = batch.results(timeout=10)
+        assert results[1].error is not None and results[1].error.startswith("BackendTimeout: backend did not answer")
+        assert [results[i].error for i in (0, 2, 3)] == [None, None, None]
+        w.backend.shutdown()  # releases the abandoned threads
+
+
+class TestCancellation:
+    def test_cancel_stops_what_has_not_started(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w", max_batch=4)
+        batch = client.submit_batch([f"p{i}" for i in range(20)], model="m")
+        assert balancer(conn, max_outstanding_batches=2).dispatch_round() == 8
+        first, _second = queued_ids(conn, "w")
+        w.run_microbatch(first)  # 4 done before the cancel
+        status = batch.cancel()
+        assert (status.completed, status.cancelled, status.pending) == (4, 12, 4)
+        work(w, redis_url)  # the second micro-batch was queued: the worker cancels it on sight
+        results = batch.results(timeout=5)
+        assert [r.cancelled for r in results] == [False] * 4 + [True] * 16
+        assert all(r.error == "cancelled" for r in results[4:])
+        status = batch.status()
+        assert (status.state, status.completed, status.cancelled, status.failed) == (BatchState.CANCELLED, 4, 16, 0)
+        assert_settled(conn, ["w"])
+
+
+class TestBadDataInRedis:
+    def test_foreign_ingress_member_is_dropped_and_counted(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w")
+        conn.zadd(keys.ingress_key("m"), {"not a gpulb member": -1e15})
+        batch = client.submit_batch(["a", "b"], model="m")
+        while balancer(conn).dispatch_round():
+            work(w, redis_url)
+        assert batch.status().completed == 2
+        assert conn.hget(keys.stats_key(), "dropped_ingress_members") == "1"
+
+    def test_garbage_load_key_is_skipped_and_counted(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        good = start_worker("good")
+        start_worker("garbled")
+        conn.hset(keys.load_key("garbled"), mapping={"capacity": "lots", "tokens_per_s": "fast"})
+        batch = client.submit_batch(["a", "b", "c"], model="m")
+        while balancer(conn).dispatch_round():
+            work(good, redis_url)
+        assert {r.worker for r in batch.results(timeout=5)} == {"good"}
+        assert int(conn.hget(keys.stats_key(), "malformed_load_keys")) >= 1  # type: ignore[arg-type]
+
+    def test_malformed_payload_fails_only_its_request(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w")
+        batch = client.submit_batch(["a", "b", "c"], model="m")
+        conn.hset(keys.batch_requests_key(batch.id), "1", "{not json")
+        while balancer(conn).dispatch_round():
+            work(w, redis_url)
+        results = batch.results(timeout=5)
+        assert results[1].error is not None and results[1].error.startswith("malformed request payload")
+        assert (results[0].error, results[2].error) == (None, None)
+
+    def test_pickle_payload_in_a_queue_is_never_unpickled(
+        self, conn: redis.Redis, redis_url: str, start_worker: StartWorker, tmp_path: Path
+    ) -> None:
+        w = start_worker("w")
+        canary = tmp_path / "unpickled"
+        rq_conn = redis.Redis.from_url(redis_url)
+        job = Queue("w", connection=rq_conn, serializer=JSONSerializer).enqueue(keys.JOB_FUNC, "mb-x")
+        planted = pickle.dumps(_Canary(str(canary)))  # what an attacker with Redis access could plant
+        rq_conn.hset(keys.rq_job_key(job.id), "data", zlib.compress(planted))
+        work(w, redis_url)
+        assert not canary.exists()
+        failed = FailedJobRegistry("w", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
+        assert failed == [job.id]
+        assert conn.hget(keys.stats_key(), "refused_jobs") == "1"
+
+
+class _Canary:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (Path(self.path), "pwned"))  # type: ignore[return-value]
