@@ -34,6 +34,8 @@ def connect(settings: Settings, *, decode: bool = True) -> redis.Redis:
     }
     if password is not None:
         kwargs["password"] = password
+    if cfg.ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = cfg.ssl_ca_certs
     try:
         return redis.Redis.from_url(settings.redis_url, **kwargs)
     except ValueError as exc:

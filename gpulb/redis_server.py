@@ -23,7 +23,9 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of our own, on 127.0.0.1 and a free port, its files in ``workdir``."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, appendonly: bool = False, port: int | None = None, extra_args: list[str] | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError("redis-server is not installed: apt-get install redis-server (or brew install redis)")
@@ -33,20 +35,21 @@ class RedisServer:
         self._cmd = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir),
-            "--maxmemory-policy", "noeviction",
+            "--maxmemory-policy", "noeviction", "--appendfsync", "everysec", *(extra_args or []),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0, *, client: redis.Redis | None = None) -> RedisServer:
+        """Start it and wait until it answers (``client``: how to reach it when it needs a password or TLS)."""
         self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = client or redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 try:
                     client.ping()
                     return self
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.BusyLoadingError):
                     if time.monotonic() > deadline or self.proc.poll() is not None:
                         raise
                     time.sleep(0.02)  # waiting for a child process to listen: nothing to block on

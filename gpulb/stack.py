@@ -29,24 +29,38 @@ class LocalStack:
     """One balancer and N workers, each a ``python -m gpulb.cli`` child with its log in ``log_dir``."""
 
     def __init__(
-        self, redis_url: str, workers: list[WorkerSpec], log_dir: Path, *, balancer_args: list[str] | None = None
+        self,
+        redis_url: str,
+        workers: list[WorkerSpec],
+        log_dir: Path,
+        *,
+        balancers: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.redis_url = redis_url
-        self.workers = workers
+        self.workers = {w.id: w for w in workers}
         self.log_dir = log_dir
-        self.balancer_args = balancer_args or []
+        self.balancer_names = [f"balancer{i + 1}" if i else "balancer" for i in range(balancers)]
+        self.env = env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, timeout_s: float = 30.0) -> LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.spawn("balancer", ["balancer", *self.balancer_args])
-        for spec in self.workers:
+        for name in self.balancer_names:
+            self.spawn(name, ["balancer"])
+        for spec in self.workers.values():
             self.spawn_worker(spec)
-        self.wait_registered([w.id for w in self.workers], timeout_s)
+        self.wait_registered(list(self.workers), timeout_s)
         return self
 
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start again a process that exited (or was killed), under the same name and id."""
+        if name in self.workers:
+            return self.spawn_worker(self.workers[name])
+        return self.spawn(name, ["balancer"])
+
     def ready(self, conn: redis.Redis, worker_ids: list[str]) -> bool:
-        running = "balancer" not in self.procs or bool(conn.exists(keys.balancer_heartbeat_key()))
+        running = not self.balancer_names or bool(conn.exists(keys.balancer_heartbeat_key()))
         return running and all(conn.exists(keys.load_key(w)) for w in worker_ids)
 
     def spawn_worker(self, spec: WorkerSpec) -> subprocess.Popen[bytes]:
@@ -56,14 +70,14 @@ class LocalStack:
         ])  # fmt: skip
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "GPULB_REDIS_URL": self.redis_url, "GPULB_LOG_FORMAT": "json"}
+        env = {**os.environ, "GPULB_REDIS_URL": self.redis_url, "GPULB_LOG_FORMAT": "json", **self.env}
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", *args], stdout=log, stderr=log, env=env)
         self.procs[name] = proc
         return proc
 
     def wait_registered(self, worker_ids: list[str], timeout_s: float) -> None:
-        conn = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        conn = redis.Redis.from_url(self.redis_url, decode_responses=True, **self._client_options())
         deadline = time.monotonic() + timeout_s
         try:
             while not self.ready(conn, worker_ids):
@@ -73,6 +87,10 @@ class LocalStack:
                 time.sleep(0.05)  # waiting for child processes to come up
         finally:
             conn.close()
+
+    def _client_options(self) -> dict[str, str]:
+        ca = self.env.get("GPULB_REDIS__SSL_CA_CERTS")
+        return {"ssl_ca_certs": ca} if ca else {}
 
     def stop(self, timeout_s: float = 15.0) -> dict[str, int | None]:
         """SIGTERM every process (workers drain), then wait; returns exit codes (None: was killed)."""

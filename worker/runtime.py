@@ -80,7 +80,7 @@ class WorkerRuntime:
     def publish_load(self, pipe: redis.client.Pipeline | None = None) -> None:
         target = self.conn.pipeline(transaction=False) if pipe is None else pipe
         target.hset(keys.load_key(self.worker_id), mapping=self.load_report().to_hash())  # type: ignore[arg-type]
-        target.expire(keys.load_key(self.worker_id), int(max(1, self.cfg.load_ttl_s)))
+        target.pexpire(keys.load_key(self.worker_id), int(self.cfg.load_ttl_s * 1000))
         target.sadd(keys.workers_key(), self.worker_id)  # a worker declared dead that resumes comes back
         if pipe is None:
             target.execute()
