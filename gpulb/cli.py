@@ -20,6 +20,14 @@ from gpulb.logs import configure_logging
 from gpulb.settings import Settings
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     flag: str
@@ -41,6 +49,13 @@ COMMON = [
     Option("--redis-url", None, "redis_url", "Redis URL (redis://[:password@]host:port/db)"),
     Option("--log-level", None, "log_level", "debug, info, warning or error"),
     Option("--log-format", None, "log_format", "auto (console on a terminal, else JSON), json or console"),
+    Option(
+        "--max-attempts",
+        None,
+        "max_attempts",
+        "runs of a request (worker crashes, backend errors) before it is recorded as failed",
+        int,
+    ),
 ]
 BALANCER = [
     Option("--batch-target-s", "balancer", "batch_target_s", "seconds of a worker's time per micro-batch", float),
@@ -68,6 +83,20 @@ WORKER = [
     Option("--gpu", "worker", "gpu", "GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES)", int),
     Option("--heartbeat-s", "worker", "heartbeat_s", "seconds between load-key refreshes", float),
     Option("--load-ttl-s", "worker", "load_ttl_s", "load-key TTL: a silent worker is gone after this", float),
+    Option(
+        "--min-call-timeout-s",
+        "worker",
+        "min_call_timeout_s",
+        "a backend call is abandoned after max(this, call-timeout-factor x its expected time)",
+        float,
+    ),
+    Option(
+        "--simulate-faults",
+        "worker",
+        "simulate_faults",
+        "simulated backend: prompts with @@fail raise, @@hang hang (fault drills)",
+        _yes_no,
+    ),
 ]
 
 

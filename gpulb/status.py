@@ -46,6 +46,7 @@ class FleetStatus:
     balancer: BalancerRow | None = None
     workers: list[WorkerRow] = field(default_factory=list)
     models: list[ModelRow] = field(default_factory=list)
+    bad_data: dict[str, int] = field(default_factory=dict)  # malformed things seen in Redis and skipped
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -56,6 +57,7 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     models: list[str] = sorted(conn.smembers(keys.models_key()))  # type: ignore[arg-type]
     pipe = conn.pipeline(transaction=False)
     pipe.hgetall(keys.balancer_heartbeat_key())
+    pipe.hgetall(keys.stats_key())
     for worker_id in worker_ids:
         pipe.hgetall(keys.load_key(worker_id))
         pipe.hget(keys.credit_key(worker_id), "batches")
@@ -65,6 +67,7 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     replies = iter(pipe.execute())
     now = time.time()
     status = FleetStatus(balancer=_balancer_row(next(replies), now))
+    status.bad_data = {name: int(count) for name, count in next(replies).items()}
     for worker_id in worker_ids:
         load_raw, batches = next(replies), next(replies)
         status.workers.append(_row(worker_id, load_raw, int(batches or 0), now))
@@ -126,4 +129,6 @@ def render_table(status: FleetStatus) -> str:
         lines.append(f"{m.model:<32} {m.pending_requests:>9} {m.pending_tokens:>12}")
     if not status.models:
         lines.append("(no models seen yet)")
+    if status.bad_data:
+        lines += ["", "bad data skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(status.bad_data.items()))]
     return "\n".join(lines)
