@@ -17,18 +17,18 @@ import structlog
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from balancer.fleet import Backlog, read_fleet
-from balancer.policy import WorkerView, batch_budget, choose_least_time
+from balancer.fleet import Backlog, Fleet, read_backlogs, read_fleet, refresh_workers
+from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.logs import get_logger
 from gpulb.recovery import reap_dead_workers
-from gpulb.scripts import Scripts, as_ints
+from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 
 log = get_logger("gpulb.balancer")
 
-DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT = 1, 0, -1, -2
+DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT, OTHER_AFFINITY = 1, 0, -1, -2, -3
 BALANCER_HEARTBEAT_TTL_S = 10
 
 
@@ -39,6 +39,7 @@ class Dispatch:
     tokens: int
     next_cost: int
     dropped: int
+    next_affinity: str = ""
 
 
 class Balancer:
@@ -51,14 +52,24 @@ class Balancer:
         settings: Settings,
         *,
         rng: random.Random | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.conn, self.rq_conn = conn, rq_conn
         self.max_attempts = settings.max_attempts
         self.max_backoff_s = settings.redis.max_backoff_s
-        self.settings = settings.balancer
+        self.settings = s = settings.balancer
+        self.policy = policy or make_policy(s.policy)
+        self.ctx = Context(
+            rng=rng or random.Random(), batch_target_s=s.batch_target_s,
+            max_outstanding=s.max_outstanding_batches if self.policy.late_binding else UNBOUNDED,
+            prior_tokens_per_s=s.prior_tokens_per_s,
+            affinity_abs_tokens=s.affinity_abs_tokens, affinity_rel=s.affinity_rel,
+        )  # fmt: skip
         self.scripts = Scripts(conn)
-        self.rng = rng or random.Random()
         self.stop_event = threading.Event()
+        self.fleet: Fleet | None = None
+        self._fleet_read_at = 0.0
+        self._changed: set[str] = set()
         self.dispatched_requests = 0
         self.dispatched_batches = 0
         self._last_beat = 0.0
@@ -66,11 +77,8 @@ class Balancer:
     def run(self) -> None:
         """Dispatch until :meth:`stop`; block on the wake-up list whenever nothing can move."""
         structlog.contextvars.bind_contextvars(role="balancer")
-        log.info(
-            "balancer started",
-            batch_target_s=self.settings.batch_target_s,
-            max_outstanding_batches=self.settings.max_outstanding_batches,
-        )
+        log.info("balancer started", policy=self.policy.name, batch_target_s=self.settings.batch_target_s,
+                 max_outstanding_batches=self.ctx.max_outstanding)  # fmt: skip
         delay = 0.1
         while not self.stop_event.is_set():
             try:
@@ -80,6 +88,7 @@ class Balancer:
                 delay = 0.1
             except CONNECTION_ERRORS as exc:  # Redis restarting or unreachable: back off, keep going
                 log.warning("redis unavailable", error=str(exc), retry_in_s=delay)
+                self.fleet = None
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, self.max_backoff_s)
         with contextlib.suppress(*CONNECTION_ERRORS):
@@ -95,7 +104,7 @@ class Balancer:
         if now - self._last_beat < 1.0:
             return
         self._last_beat = now
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "ts": now,
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "ts": now, "policy": self.policy.name,
                   "requests": self.dispatched_requests, "micro_batches": self.dispatched_batches}  # fmt: skip
         pipe = self.conn.pipeline(transaction=False)
         pipe.hset(keys.balancer_heartbeat_key(), mapping=record)  # type: ignore[arg-type]
@@ -103,118 +112,111 @@ class Balancer:
         pipe.execute()
 
     def _wait_for_wakeup(self) -> None:
-        timeout = self.settings.idle_wake_s
-        if self.conn.blpop([keys.wakeup_key()], timeout=timeout) is not None:
-            self.conn.delete(keys.wakeup_key())  # one round covers every change signalled so far
+        """Block until something changed (a token arrives); the next round reads the rest."""
+        popped = self.conn.blpop([keys.wakeup_key()], timeout=self.settings.idle_wake_s)
+        if popped is not None:
+            self._changed.add(str(popped[1]))
+
+    def _drain_wakeups(self) -> None:
+        """Take every pending wake-up token: they name the workers whose credit or load changed."""
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.lrange(keys.wakeup_key(), 0, -1)
+        pipe.delete(keys.wakeup_key())
+        tokens, _ = pipe.execute()
+        self._changed.update(tokens)
+
+    # -- one round ------------------------------------------------------------------------------
 
     def dispatch_round(self) -> int:
-        """Place as much as credit allows, for every model; returns requests dispatched."""
-        fleet = read_fleet(self.conn)
+        """Place as much as the policy allows, for every model; returns requests dispatched."""
+        fleet = self._snapshot()
+        return sum(
+            self._dispatch_model(workers, fleet, fleet.backlog[model])
+            for model, workers in fleet.by_model.items()
+            if fleet.backlog[model].head_cost >= 0
+        )
+
+    def _snapshot(self) -> Fleet:
+        """A full read at most every ``snapshot_refresh_s``; between, re-read only changed workers."""
+        self._drain_wakeups()
+        changed, self._changed = self._changed, set()
+        fresh = time.monotonic() - self._fleet_read_at < self.settings.snapshot_refresh_s
+        workers = {t.removeprefix(keys.WAKE_WORKER) for t in changed if t.startswith(keys.WAKE_WORKER)}
+        incremental = self.fleet is not None and fresh and workers <= self.fleet.views.keys()
+        if incremental and self.fleet is not None and refresh_workers(self.conn, self.fleet, workers):
+            read_backlogs(self.conn, self.fleet)
+            return self.fleet
+        return self._full_read()
+
+    def _full_read(self) -> Fleet:
+        prior = self.settings.prior_tokens_per_s
+        fleet = read_fleet(self.conn, prior)
         if fleet.dead:
             reaped = reap_dead_workers(
                 self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts
             )
             if reaped.requests:
-                fleet = read_fleet(self.conn)  # the backlog just grew
-        return sum(
-            self._dispatch_model(model, workers, fleet.backlog[model])
-            for model, workers in fleet.by_model.items()
-            if fleet.backlog[model].head_cost >= 0
-        )
+                fleet = read_fleet(self.conn, prior)  # the backlog just grew
+        self.fleet, self._fleet_read_at = fleet, time.monotonic()
+        return fleet
 
-    def _dispatch_model(self, model: str, workers: list[WorkerView], backlog: Backlog) -> int:
-        s = self.settings
+    def _dispatch_model(self, workers: list[WorkerView], fleet: Fleet, backlog: Backlog) -> int:
         placed = 0
         while backlog.head_cost >= 0:
-            chosen = choose_least_time(
-                workers,
-                backlog.head_cost,
-                max_outstanding=s.max_outstanding_batches,
-                prior_tokens_per_s=s.prior_tokens_per_s,
-                rng=self.rng,
-            )
-            if chosen is None:
+            totals = fleet.totals[workers[0].model]
+            head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity,
+                        totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
+            choice = self.policy.choose(workers, head, self.ctx)
+            if choice is None:
                 break
-            budget = batch_budget(
-                chosen,
-                workers,
-                backlog_tokens=backlog.tokens,
-                head_cost=backlog.head_cost,
-                batch_target_s=s.batch_target_s,
-                prior_tokens_per_s=s.prior_tokens_per_s,
-            )
-            result = self.dispatch(chosen, budget)
-            if result.status == EMPTY:
+            result = self.dispatch(choice.worker, choice.token_budget, affinity=choice.affinity)
+            if result.status in (EMPTY, OTHER_AFFINITY):
                 break
             if result.status in (NOT_ACCEPTING, NO_CREDIT):  # our snapshot was stale: fix it, choose again
-                chosen.accepting = result.status == NO_CREDIT
-                chosen.outstanding_batches = max(chosen.outstanding_batches, s.max_outstanding_batches)
+                fleet.refused(
+                    choice.worker, gone=result.status == NOT_ACCEPTING, max_outstanding=self.ctx.max_outstanding
+                )
                 continue
-            chosen.outstanding_batches += 1
-            chosen.outstanding_tokens += result.tokens
+            fleet.dispatched(choice.worker, result.requests, result.tokens)
             backlog.tokens = max(0, backlog.tokens - result.tokens)
-            backlog.head_cost = result.next_cost
+            backlog.head_cost, backlog.head_affinity = result.next_cost, result.next_affinity
             placed += result.requests
         return placed
 
-    def dispatch(self, worker: WorkerView, token_budget: int) -> Dispatch:
+    def dispatch(self, worker: WorkerView, token_budget: int, *, affinity: str = "") -> Dispatch:
         """Atomically cut a micro-batch for ``worker`` and enqueue it as one RQ job."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
         reply = self.scripts.dispatch(
             keys=[
-                keys.ingress_key(worker.model),
-                keys.ingress_tokens_key(worker.model),
-                keys.load_key(worker.worker_id),
-                keys.credit_key(worker.worker_id),
-                keys.inflight_key(worker.worker_id),
-                keys.microbatch_key(microbatch_id),
-                keys.rq_job_key(microbatch_id),
-                keys.rq_queue_key(worker.worker_id),
-                keys.rq_queues_key(),
+                keys.ingress_key(worker.model), keys.ingress_tokens_key(worker.model), keys.load_key(worker.worker_id),
+                keys.credit_key(worker.worker_id), keys.inflight_key(worker.worker_id),
+                keys.microbatch_key(microbatch_id), keys.rq_job_key(microbatch_id),
+                keys.rq_queue_key(worker.worker_id), keys.rq_queues_key(),
             ],
             args=[
-                microbatch_id,
-                worker.worker_id,
-                worker.model,
-                worker.capacity,
-                token_budget,
-                self.settings.max_outstanding_batches,
-                time.time(),
-                keys.rq_queue_key(worker.worker_id),
-                *self._rq_job_fields(microbatch_id, worker.worker_id),
+                microbatch_id, worker.worker_id, worker.model, worker.capacity, token_budget,
+                self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id), affinity,
+                self.settings.affinity_scan, *self._rq_job_fields(microbatch_id, worker.worker_id),
             ],
-        )
-        result = Dispatch(*as_ints(reply))
+        )  # fmt: skip
+        status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])
+        result = Dispatch(status, requests, tokens, next_cost, dropped, str(reply[5]))
         if result.dropped:
             log.warning("dropped foreign ingress members", model=worker.model, count=result.dropped)
             self.conn.hincrby(keys.stats_key(), "dropped_ingress_members", result.dropped)
         if result.status == DISPATCHED:
             self.dispatched_requests += result.requests
             self.dispatched_batches += 1
-            log.debug(
-                "dispatched",
-                worker_id=worker.worker_id,
-                microbatch_id=microbatch_id,
-                requests=result.requests,
-                tokens=result.tokens,
-                budget=token_budget,
-            )
         return result
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:
         """The RQ job hash, exactly as RQ's own ``Job.save`` would write it (JSON serializer)."""
         job = Job.create(
-            keys.JOB_FUNC,
-            args=[microbatch_id],
-            id=microbatch_id,
-            connection=self.conn,
-            serializer=JSONSerializer,
-            origin=keys.rq_queue_name(worker_id),
-            timeout=self.settings.job_timeout_s,
-            result_ttl=self.settings.job_result_ttl_s,
-            description=f"gpulb micro-batch {microbatch_id} for {worker_id}",
+            keys.JOB_FUNC, args=[microbatch_id], id=microbatch_id, connection=self.conn,
+            serializer=JSONSerializer, origin=keys.rq_queue_name(worker_id), timeout=self.settings.job_timeout_s,
+            result_ttl=self.settings.job_result_ttl_s, description=f"gpulb micro-batch {microbatch_id} for {worker_id}",
             status=JobStatus.QUEUED,
-        )
+        )  # fmt: skip
         job.enqueued_at = datetime.now(UTC)
         fields: list[str | bytes] = []
         for name, value in job.to_dict().items():

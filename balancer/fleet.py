@@ -1,4 +1,8 @@
-"""One pipelined read of every worker's load and credit, and of each model's backlog."""
+"""The balancer's picture of the fleet: one pipelined full read now and then, cheap updates between.
+
+A full read costs O(workers); between full reads only the workers named by wake-up tokens (those
+that finished or gave back a micro-batch) are read again, so a decision does not cost O(workers).
+"""
 
 from __future__ import annotations
 
@@ -19,57 +23,88 @@ log = get_logger("gpulb.balancer")
 class Backlog:
     tokens: int
     head_cost: int  # -1 when the ingress is empty
+    head_affinity: str = ""
+
+
+@dataclass(slots=True)
+class ModelTotals:
+    tokens_per_s: float = 0.0
+    outstanding_tokens: int = 0
 
 
 @dataclass(slots=True)
 class Fleet:
+    views: dict[str, WorkerView] = field(default_factory=dict)
     by_model: dict[str, list[WorkerView]] = field(default_factory=dict)
+    totals: dict[str, ModelTotals] = field(default_factory=dict)
     backlog: dict[str, Backlog] = field(default_factory=dict)
     dead: list[str] = field(default_factory=list)  # registered, but no load key: heartbeat expired
     malformed: int = 0
+    prior_tokens_per_s: float = 1000.0
+
+    def add(self, view: WorkerView) -> None:
+        self.views[view.worker_id] = view
+        self.by_model.setdefault(view.model, []).append(view)
+        self._count(view, +1)
+
+    def update(self, view: WorkerView, load: WorkerLoad, credit: dict[str, str]) -> None:
+        self._count(view, -1)
+        _apply(view, load, credit)
+        self._count(view, +1)
+
+    def dispatched(self, view: WorkerView, requests: int, tokens: int) -> None:
+        self._count(view, -1)
+        view.outstanding_batches += 1
+        view.outstanding_tokens += tokens
+        view.outstanding_requests += requests
+        self._count(view, +1)
+
+    def refused(self, view: WorkerView, *, gone: bool, max_outstanding: int) -> None:
+        """The dispatch script refused: our picture was stale (worker left, or full)."""
+        self._count(view, -1)
+        view.accepting = not gone
+        view.outstanding_batches = max(view.outstanding_batches, max_outstanding)
+        self._count(view, +1)
+
+    def _count(self, view: WorkerView, sign: int) -> None:
+        if not view.accepting:
+            return
+        totals = self.totals.setdefault(view.model, ModelTotals())
+        totals.tokens_per_s += sign * view.speed(self.prior_tokens_per_s)
+        totals.outstanding_tokens += sign * view.outstanding_tokens
 
 
-def read_fleet(conn: redis.Redis) -> Fleet:
+def read_fleet(conn: redis.Redis, prior_tokens_per_s: float) -> Fleet:
+    """Every registered worker's load and credit, and every served model's backlog."""
     worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
-    pipe = conn.pipeline(transaction=False)
-    for worker_id in worker_ids:
-        pipe.hgetall(keys.load_key(worker_id))
-        pipe.hgetall(keys.credit_key(worker_id))
-    replies = pipe.execute()
-    fleet = Fleet()
-    for i, worker_id in enumerate(worker_ids):
-        if not replies[2 * i]:
+    fleet = Fleet(prior_tokens_per_s=prior_tokens_per_s)
+    for worker_id, load_raw, credit in _read_workers(conn, worker_ids):
+        if not load_raw:
             fleet.dead.append(worker_id)
             continue
-        view = _view(worker_id, replies[2 * i], replies[2 * i + 1], fleet)
-        if view is not None:
-            fleet.by_model.setdefault(view.model, []).append(view)
+        load = _parse(worker_id, load_raw, fleet)
+        if load is not None:
+            view = WorkerView(worker_id, load.model, load.capacity, load.tokens_per_s)
+            _apply(view, load, credit)
+            fleet.add(view)
     if fleet.malformed:
         conn.hincrby(keys.stats_key(), "malformed_load_keys", fleet.malformed)
-    _read_backlogs(conn, fleet)
+    read_backlogs(conn, fleet)
     return fleet
 
 
-def _view(worker_id: str, load_raw: dict[str, str], credit: dict[str, str], fleet: Fleet) -> WorkerView | None:
-    try:
-        load = WorkerLoad.from_hash(load_raw)
-        batches, tokens = int(credit.get("batches", 0)), int(credit.get("tokens", 0))
-    except (BadPayload, ValueError) as exc:
-        fleet.malformed += 1
-        log.warning("skipping worker with a malformed load key", worker_id=worker_id, error=str(exc))
-        return None
-    return WorkerView(
-        worker_id=worker_id,
-        model=load.model,
-        capacity=load.capacity,
-        tokens_per_s=load.tokens_per_s,
-        outstanding_batches=batches,
-        outstanding_tokens=tokens,
-        accepting=load.state in ACCEPTING_STATES,
-    )
+def refresh_workers(conn: redis.Redis, fleet: Fleet, worker_ids: set[str]) -> bool:
+    """Re-read only these workers; False when a full read is needed (a worker unknown or gone)."""
+    for worker_id, load_raw, credit in _read_workers(conn, sorted(worker_ids)):
+        view = fleet.views.get(worker_id)
+        load = _parse(worker_id, load_raw, fleet) if load_raw else None
+        if view is None or load is None or load.model != view.model:
+            return False
+        fleet.update(view, load, credit)
+    return True
 
 
-def _read_backlogs(conn: redis.Redis, fleet: Fleet) -> None:
+def read_backlogs(conn: redis.Redis, fleet: Fleet) -> None:
     models = list(fleet.by_model)
     pipe = conn.pipeline(transaction=False)
     for model in models:
@@ -78,12 +113,42 @@ def _read_backlogs(conn: redis.Redis, fleet: Fleet) -> None:
     replies = pipe.execute()
     for i, model in enumerate(models):
         tokens, head = replies[2 * i], replies[2 * i + 1]
-        head_cost = _member_cost(head[0]) if head else -1
-        fleet.backlog[model] = Backlog(tokens=max(0, int(tokens or 0)), head_cost=head_cost)
+        cost, affinity = _head(head[0]) if head else (-1, "")
+        fleet.backlog[model] = Backlog(tokens=max(0, int(tokens or 0)), head_cost=cost, head_affinity=affinity)
 
 
-def _member_cost(member: str) -> int:
+def _read_workers(conn: redis.Redis, worker_ids: list[str]) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    pipe = conn.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.hgetall(keys.load_key(worker_id))
+        pipe.hgetall(keys.credit_key(worker_id))
+    replies = pipe.execute()
+    return [(w, replies[2 * i], replies[2 * i + 1]) for i, w in enumerate(worker_ids)]
+
+
+def _parse(worker_id: str, load_raw: dict[str, str], fleet: Fleet) -> WorkerLoad | None:
     try:
-        return keys.parse_ingress_member(member)[2]
+        return WorkerLoad.from_hash(load_raw)
+    except BadPayload as exc:
+        fleet.malformed += 1
+        log.warning("skipping worker with a malformed load key", worker_id=worker_id, error=str(exc))
+        return None
+
+
+def _apply(view: WorkerView, load: WorkerLoad, credit: dict[str, str]) -> None:
+    view.capacity, view.tokens_per_s = load.capacity, load.tokens_per_s
+    view.accepting = load.state in ACCEPTING_STATES
+    try:
+        view.outstanding_batches = int(credit.get("batches", 0))
+        view.outstanding_tokens = int(credit.get("tokens", 0))
+        view.outstanding_requests = int(credit.get("requests", 0))
     except ValueError:
-        return 0  # a foreign member: the dispatch script drops it
+        view.accepting = False  # garbage credit: do not use this worker until it is sane again
+
+
+def _head(member: str) -> tuple[int, str]:
+    try:
+        parsed = keys.parse_ingress_member(member)
+    except ValueError:
+        return 0, ""  # a foreign member: the dispatch script drops it
+    return parsed.cost, parsed.affinity

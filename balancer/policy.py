@@ -1,19 +1,33 @@
-"""Scheduling maths: pure functions of a load snapshot, tested on their own.
+"""Placement policies: pure functions of the head request and a load snapshot, tested on their own.
 
-``least-time``: send the request at the head of the ingress to the worker that would finish it
-first — ``(outstanding tokens + its cost) / tokens_per_s`` — and wait (late binding) when that
-worker has no credit left, rather than commit the request to a slower worker. Micro-batches are
-sized to about ``batch_target_s`` of the chosen worker's time, and shrink near the end of the
-backlog so that every worker finishes at about the same moment (water-filling).
+Every policy answers one question: which worker gets the next micro-batch, and how large is it?
+``least-time`` (the default) binds late: a worker holds at most ``max_outstanding_batches``, and the
+head request waits in the ingress when the worker that would finish it first has no credit left.
+The baselines (``round-robin``, ``random``, ``least-loaded``, ``power-of-two``) bind early, as
+their textbook versions do: the whole backlog is committed to workers as it arrives.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
 TIE_TOLERANCE = 1e-9
+SAMPLE_ABOVE = 64  # fleets larger than this are sampled, so a decision does not cost O(workers)
+SAMPLE_SIZE = 16
+UNBOUNDED = 1 << 30
+
+
+class PolicyName(StrEnum):
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    LEAST_LOADED = "least-loaded"
+    POWER_OF_TWO = "power-of-two"
+    LEAST_TIME = "least-time"
+    PREFIX_AFFINITY = "prefix-affinity"
 
 
 @dataclass(slots=True)
@@ -27,6 +41,7 @@ class WorkerView:
     outstanding_batches: int = 0
     outstanding_tokens: int = 0
     accepting: bool = True
+    outstanding_requests: int = 0
 
     def speed(self, prior_tokens_per_s: float) -> float:
         return self.tokens_per_s if self.tokens_per_s > 0 else prior_tokens_per_s
@@ -35,44 +50,195 @@ class WorkerView:
         return (self.outstanding_tokens + extra_tokens) / self.speed(prior_tokens_per_s)
 
 
-def choose_least_time(
-    workers: Sequence[WorkerView],
-    head_cost: int,
-    *,
-    max_outstanding: int,
-    prior_tokens_per_s: float,
-    rng: random.Random,
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The request at the front of the ingress, how much work waits behind it, and fleet totals
+    (kept up to date by the balancer, so sizing a micro-batch does not cost O(workers))."""
+
+    cost: int
+    backlog_tokens: int
+    affinity: str = ""
+    fleet_tokens_per_s: float = 0.0  # summed speed of accepting workers
+    fleet_outstanding_tokens: int = 0  # summed outstanding work of accepting workers
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    worker: WorkerView
+    token_budget: int
+    affinity: str = ""  # cut only requests of this affinity ("" = any)
+
+
+@dataclass(slots=True)
+class Context:
+    """Settings and the little state a policy may keep between decisions."""
+
+    rng: random.Random
+    batch_target_s: float = 0.5
+    max_outstanding: int = 2
+    prior_tokens_per_s: float = 1000.0
+    affinity_abs_tokens: int = 4000  # affinity yields when its worker is this far behind the best...
+    affinity_rel: float = 1.5  # ...and more than this many times its finish time
+    turn: int = 0  # round-robin's position
+    affinity_owner: dict[str, str] = field(default_factory=dict)  # affinity key -> worker id
+
+
+class Policy(Protocol):
+    name: PolicyName
+    late_binding: bool
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None: ...
+
+
+def accepting(workers: Sequence[WorkerView], ctx: Context, limit: int) -> list[WorkerView]:
+    return [w for w in workers if w.accepting and w.outstanding_batches < limit]
+
+
+def speed_blind_budget(ctx: Context, head: Head) -> int:
+    """What a speed-blind dispatcher cuts: the same amount of work for every worker."""
+    return max(head.cost, int(ctx.prior_tokens_per_s * ctx.batch_target_s))
+
+
+class RoundRobin:
+    name, late_binding = PolicyName.ROUND_ROBIN, False
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        live = sorted(accepting(workers, ctx, UNBOUNDED), key=lambda w: w.worker_id)
+        if not live:
+            return None
+        ctx.turn += 1
+        return Choice(live[ctx.turn % len(live)], speed_blind_budget(ctx, head))
+
+
+class RandomChoice:
+    name, late_binding = PolicyName.RANDOM, False
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        live = accepting(workers, ctx, UNBOUNDED)
+        return Choice(ctx.rng.choice(live), speed_blind_budget(ctx, head)) if live else None
+
+
+class LeastLoaded:
+    """The textbook one: fewest outstanding requests, blind to speed."""
+
+    name, late_binding = PolicyName.LEAST_LOADED, False
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        live = accepting(workers, ctx, UNBOUNDED)
+        if not live:
+            return None
+        fewest = min(w.outstanding_requests for w in live)
+        return Choice(ctx.rng.choice([w for w in live if w.outstanding_requests == fewest]),
+                      speed_blind_budget(ctx, head))  # fmt: skip
+
+
+class PowerOfTwo:
+    name, late_binding = PolicyName.POWER_OF_TWO, False
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        live = accepting(workers, ctx, UNBOUNDED)
+        if not live:
+            return None
+        pair = ctx.rng.sample(live, min(2, len(live)))
+        return Choice(min(pair, key=lambda w: w.outstanding_requests), speed_blind_budget(ctx, head))
+
+
+class LeastTime:
+    name, late_binding = PolicyName.LEAST_TIME, True
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        chosen = least_time_worker(workers, head.cost, ctx)
+        return None if chosen is None else Choice(chosen, batch_budget(chosen, workers, head, ctx))
+
+
+class PrefixAffinity:
+    """Requests of one affinity key go to the worker that served it before, unless that worker is
+    too far behind (absolute AND relative imbalance); then least-time among all."""
+
+    name, late_binding = PolicyName.PREFIX_AFFINITY, True
+
+    def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
+        if not head.affinity:
+            return LeastTime().choose(workers, head, ctx)
+        best = least_time_worker(workers, head.cost, ctx, wait_for_best=False)
+        owner = next((w for w in workers if w.worker_id == ctx.affinity_owner.get(head.affinity)), None)
+        if owner is not None and owner.accepting and not _too_far_behind(owner, best, head, ctx):
+            chosen: WorkerView | None = owner if owner.outstanding_batches < ctx.max_outstanding else None
+        else:
+            chosen = least_time_worker(workers, head.cost, ctx)
+        if chosen is None:
+            return None
+        ctx.affinity_owner[head.affinity] = chosen.worker_id
+        return Choice(chosen, batch_budget(chosen, workers, head, ctx), affinity=head.affinity)
+
+
+def _too_far_behind(owner: WorkerView, best: WorkerView | None, head: Head, ctx: Context) -> bool:
+    if best is None or best is owner:
+        return False
+    prior = ctx.prior_tokens_per_s
+    owner_t, best_t = owner.finish_time(head.cost, prior), best.finish_time(head.cost, prior)
+    behind_tokens = (owner_t - best_t) * owner.speed(prior)
+    return behind_tokens > ctx.affinity_abs_tokens and owner_t > ctx.affinity_rel * best_t
+
+
+POLICIES: dict[PolicyName, type[Policy]] = {
+    p.name: p for p in (RoundRobin, RandomChoice, LeastLoaded, PowerOfTwo, LeastTime, PrefixAffinity)
+}
+
+
+def make_policy(name: PolicyName | str) -> Policy:
+    return POLICIES[PolicyName(name)]()
+
+
+def least_time_worker(
+    workers: Sequence[WorkerView], head_cost: int, ctx: Context, *, wait_for_best: bool = True
 ) -> WorkerView | None:
-    """The worker that would finish ``head_cost`` first, or None if that worker has no credit now."""
-    live = [w for w in workers if w.accepting]
+    """The worker that would finish ``head_cost`` first. With ``wait_for_best``, None if that worker
+    has no credit now: the request waits for it rather than go to a slower worker (late binding).
+
+    Large fleets are sampled (``SAMPLE_SIZE`` random workers with credit), so the cost of a
+    decision does not grow with the fleet.
+    """
+    live = [w for w in _candidates(workers, ctx) if w.accepting]
+    if not wait_for_best:
+        live = [w for w in live if w.outstanding_batches < ctx.max_outstanding]
     if not live:
         return None
-    times = [w.finish_time(head_cost, prior_tokens_per_s) for w in live]
+    times = [w.finish_time(head_cost, ctx.prior_tokens_per_s) for w in live]
     best = min(times)
     tied = [w for w, t in zip(live, times, strict=True) if t <= best * (1 + TIE_TOLERANCE)]
-    with_credit = [w for w in tied if w.outstanding_batches < max_outstanding]
-    return rng.choice(with_credit) if with_credit else None
+    with_credit = [w for w in tied if w.outstanding_batches < ctx.max_outstanding]
+    return ctx.rng.choice(with_credit) if with_credit else None
 
 
-def batch_budget(
-    chosen: WorkerView,
-    workers: Sequence[WorkerView],
-    *,
-    backlog_tokens: int,
-    head_cost: int,
-    batch_target_s: float,
-    prior_tokens_per_s: float,
-) -> int:
+def _candidates(workers: Sequence[WorkerView], ctx: Context) -> Sequence[WorkerView]:
+    if len(workers) <= SAMPLE_ABOVE:
+        return workers
+    picks: dict[str, WorkerView] = {}
+    for _ in range(4 * SAMPLE_SIZE):  # random probes: O(sample), not O(fleet)
+        w = workers[ctx.rng.randrange(len(workers))]
+        if w.accepting and w.outstanding_batches < ctx.max_outstanding:
+            picks[w.worker_id] = w
+            if len(picks) == SAMPLE_SIZE:
+                break
+    return list(picks.values())
+
+
+def batch_budget(chosen: WorkerView, workers: Sequence[WorkerView], head: Head, ctx: Context) -> int:
     """Tokens to put in the chosen worker's next micro-batch (at least the head request's cost).
 
     Normally ``batch_target_s`` of the worker's time; near the end, its water-filling share: the
     work that brings it to the moment when the whole fleet would finish the backlog together.
     """
-    live = [w for w in workers if w.accepting]
-    speed = chosen.speed(prior_tokens_per_s)
-    fleet_speed = sum(w.speed(prior_tokens_per_s) for w in live) or speed
-    fleet_work = backlog_tokens + sum(w.outstanding_tokens for w in live)
-    common_finish_s = fleet_work / fleet_speed
+    speed = chosen.speed(ctx.prior_tokens_per_s)
+    target = speed * ctx.batch_target_s
+    fleet_speed = head.fleet_tokens_per_s or speed
+    common_finish_s = (head.backlog_tokens + head.fleet_outstanding_tokens) / fleet_speed
     share = common_finish_s * speed - chosen.outstanding_tokens
-    target = speed * batch_target_s
-    return max(head_cost, int(min(target, share)), 1)
+    return max(head.cost, int(min(target, share)), 1)
+
+
+def fleet_totals(workers: Sequence[WorkerView], prior_tokens_per_s: float) -> tuple[float, int]:
+    """(summed speed, summed outstanding tokens) of the accepting workers, for :class:`Head`."""
+    live = [w for w in workers if w.accepting]
+    return sum(w.speed(prior_tokens_per_s) for w in live), sum(w.outstanding_tokens for w in live)

@@ -58,6 +58,12 @@ COMMON = [
     ),
 ]
 BALANCER = [
+    Option(
+        "--policy",
+        "balancer",
+        "policy",
+        "least-time (default), prefix-affinity, or a baseline: round-robin, random, least-loaded, power-of-two",
+    ),
     Option("--batch-target-s", "balancer", "batch_target_s", "seconds of a worker's time per micro-batch", float),
     Option(
         "--max-outstanding-batches",

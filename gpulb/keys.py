@@ -7,7 +7,7 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 | gpulb:seq                            | string | none                 | producer (INCRBY)          | producer           |
 | gpulb:models                         | set    | none                 | producer, worker           | status             |
 | gpulb:{M}:ingress                    | zset   | none                 | producer (ZADD), balancer  | balancer           |
-|   member ``BATCH:INDEX:COST:ATTEMPT``, score ``-priority * 2**44 + seq`` (lowest pops first)                 |
+|   member ``BATCH:INDEX:COST:ATTEMPT:AFFINITY``, score ``-priority * 2**44 + seq`` (lowest pops first)       |
 | gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
 |   fields model, total, priority, submitted_at, running, completed, failed, cancelled, state, finished_at, |
@@ -20,11 +20,12 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 | gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
 |   fields v, model, backend, state, capacity, running, queued, tokens_per_s, host, pid, gpu, ts            |
 | gpulb:worker:W:credit                | hash   | none                 | balancer (+), worker (-)   | balancer           |
-|   fields batches, tokens: micro-batches and tokens handed to W and not yet finished                          |
+|   fields batches, tokens, requests: handed to W and not yet finished                                          |
 | gpulb:worker:W:inflight              | set    | none                 | balancer (+), worker (-)   | recovery           |
 | gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
-|   fields worker, model, tokens, entries (space-separated ingress members), created_at                        |
+|   fields worker, model, tokens, count, entries, scores (space-separated), created_at, started                |
 | gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
+|   tokens ``w:WORKER`` (its load or credit changed) and ``b:BATCH`` (submitted)                                 |
 | gpulb:stats                          | hash   | none                 | balancer, worker (HINCRBY) | status             |
 |   bad data seen and skipped: malformed_load_keys, dropped_ingress_members, refused_jobs, malformed_payloads     |
 | gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
@@ -33,6 +34,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from rq.job import Job
 from rq.queue import Queue
@@ -104,6 +107,18 @@ def wakeup_key() -> str:
     return f"{PREFIX}:balancer:wakeup"
 
 
+WAKE_WORKER = "w:"  # wake-up token naming a worker whose load or credit changed
+WAKE_BATCH = "b:"  # wake-up token naming a batch that was just submitted
+
+
+def wake_worker_token(worker_id: str) -> str:
+    return f"{WAKE_WORKER}{worker_id}"
+
+
+def wake_batch_token(batch_id: str) -> str:
+    return f"{WAKE_BATCH}{batch_id}"
+
+
 def stats_key() -> str:
     return f"{PREFIX}:stats"
 
@@ -136,18 +151,28 @@ def rq_job_key(job_id: str) -> str:
 # Ingress members pack what the balancer needs to cut a micro-batch without another read.
 
 
+class IngressMember(NamedTuple):
+    batch_id: str
+    request_index: int
+    cost: int  # tokens of work (see gpulb.models.request_cost)
+    attempt: int  # runs started so far
+    affinity: str  # prefix/session affinity key, "" if none
+
+
 def request_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index}"
 
 
-def ingress_member(batch_id: str, index: int, cost_tokens: int, attempt: int = 0) -> str:
-    return f"{batch_id}:{index}:{cost_tokens}:{attempt}"
+def ingress_member(batch_id: str, index: int, cost_tokens: int, attempt: int = 0, affinity: str = "") -> str:
+    return f"{batch_id}:{index}:{cost_tokens}:{attempt}:{affinity}"
 
 
-def parse_ingress_member(member: str) -> tuple[str, int, int, int]:
-    """``(batch_id, index, cost_tokens, attempt)``; raises ValueError on a foreign member."""
-    batch_id, index, cost, attempt = member.split(":")
-    return batch_id, int(index), int(cost), int(attempt)
+def parse_ingress_member(member: str) -> IngressMember:
+    """Raises ValueError on a foreign member."""
+    batch_id, index, cost, attempt, affinity = member.split(":")
+    if not batch_id.isalnum() or not (affinity == "" or affinity.isalnum()):
+        raise ValueError(f"not a gpulb ingress member: {member!r}")
+    return IngressMember(batch_id, int(index), int(cost), int(attempt), affinity)
 
 
 def ingress_member_pattern(batch_id: str) -> str:

@@ -5,6 +5,7 @@ Everything on the wire is JSON (or plain numeric hash fields). Nothing is ever p
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from enum import StrEnum
@@ -18,6 +19,13 @@ from gpulb.keys import SCHEMA_VERSION
 # A prompt byte costs far less than a generated token (prefill is batched); ~4 bytes a token and
 # prefill ~8x cheaper per token than decode gives one cost token per 32 prompt bytes.
 PROMPT_BYTES_PER_COST_TOKEN = 32
+# Requests whose prompts share this many leading bytes share an affinity key (a prefix block that
+# an engine's prefix cache can reuse); shorter prompts have none.
+PREFIX_AFFINITY_BYTES = 256
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=5).hexdigest()
 
 
 class SamplingParams(BaseModel):
@@ -39,13 +47,22 @@ class SamplingParams(BaseModel):
 
 
 class RequestSpec(SamplingParams):
-    """One request as a user gives it: a prompt, a token budget and optional sampling fields."""
+    """One request as a user gives it: a prompt, a token budget, optional sampling fields, and an
+    optional ``session`` key (requests of one session prefer the worker that served it before)."""
 
     prompt: str = Field(min_length=1)
     max_tokens: int = Field(ge=1)
+    session: str | None = Field(default=None, min_length=1, max_length=256)
 
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "max_tokens"}, exclude_none=True)
+        return self.model_dump(exclude={"prompt", "max_tokens", "session"}, exclude_none=True)
+
+    def affinity_key(self) -> str:
+        """Its session, or the hash of its first prompt block; "" for a short prompt without session."""
+        if self.session is not None:
+            return _short_hash(b"s" + self.session.encode())
+        head = self.prompt.encode()[:PREFIX_AFFINITY_BYTES]
+        return _short_hash(b"p" + head) if len(head) == PREFIX_AFFINITY_BYTES else ""
 
     def cost_tokens(self) -> int:
         return request_cost(len(self.prompt.encode()), self.max_tokens)

@@ -52,7 +52,7 @@ def requeue_microbatch(
     entries, model = raw
     if entries is None or model is None:
         return Requeued(), False
-    batch_ids = list(dict.fromkeys(keys.parse_ingress_member(m)[0] for m in entries.split()))
+    batch_ids = list(dict.fromkeys(keys.parse_ingress_member(m).batch_id for m in entries.split()))
     script_keys = [
         keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
         keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),

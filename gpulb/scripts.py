@@ -12,17 +12,18 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-# Shared Lua: parse an ingress member "BATCH:INDEX:COST:ATTEMPT" -> cost (nil if foreign).
-_PARSE_COST = """
-local function member_cost(member)
-  local cost = string.match(member, '^[%w_]+:%d+:(%d+):%d+$')
-  if cost then return tonumber(cost) end
-  return nil
+# Shared Lua: parse an ingress member "BATCH:INDEX:COST:ATTEMPT:AFFINITY" -> cost, affinity
+# (nil if the member is foreign).
+_PARSE_MEMBER = """
+local function parse_member(member)
+  local cost, affinity = string.match(member, '^%w+:%d+:(%d+):%d+:(%w*)$')
+  if cost then return tonumber(cost), affinity end
+  return nil, nil
 end
 """
 
 DISPATCH = (
-    _PARSE_COST
+    _PARSE_MEMBER
     + """
 -- Cut one micro-batch from a model's ingress and enqueue it as ONE RQ job on a worker's queue.
 -- KEYS[1] ingress zset        KEYS[2] ingress_tokens     KEYS[3] worker load hash
@@ -30,52 +31,62 @@ DISPATCH = (
 -- KEYS[7] rq job hash         KEYS[8] rq queue list      KEYS[9] rq:queues set
 -- ARGV[1] micro-batch id (= RQ job id)  ARGV[2] worker id  ARGV[3] model
 -- ARGV[4] max requests  ARGV[5] token budget  ARGV[6] max outstanding micro-batches
--- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9..] RQ job hash field, value, ...
--- Takes requests from the front while they fit the budget (always at least one).
--- Returns {status, taken, tokens, next_cost, dropped}: status 1 dispatched, 0 ingress empty,
--- -1 worker not accepting (gone, draining or other model), -2 worker has no credit.
+-- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] affinity filter ('' = any)
+-- ARGV[10] members to scan for the filter  ARGV[11..] RQ job hash field, value, ...
+-- Takes requests from the front while they fit the budget (always at least one); with a filter,
+-- only requests of that affinity among the first ARGV[10] (the head must match it).
+-- Returns {status, taken, tokens, next_cost, dropped, next_affinity}: status 1 dispatched,
+-- 0 ingress empty, -1 worker not accepting (gone, draining or other model), -2 no credit.
 local state = redis.call('HGET', KEYS[3], 'state')
 if (state ~= 'idle' and state ~= 'busy') or redis.call('HGET', KEYS[3], 'model') ~= ARGV[3] then
-  return {-1, 0, 0, -1, 0}
+  return {-1, 0, 0, -1, 0, ''}
 end
 if tonumber(redis.call('HGET', KEYS[4], 'batches') or '0') >= tonumber(ARGV[6]) then
-  return {-2, 0, 0, -1, 0}
+  return {-2, 0, 0, -1, 0, ''}
 end
-local max_count, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-local head = redis.call('ZRANGE', KEYS[1], 0, max_count - 1, 'WITHSCORES')
-local members, scores, tokens, dropped, scanned = {}, {}, 0, 0, 0
+local max_count, budget, filter = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[9]
+local scan = max_count
+if filter ~= '' then scan = math.max(max_count, tonumber(ARGV[10])) end
+local head = redis.call('ZRANGE', KEYS[1], 0, scan - 1, 'WITHSCORES')
+local members, scores, remove, tokens, dropped = {}, {}, {}, 0, 0
 for i = 1, #head, 2 do
-  local cost = member_cost(head[i])
+  local cost, affinity = parse_member(head[i])
   if cost == nil then
     dropped = dropped + 1
-  elseif #members > 0 and tokens + cost > budget then
-    break
-  else
+    remove[#remove + 1] = head[i]
+  elseif filter == '' or affinity == filter then
+    if #members > 0 and (tokens + cost > budget or #members >= max_count) then break end
     members[#members + 1] = head[i]
     scores[#scores + 1] = head[i + 1]
+    remove[#remove + 1] = head[i]
     tokens = tokens + cost
+  elseif filter ~= '' and #members == 0 and dropped == 0 then
+    break  -- the head has another affinity: nothing to cut for this filter
   end
-  scanned = scanned + 1
 end
-if scanned > 0 then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, scanned - 1)
-end
+if #remove > 0 then redis.call('ZREM', KEYS[1], unpack(remove)) end
 if #members == 0 then
-  return {0, 0, 0, -1, dropped}
+  local status = 0
+  if redis.call('ZCARD', KEYS[1]) > 0 then status = -3 end
+  return {status, 0, 0, -1, dropped, ''}
 end
 redis.call('DECRBY', KEYS[2], tokens)
-redis.call('HSET', KEYS[6], 'worker', ARGV[2], 'model', ARGV[3], 'tokens', tokens,
+redis.call('HSET', KEYS[6], 'worker', ARGV[2], 'model', ARGV[3], 'tokens', tokens, 'count', #members,
   'entries', table.concat(members, ' '), 'scores', table.concat(scores, ' '), 'created_at', ARGV[7])
 redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'batches', 1)
 redis.call('HINCRBY', KEYS[4], 'tokens', tokens)
-redis.call('HSET', KEYS[7], unpack(ARGV, 9))
+redis.call('HINCRBY', KEYS[4], 'requests', #members)
+redis.call('HSET', KEYS[7], unpack(ARGV, 11))
 redis.call('RPUSH', KEYS[8], ARGV[1])
 redis.call('SADD', KEYS[9], ARGV[8])
-local next_cost = -1
+local next_cost, next_affinity = -1, ''
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0)
-if #nxt > 0 then next_cost = member_cost(nxt[1]) or 0 end
-return {1, #members, tokens, next_cost, dropped}
+if #nxt > 0 then
+  next_cost, next_affinity = parse_member(nxt[1])
+  next_cost, next_affinity = next_cost or 0, next_affinity or ''
+end
+return {1, #members, tokens, next_cost, dropped, next_affinity}
 """
 )
 
@@ -103,12 +114,14 @@ local function settle_batch(bkey, rkey, qkey, channel, now, completed, failed, c
   return done
 end
 
-local function release_credit(mbkey, inflight, credit, mb_id, tokens, wakeup, keep)
+local function release_credit(mbkey, inflight, credit, mb_id, wakeup, keep, worker_id)
+  local mb = redis.call('HMGET', mbkey, 'tokens', 'count')
   redis.call('DEL', mbkey)
   redis.call('SREM', inflight, mb_id)
   redis.call('HINCRBY', credit, 'batches', -1)
-  redis.call('HINCRBY', credit, 'tokens', -tonumber(tokens))
-  redis.call('RPUSH', wakeup, mb_id)
+  redis.call('HINCRBY', credit, 'tokens', 0 - tonumber(mb[1]))
+  redis.call('HINCRBY', credit, 'requests', 0 - tonumber(mb[2] or '0'))
+  redis.call('RPUSH', wakeup, 'w:' .. worker_id)  -- keys.wake_worker_token
   redis.call('LTRIM', wakeup, -tonumber(keep), -1)
 end
 """
@@ -127,15 +140,15 @@ RECORD = (
 -- Record a finished micro-batch: each result only if none is recorded yet, then settle counters.
 -- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] wakeup list
 -- KEYS[5+3(b-1)..] for batch b: batch hash, results hash, requests hash
--- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep
--- ARGV[4..] per batch b: events channel, number started, number of results n,
+-- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep  ARGV[4] worker id
+-- ARGV[5..] per batch b: events channel, number started, number of results n,
 --           then n times: field, result JSON, outcome ('0' completed, '1' failed, '2' cancelled)
 -- A micro-batch that was taken back meanwhile (its worker looked dead) still records results
 -- that are not recorded yet, but no longer touches credit or running counts.
 -- Returns the number of results newly recorded.
-local owned = redis.call('HGET', KEYS[1], 'tokens')
-if owned then release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], owned, KEYS[4], ARGV[3]) end
-local recorded, pos, b = 0, 4, 0
+local owned = redis.call('EXISTS', KEYS[1]) == 1
+if owned then release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[4], ARGV[3], ARGV[4]) end
+local recorded, pos, b = 0, 5, 0
 while pos <= #ARGV do
   local bkey, rkey, qkey = KEYS[5 + 3 * b], KEYS[6 + 3 * b], KEYS[7 + 3 * b]
   local channel, started, n = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
@@ -155,7 +168,7 @@ while pos <= #ARGV do
   b = b + 1
 end
 if not owned then
-  redis.call('RPUSH', KEYS[4], ARGV[1])
+  redis.call('RPUSH', KEYS[4], 'w:' .. ARGV[4])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
 end
 return recorded
@@ -190,7 +203,7 @@ for sc in string.gmatch(mb[2], '%S+') do scores[#scores + 1] = sc end
 local running, dead, tokens, requeued, i = {}, {}, 0, 0, 0
 for member in string.gmatch(mb[1], '%S+') do
   i = i + 1
-  local bid, idx, cost, attempt = string.match(member, '^([%w_]+):(%d+):(%d+):(%d+)$')
+  local bid, idx, cost, attempt, affinity = string.match(member, '^(%w+):(%d+):(%d+):(%d+):(%w*)$')
   local b = slot[bid]
   local rkey = KEYS[10 + 3 * b]
   if redis.call('HEXISTS', rkey, idx) == 0 then
@@ -207,7 +220,7 @@ for member in string.gmatch(mb[1], '%S+') do
       redis.call('HDEL', KEYS[11 + 3 * b], idx)
       dead[b] = (dead[b] or 0) + 1
     else
-      redis.call('ZADD', KEYS[6], scores[i], bid .. ':' .. idx .. ':' .. cost .. ':' .. next_attempt)
+      redis.call('ZADD', KEYS[6], scores[i], bid .. ':' .. idx .. ':' .. cost .. ':' .. next_attempt .. ':' .. affinity)
       tokens = tokens + tonumber(cost)
       requeued = requeued + 1
     end
@@ -223,7 +236,7 @@ for b = 0, (#ARGV - 9) / 2 do
   end
 end
 redis.call('INCRBY', KEYS[7], tokens)
-release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], mb[3], KEYS[8], ARGV[5])
+release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[8], ARGV[5], ARGV[6])
 return {requeued, dead_total, queued}
 """
 )
@@ -242,7 +255,7 @@ if not redis.call('HGET', KEYS[3], 'cancelled_at') then redis.call('HSET', KEYS[
 local n, tokens = 0, 0
 for pos = 3, #ARGV, 3 do
   if redis.call('ZREM', KEYS[1], ARGV[pos]) == 1 then
-    tokens = tokens + tonumber(string.match(ARGV[pos], ':(%d+):%d+$'))
+    tokens = tokens + tonumber(string.match(ARGV[pos], ':(%d+):%d+:%w*$'))
     if redis.call('HSETNX', KEYS[4], ARGV[pos + 1], ARGV[pos + 2]) == 1 then n = n + 1 end
     redis.call('HDEL', KEYS[5], ARGV[pos + 1])
   end

@@ -20,6 +20,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:@+-]{0,255}$"
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# balancer.policy.PolicyName's values; repeated here because settings must not import a role
+POLICY_NAMES = ("least-time", "prefix-affinity", "round-robin", "random", "least-loaded", "power-of-two")
 
 
 class LogFormat(StrEnum):
@@ -57,12 +59,24 @@ class ProducerSettings(BaseModel):
 class BalancerSettings(BaseModel):
     """How the balancer sizes and places micro-batches."""
 
+    policy: str = "least-time"
     batch_target_s: PositiveFloat = 0.5
     max_outstanding_batches: int = Field(default=2, ge=1)
     prior_tokens_per_s: PositiveFloat = 1000.0
     idle_wake_s: PositiveFloat = 1.0
     job_timeout_s: int = Field(default=900, ge=1)
     job_result_ttl_s: int = Field(default=300, ge=0)
+    snapshot_refresh_s: PositiveFloat = 1.0
+    affinity_abs_tokens: int = Field(default=4000, ge=0)
+    affinity_rel: float = Field(default=1.5, ge=1.0)
+    affinity_scan: int = Field(default=256, ge=1)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICY_NAMES)}")
+        return value
 
 
 class WorkerSettings(BaseModel):

@@ -63,13 +63,15 @@ def _publish(
     for start in range(0, len(specs), limits.chunk_size):
         members: dict[str, int] = {}
         for index in range(start, min(start + limits.chunk_size, len(specs))):
-            cost = specs[index].cost_tokens()
+            spec = specs[index]
+            cost = spec.cost_tokens()
             total_cost += cost
-            members[keys.ingress_member(batch_id, index, cost)] = keys.ingress_score(priority, seq0 + index)
+            member = keys.ingress_member(batch_id, index, cost, affinity=spec.affinity_key())
+            members[member] = keys.ingress_score(priority, seq0 + index)
         pipe.zadd(keys.ingress_key(model), members)
     pipe.incrby(keys.ingress_tokens_key(model), total_cost)
     pipe.sadd(keys.models_key(), model)
-    pipe.rpush(keys.wakeup_key(), batch_id)
+    pipe.rpush(keys.wakeup_key(), keys.wake_batch_token(batch_id))
     pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
     pipe.execute()
 
@@ -147,7 +149,8 @@ def cancel_batch(conn: redis.Redis, scripts: Scripts, batch_id: str, model: str,
     for start in range(0, max(1, len(members)), chunk):
         args: list[str | float] = [now, keys.batch_events_channel(batch_id)]
         for member in members[start : start + chunk]:
-            _, index, _, attempt = keys.parse_ingress_member(member)
+            parsed = keys.parse_ingress_member(member)
+            index, attempt = parsed.request_index, parsed.attempt
             result = Result(
                 request_id=keys.request_id(batch_id, index), index=index, text="", output_tokens=0, worker="",
                 error="cancelled", cancelled=True, attempts=attempt, submitted_at=submitted_at,

@@ -33,7 +33,7 @@ class Item:
 
 def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
     """The micro-batch's requests with payloads, skipping none: one pipelined round trip."""
-    items = [Item(*keys.parse_ingress_member(m)) for m in members]
+    items = [Item(*keys.parse_ingress_member(m)[:4]) for m in members]
     by_batch: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_batch[item.batch_id].append(item)
@@ -98,7 +98,7 @@ def record_arguments(
         keys.credit_key(worker_id),
         keys.wakeup_key(),
     ]
-    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP]
+    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id]
     groups: dict[str, list[int]] = defaultdict(list)
     for position, item in enumerate(items):
         groups[item.batch_id].append(position)

@@ -103,7 +103,7 @@ class WorkerRuntime:
         pipe = self.conn.pipeline(transaction=False)
         self.publish_load(pipe)
         pipe.sadd(keys.models_key(), self.model)
-        pipe.rpush(keys.wakeup_key(), self.worker_id)
+        pipe.rpush(keys.wakeup_key(), keys.wake_worker_token(self.worker_id))
         pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
         pipe.execute()
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)

@@ -91,7 +91,7 @@ class TestGracefulShutdown:
         assert Counter(r.worker for r in results)["leaves"] > 0
         status = batch.status()
         assert (status.completed, status.failed, status.running) == (160, 0, 0)
-        assert conn.hgetall(keys.credit_key("leaves")) == {"batches": "0", "tokens": "0"}
+        assert conn.hgetall(keys.credit_key("leaves")) == {"batches": "0", "tokens": "0", "requests": "0"}
 
     def test_balancer_stops_on_sigterm(self, redis_url: str, tmp_path: Path) -> None:
         stack = LocalStack(redis_url, [], tmp_path).start()

@@ -29,7 +29,7 @@ def assert_settled(conn: redis.Redis, worker_ids: list[str], model: str = "m") -
     assert int(conn.get(keys.ingress_tokens_key(model)) or 0) == 0
     assert conn.keys("gpulb:mb:*") == []
     for w in worker_ids:
-        assert conn.hgetall(keys.credit_key(w)) in ({}, {"batches": "0", "tokens": "0"})
+        assert conn.hgetall(keys.credit_key(w)) in ({}, {"batches": "0", "tokens": "0", "requests": "0"})
         assert conn.scard(keys.inflight_key(w)) == 0
 
 
@@ -120,7 +120,7 @@ class TestDispatch:
             raw = zlib.decompress(rq_conn.hget(keys.rq_job_key(job_id), "data"))  # type: ignore[arg-type]
             assert json.loads(raw)[0] == keys.JOB_FUNC  # JSON on the wire, never pickle
             assert len(conn.hget(keys.microbatch_key(job_id), "entries").split()) == 5  # type: ignore[union-attr]
-        assert conn.hgetall(keys.credit_key("w1")) == {"batches": "2", "tokens": str(10 * 16)}
+        assert conn.hgetall(keys.credit_key("w1")) == {"batches": "2", "tokens": str(10 * 16), "requests": "10"}
 
     @pytest.mark.parametrize("case", ["draining", "gone", "other-model"])
     def test_refuses_a_worker_that_cannot_take_work(
@@ -197,7 +197,7 @@ class TestWorkerLifecycle:
         assert conn.llen(keys.rq_queue_key("leaving")) == 0 and conn.keys("rq:job:*") == []
         assert not conn.exists(keys.load_key("leaving")) and not conn.sismember(keys.workers_key(), "leaving")
         assert_settled_credit = conn.hgetall(keys.credit_key("leaving"))
-        assert assert_settled_credit == {"batches": "0", "tokens": "0"}
+        assert assert_settled_credit == {"batches": "0", "tokens": "0", "requests": "0"}
         staying = start_worker("staying")
         while balancer(conn).dispatch_round():
             work(staying, redis_url)

@@ -124,11 +124,11 @@ class ClaimCommitMachine(RuleBasedStateMachine):
     def every_request_is_somewhere_and_claimed_at_most_once(self) -> None:
         claims: dict[tuple[str, int], list[str]] = {}
         for member in self.conn.zrange(keys.ingress_key("m"), 0, -1):
-            batch_id, index, _, _ = keys.parse_ingress_member(member)
+            batch_id, index = keys.parse_ingress_member(member)[:2]
             claims.setdefault((batch_id, index), []).append("ingress")
         for mb_key in self.conn.keys("gpulb:mb:*"):
             for member in (self.conn.hget(mb_key, "entries") or "").split():
-                batch_id, index, _, _ = keys.parse_ingress_member(member)
+                batch_id, index = keys.parse_ingress_member(member)[:2]
                 claims.setdefault((batch_id, index), []).append(mb_key)
         for batch_id, total in self.submitted.items():
             recorded = {int(f) for f in self.conn.hkeys(keys.batch_results_key(batch_id))}

@@ -101,7 +101,7 @@ class TestDeadWorker:
         assert [r.worker for r in results] == ["other", "other"]
         status = batch.status()
         assert (status.completed, status.failed, status.running, status.pending) == (2, 0, 0, 0)
-        assert conn.hgetall(keys.credit_key("paused")) == {"batches": "0", "tokens": "0"}
+        assert conn.hgetall(keys.credit_key("paused")) == {"batches": "0", "tokens": "0", "requests": "0"}
 
 
 class TestPoisonAndHangs:

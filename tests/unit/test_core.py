@@ -33,11 +33,24 @@ class TestKeySchema:
         assert keys.JOB_FUNC == "worker.jobs.run_microbatch"
 
     def test_ingress_member_round_trip(self) -> None:
-        member = keys.ingress_member("ab12", 7, 300, attempt=2)
-        assert member == "ab12:7:300:2"
-        assert keys.parse_ingress_member(member) == ("ab12", 7, 300, 2)
-        with pytest.raises(ValueError):
-            keys.parse_ingress_member("garbage")
+        member = keys.ingress_member("ab12", 7, 300, attempt=2, affinity="f00d")
+        assert member == "ab12:7:300:2:f00d"
+        assert keys.parse_ingress_member(member) == ("ab12", 7, 300, 2, "f00d")
+        assert keys.parse_ingress_member("ab12:7:300:0:").affinity == ""
+        for garbage in ("garbage", "a:1:2:3", "a:b:2:3:", "a b:1:2:3:", "a:1:2:3:x y"):
+            with pytest.raises(ValueError):
+                keys.parse_ingress_member(garbage)
+
+    def test_affinity_keys_come_from_the_session_or_a_long_shared_prefix(self) -> None:
+        from gpulb.models import PREFIX_AFFINITY_BYTES
+
+        shared = "s" * PREFIX_AFFINITY_BYTES
+        a, b = RequestSpec(prompt=shared + "one", max_tokens=1), RequestSpec(prompt=shared + "two", max_tokens=1)
+        assert a.affinity_key() == b.affinity_key() != ""
+        assert RequestSpec(prompt="short", max_tokens=1).affinity_key() == ""
+        chat = RequestSpec(prompt="short", max_tokens=1, session="user-42")
+        assert chat.affinity_key() != "" and chat.affinity_key() != a.affinity_key()
+        assert "session" not in chat.sampling()
 
     def test_scores_order_by_priority_then_submission(self) -> None:
         scores = [

@@ -1,4 +1,4 @@
-"""The least-time policy and micro-batch sizing, as pure functions of a load snapshot."""
+"""The placement policies, as pure functions of a load snapshot, and how they distribute work."""
 
 from __future__ import annotations
 
@@ -8,70 +8,148 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from balancer.policy import WorkerView, batch_budget, choose_least_time
+import pytest
+
+from balancer.policy import (
+    SAMPLE_SIZE,
+    UNBOUNDED,
+    Context,
+    Head,
+    Policy,
+    PolicyName,
+    WorkerView,
+    batch_budget,
+    fleet_totals,
+    least_time_worker,
+    make_policy,
+)  # fmt: skip
 from bench.workloads import fluid_bound_s, heavy_tailed_requests, round_robin_makespan_s
 
 PRIOR = 1000.0
 
 
-def view(worker_id: str, speed: float, *, batches: int = 0, tokens: int = 0, accepting: bool = True) -> WorkerView:
+def view(worker_id: str, speed: float, *, batches: int = 0, tokens: int = 0, requests: int = 0,
+         accepting: bool = True) -> WorkerView:  # fmt: skip
     return WorkerView(worker_id, "m", capacity=64, tokens_per_s=speed, outstanding_batches=batches,
-                      outstanding_tokens=tokens, accepting=accepting)  # fmt: skip
+                      outstanding_tokens=tokens, accepting=accepting, outstanding_requests=requests)  # fmt: skip
 
 
-def choose(workers: list[WorkerView], head: int, seed: int = 0) -> WorkerView | None:
-    return choose_least_time(workers, head, max_outstanding=2, prior_tokens_per_s=PRIOR, rng=random.Random(seed))
+def ctx(seed: int = 0, **kw: object) -> Context:
+    return Context(rng=random.Random(seed), prior_tokens_per_s=PRIOR, **kw)  # type: ignore[arg-type]
 
 
-class TestChooseLeastTime:
+def head(cost: int, backlog: int = 10**6, workers: list[WorkerView] | None = None, affinity: str = "") -> Head:
+    speed, outstanding = fleet_totals(workers or [], PRIOR)
+    return Head(cost, backlog, affinity, speed, outstanding)
+
+
+def choose(workers: list[WorkerView], cost: int, seed: int = 0) -> WorkerView | None:
+    return least_time_worker(workers, cost, ctx(seed))
+
+
+class TestLeastTime:
     def test_picks_the_worker_that_finishes_first(self) -> None:
         slow, fast = view("slow", 1000), view("fast", 4000, batches=1, tokens=2000)
-        # slow finishes 100 tokens at 0.1 s; fast at (2000 + 100) / 4000 = 0.525 s
-        assert choose([slow, fast], 100) is slow
-        # a 3000-token request: slow 3.0 s, fast 1.25 s
-        assert choose([slow, fast], 3000) is fast
+        assert choose([slow, fast], 100) is slow  # 0.1 s against (2000 + 100) / 4000 = 0.525 s
+        assert choose([slow, fast], 3000) is fast  # 3.0 s against 1.25 s
 
     def test_waits_rather_than_commit_to_a_slower_worker(self) -> None:
-        fast_but_full = view("fast", 4000, batches=2, tokens=400)
-        slow = view("slow", 1000)
-        assert choose([fast_but_full, slow], 2000) is None  # fast would finish at 0.6 s, slow at 2 s
+        assert choose([view("fast", 4000, batches=2, tokens=400), view("slow", 1000)], 2000) is None
 
     def test_unmeasured_worker_uses_the_prior(self) -> None:
         new, measured = view("new", 0), view("measured", 500)
-        assert choose([new, measured], 100) is new  # prior 1000 tok/s beats a measured 500
+        assert choose([new, measured], 100) is new
 
     def test_ignores_workers_not_accepting(self) -> None:
-        draining = view("draining", 8000, accepting=False)
-        ok = view("ok", 100)
+        draining, ok = view("draining", 8000, accepting=False), view("ok", 100)
         assert choose([draining, ok], 10) is ok
         assert choose([draining], 10) is None
 
     def test_ties_are_broken_randomly_not_by_list_order(self) -> None:
         workers = [view(f"w{i}", 1000) for i in range(4)]
         picks = Counter(choose(workers, 50, seed).worker_id for seed in range(400))  # type: ignore[union-attr]
-        assert set(picks) == {"w0", "w1", "w2", "w3"}
-        assert min(picks.values()) > 60
+        assert set(picks) == {"w0", "w1", "w2", "w3"} and min(picks.values()) > 60
+
+    def test_a_large_fleet_is_sampled_not_scanned(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers = [view(f"w{i}", 1000 + i) for i in range(1000)]
+        calls = 0
+        original = WorkerView.finish_time
+
+        def counting(self: WorkerView, extra: int, prior: float) -> float:
+            nonlocal calls
+            calls += 1
+            return original(self, extra, prior)
+
+        monkeypatch.setattr(WorkerView, "finish_time", counting)
+        assert choose(workers, 10) is not None
+        assert calls <= SAMPLE_SIZE
 
 
 class TestBatchBudget:
     def test_deep_backlog_gives_target_seconds_of_work(self) -> None:
-        fast = view("fast", 4000)
-        budget = batch_budget(fast, [fast, view("slow", 1000)], backlog_tokens=10**6, head_cost=10,
-                              batch_target_s=0.5, prior_tokens_per_s=PRIOR)  # fmt: skip
-        assert budget == 2000
+        fast, slow = view("fast", 4000), view("slow", 1000)
+        assert batch_budget(fast, [fast, slow], head(10, 10**6, [fast, slow]), ctx()) == 2000
 
     def test_short_backlog_shrinks_to_the_water_filling_share(self) -> None:
         fast, slow = view("fast", 4000), view("slow", 1000)
         # 1000 tokens left over 5000 tok/s: everyone should finish at 0.2 s -> fast gets 800, slow 200
-        common = {"backlog_tokens": 1000, "head_cost": 10, "batch_target_s": 0.5, "prior_tokens_per_s": PRIOR}
-        assert batch_budget(fast, [fast, slow], **common) == 800  # type: ignore[arg-type]
-        assert batch_budget(slow, [fast, slow], **common) == 200  # type: ignore[arg-type]
+        assert batch_budget(fast, [fast, slow], head(10, 1000, [fast, slow]), ctx()) == 800
+        assert batch_budget(slow, [fast, slow], head(10, 1000, [fast, slow]), ctx()) == 200
 
     def test_never_below_the_head_request(self) -> None:
         slow = view("slow", 1000, tokens=5000)
-        budget = batch_budget(slow, [slow], backlog_tokens=10, head_cost=700, batch_target_s=0.5,
-                              prior_tokens_per_s=PRIOR)  # fmt: skip
-        assert budget == 700
+        assert batch_budget(slow, [slow], head(700, 10, [slow]), ctx()) == 700
+
+
+class TestBaselines:
+    def test_round_robin_cycles_in_id_order_whatever_the_speed(self) -> None:
+        policy, c = make_policy("round-robin"), ctx()
+        workers = [view("b", 9000), view("a", 10), view("c", 10)]
+        picks = [policy.choose(workers, head(5), c).worker.worker_id for _ in range(6)]  # type: ignore[union-attr]
+        assert picks == ["b", "c", "a", "b", "c", "a"]
+
+    def test_least_loaded_counts_requests_not_speed(self) -> None:
+        workers = [view("fast", 9000, requests=5), view("slow", 10, requests=1)]
+        choice = make_policy("least-loaded").choose(workers, head(5), ctx())
+        assert choice is not None and choice.worker.worker_id == "slow"
+
+    def test_power_of_two_takes_the_less_loaded_of_two(self) -> None:
+        workers = [view("busy", 1000, requests=9), view("idle", 1000, requests=0)]
+        picks = {make_policy("power-of-two").choose(workers, head(5), ctx(s)).worker.worker_id  # type: ignore[union-attr]
+                 for s in range(20)}  # fmt: skip
+        assert picks == {"idle"}
+
+    def test_baselines_bind_early_and_least_time_late(self) -> None:
+        late = {name: make_policy(name).late_binding for name in PolicyName}
+        assert late == {
+            PolicyName.ROUND_ROBIN: False, PolicyName.RANDOM: False, PolicyName.LEAST_LOADED: False,
+            PolicyName.POWER_OF_TWO: False, PolicyName.LEAST_TIME: True, PolicyName.PREFIX_AFFINITY: True,
+        }  # fmt: skip
+
+
+class TestPrefixAffinity:
+    def test_same_key_goes_back_to_its_worker(self) -> None:
+        policy, c = make_policy("prefix-affinity"), ctx()
+        workers = [view("a", 1000), view("b", 1000)]
+        first = policy.choose(workers, head(10, affinity="k1"), c)
+        assert first is not None and first.affinity == "k1"
+        first.worker.outstanding_tokens += 300  # a little behind now: affinity still wins
+        again = policy.choose(workers, head(10, affinity="k1"), c)
+        assert again is not None and again.worker is first.worker
+
+    def test_yields_when_its_worker_is_far_behind(self) -> None:
+        policy, c = make_policy("prefix-affinity"), ctx(affinity_abs_tokens=1000, affinity_rel=1.5)
+        a, b = view("a", 1000), view("b", 1000)
+        c.affinity_owner["k1"] = "a"
+        a.outstanding_tokens, a.outstanding_batches = 5000, 1
+        choice = policy.choose([a, b], head(10, affinity="k1"), c)
+        assert choice is not None and choice.worker is b
+        assert c.affinity_owner["k1"] == "b"
+
+    def test_without_a_key_it_is_least_time(self) -> None:
+        slow, fast = view("slow", 100), view("fast", 4000)
+        choice = make_policy("prefix-affinity").choose([slow, fast], head(400), ctx())
+        assert choice is not None and choice.worker is fast and choice.affinity == ""
 
 
 @dataclass(order=True)
@@ -79,42 +157,37 @@ class _Done:
     at: float
     worker: str = field(compare=False)
     tokens: int = field(compare=False)
+    count: int = field(compare=False)
 
 
-def simulate(speeds: dict[str, float], costs: list[int], *, capacity: int = 64, seed: int = 1) -> float:
+def simulate(policy: Policy, speeds: dict[str, float], costs: list[int], *, capacity: int = 64) -> float:
     """Discrete-event run of the balancer's decisions over workers that serve micro-batches in order."""
-    rng = random.Random(seed)
+    c = ctx(1, max_outstanding=2 if policy.late_binding else UNBOUNDED)
     views = {w: view(w, 0) for w in speeds}
     backlog, now, events = deque(costs), 0.0, []  # type: list[_Done]
     free_at = dict.fromkeys(speeds, 0.0)
-    remaining = sum(costs)
 
     def dispatch() -> None:
-        nonlocal remaining
         while backlog:
-            chosen = choose_least_time(list(views.values()), backlog[0], max_outstanding=2,
-                                       prior_tokens_per_s=PRIOR, rng=rng)  # fmt: skip
-            if chosen is None:
+            choice = policy.choose(list(views.values()), head(backlog[0], sum(backlog), list(views.values())), c)
+            if choice is None:
                 return
-            budget = batch_budget(chosen, list(views.values()), backlog_tokens=remaining, head_cost=backlog[0],
-                                  batch_target_s=0.5, prior_tokens_per_s=PRIOR)  # fmt: skip
             tokens, count = backlog.popleft(), 1
-            while backlog and count < capacity and tokens + backlog[0] <= budget:
+            while backlog and count < capacity and tokens + backlog[0] <= choice.token_budget:
                 tokens, count = tokens + backlog.popleft(), count + 1
-            remaining -= tokens
-            chosen.outstanding_batches += 1
-            chosen.outstanding_tokens += tokens
-            start = max(now, free_at[chosen.worker_id])
-            free_at[chosen.worker_id] = start + tokens / speeds[chosen.worker_id]
-            heapq.heappush(events, _Done(free_at[chosen.worker_id], chosen.worker_id, tokens))
+            v = choice.worker
+            v.outstanding_batches, v.outstanding_tokens = v.outstanding_batches + 1, v.outstanding_tokens + tokens
+            v.outstanding_requests += count
+            free_at[v.worker_id] = max(now, free_at[v.worker_id]) + tokens / speeds[v.worker_id]
+            heapq.heappush(events, _Done(free_at[v.worker_id], v.worker_id, tokens, count))
 
     dispatch()
     while events:
         done = heapq.heappop(events)
         now = done.at
         v = views[done.worker]
-        v.outstanding_batches -= 1
-        v.outstanding_tokens -= done.tokens
+        v.outstanding_batches, v.outstanding_tokens = v.outstanding_batches - 1, v.outstanding_tokens - done.tokens
+        v.outstanding_requests -= done.count
         v.tokens_per_s = speeds[done.worker]  # the worker's measured EMA
         dispatch()
     return now
@@ -123,14 +196,21 @@ def simulate(speeds: dict[str, float], costs: list[int], *, capacity: int = 64, 
 class TestScheduleQuality:
     SPEEDS: ClassVar[dict[str, float]] = {"a": 1000.0, "b": 1000.0, "c": 2000.0, "d": 4000.0}
 
-    def test_heavy_tailed_batch_finishes_near_the_fluid_bound(self) -> None:
+    def ratio(self, name: str, costs: list[int]) -> float:
+        return simulate(make_policy(name), self.SPEEDS, costs) / fluid_bound_s(sum(costs), list(self.SPEEDS.values()))
+
+    def test_least_time_finishes_a_heavy_tailed_batch_near_the_fluid_bound(self) -> None:
         costs = [int(r["max_tokens"]) for r in heavy_tailed_requests(1000, seed=3)]  # type: ignore[call-overload]
-        fluid = fluid_bound_s(sum(costs), list(self.SPEEDS.values()))
-        makespan = simulate(self.SPEEDS, costs)
-        assert makespan <= 1.10 * fluid
-        assert round_robin_makespan_s(costs, list(self.SPEEDS.values())) >= 1.8 * fluid
+        assert self.ratio("least-time", costs) <= 1.10
+        assert round_robin_makespan_s(costs, list(self.SPEEDS.values())) >= 1.8 * fluid_bound_s(
+            sum(costs), list(self.SPEEDS.values())
+        )
+
+    @pytest.mark.parametrize("name", ["round-robin", "least-loaded"])
+    def test_speed_blind_baselines_take_about_twice_as_long(self, name: str) -> None:
+        costs = [int(r["max_tokens"]) for r in heavy_tailed_requests(1000, seed=3)]  # type: ignore[call-overload]
+        assert 1.7 <= self.ratio(name, costs) <= 3.0
 
     def test_one_huge_request_at_the_end_goes_to_the_fast_worker(self) -> None:
         costs = [50] * 400 + [4000]
-        fluid = fluid_bound_s(sum(costs), list(self.SPEEDS.values()))
-        assert simulate(self.SPEEDS, costs) <= 1.35 * fluid  # on the slowest it alone would take 4 s = 1.67x
+        assert self.ratio("least-time", costs) <= 1.35  # on the slowest it alone would take 4 s = 1.67x
