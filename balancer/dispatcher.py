@@ -30,6 +30,7 @@ log = get_logger("gpulb.balancer")
 
 DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT, OTHER_AFFINITY = 1, 0, -1, -2, -3
 BALANCER_HEARTBEAT_TTL_S = 10
+AFFINITY_OWNERS_TTL_S = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Dispatch:
     next_cost: int
     dropped: int
     next_affinity: str = ""
+    next_owner: str = ""
 
 
 class Balancer:
@@ -144,19 +146,19 @@ class Balancer:
         workers = {t.removeprefix(keys.WAKE_WORKER) for t in changed if t.startswith(keys.WAKE_WORKER)}
         incremental = self.fleet is not None and fresh and workers <= self.fleet.views.keys()
         if incremental and self.fleet is not None and refresh_workers(self.conn, self.fleet, workers):
-            read_backlogs(self.conn, self.fleet)
+            read_backlogs(self.conn, self.fleet, with_owners=self._uses_affinity)
             return self.fleet
         return self._full_read()
 
     def _full_read(self) -> Fleet:
         prior = self.settings.prior_tokens_per_s
-        fleet = read_fleet(self.conn, prior)
+        fleet = read_fleet(self.conn, prior, with_owners=self._uses_affinity)
         if fleet.dead:
             reaped = reap_dead_workers(
                 self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts
             )
             if reaped.requests:
-                fleet = read_fleet(self.conn, prior)  # the backlog just grew
+                fleet = read_fleet(self.conn, prior, with_owners=self._uses_affinity)  # the backlog just grew
         self.fleet, self._fleet_read_at = fleet, time.monotonic()
         return fleet
 
@@ -164,12 +166,13 @@ class Balancer:
         placed = 0
         while backlog.head_cost >= 0:
             totals = fleet.totals[workers[0].model]
-            head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity,
+            head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity, backlog.head_owner,
                         totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
             choice = self.policy.choose(workers, head, self.ctx)
             if choice is None:
                 break
-            result = self.dispatch(choice.worker, choice.token_budget, affinity=choice.affinity)
+            result = self.dispatch(choice.worker, choice.token_budget, respect_affinity=choice.respect_affinity,
+                                   free_owners=choice.free_owners)  # fmt: skip
             if result.status in (EMPTY, OTHER_AFFINITY):
                 break
             if result.status in (NOT_ACCEPTING, NO_CREDIT):  # our snapshot was stale: fix it, choose again
@@ -180,10 +183,18 @@ class Balancer:
             fleet.dispatched(choice.worker, result.requests, result.tokens)
             backlog.tokens = max(0, backlog.tokens - result.tokens)
             backlog.head_cost, backlog.head_affinity = result.next_cost, result.next_affinity
+            backlog.head_owner = result.next_owner
             placed += result.requests
         return placed
 
-    def dispatch(self, worker: WorkerView, token_budget: int, *, affinity: str = "") -> Dispatch:
+    @property
+    def _uses_affinity(self) -> bool:
+        return self.policy.name == "prefix-affinity"
+
+    def dispatch(
+        self, worker: WorkerView, token_budget: int, *, respect_affinity: bool = False,
+        free_owners: tuple[str, ...] = (),
+    ) -> Dispatch:  # fmt: skip
         """Atomically cut a micro-batch for ``worker`` and enqueue it as one RQ job."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
         reply = self.scripts.dispatch(
@@ -191,16 +202,17 @@ class Balancer:
                 keys.ingress_key(worker.model), keys.ingress_tokens_key(worker.model), keys.load_key(worker.worker_id),
                 keys.credit_key(worker.worker_id), keys.inflight_key(worker.worker_id),
                 keys.microbatch_key(microbatch_id), keys.rq_job_key(microbatch_id),
-                keys.rq_queue_key(worker.worker_id), keys.rq_queues_key(),
+                keys.rq_queue_key(worker.worker_id), keys.rq_queues_key(), keys.affinity_key(worker.model),
             ],
             args=[
                 microbatch_id, worker.worker_id, worker.model, worker.capacity, token_budget,
-                self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id), affinity,
-                self.settings.affinity_scan, *self._rq_job_fields(microbatch_id, worker.worker_id),
+                self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id),
+                "1" if respect_affinity else "", self.settings.affinity_scan, " ".join(free_owners),
+                AFFINITY_OWNERS_TTL_S, *self._rq_job_fields(microbatch_id, worker.worker_id),
             ],
         )  # fmt: skip
         status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])
-        result = Dispatch(status, requests, tokens, next_cost, dropped, str(reply[5]))
+        result = Dispatch(status, requests, tokens, next_cost, dropped, str(reply[5]), str(reply[6]))
         if result.dropped:
             log.warning("dropped foreign ingress members", model=worker.model, count=result.dropped)
             self.conn.hincrby(keys.stats_key(), "dropped_ingress_members", result.dropped)

@@ -24,6 +24,7 @@ class Backlog:
     tokens: int
     head_cost: int  # -1 when the ingress is empty
     head_affinity: str = ""
+    head_owner: str = ""
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ class Fleet:
         totals.outstanding_tokens += sign * view.outstanding_tokens
 
 
-def read_fleet(conn: redis.Redis, prior_tokens_per_s: float) -> Fleet:
+def read_fleet(conn: redis.Redis, prior_tokens_per_s: float, *, with_owners: bool = False) -> Fleet:
     """Every registered worker's load and credit, and every served model's backlog."""
     worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
     fleet = Fleet(prior_tokens_per_s=prior_tokens_per_s)
@@ -89,7 +90,7 @@ def read_fleet(conn: redis.Redis, prior_tokens_per_s: float) -> Fleet:
             fleet.add(view)
     if fleet.malformed:
         conn.hincrby(keys.stats_key(), "malformed_load_keys", fleet.malformed)
-    read_backlogs(conn, fleet)
+    read_backlogs(conn, fleet, with_owners=with_owners)
     return fleet
 
 
@@ -104,7 +105,7 @@ def refresh_workers(conn: redis.Redis, fleet: Fleet, worker_ids: set[str]) -> bo
     return True
 
 
-def read_backlogs(conn: redis.Redis, fleet: Fleet) -> None:
+def read_backlogs(conn: redis.Redis, fleet: Fleet, *, with_owners: bool = False) -> None:
     models = list(fleet.by_model)
     pipe = conn.pipeline(transaction=False)
     for model in models:
@@ -115,6 +116,17 @@ def read_backlogs(conn: redis.Redis, fleet: Fleet) -> None:
         tokens, head = replies[2 * i], replies[2 * i + 1]
         cost, affinity = _head(head[0]) if head else (-1, "")
         fleet.backlog[model] = Backlog(tokens=max(0, int(tokens or 0)), head_cost=cost, head_affinity=affinity)
+    if with_owners:
+        _read_owners(conn, fleet)
+
+
+def _read_owners(conn: redis.Redis, fleet: Fleet) -> None:
+    waiting = [(m, b) for m, b in fleet.backlog.items() if b.head_affinity]
+    pipe = conn.pipeline(transaction=False)
+    for model, backlog in waiting:
+        pipe.hget(keys.affinity_key(model), backlog.head_affinity)
+    for (_, backlog), owner in zip(waiting, pipe.execute(), strict=True):
+        backlog.head_owner = owner or ""
 
 
 def _read_workers(conn: redis.Redis, worker_ids: list[str]) -> list[tuple[str, dict[str, str], dict[str, str]]]:

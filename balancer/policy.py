@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -58,6 +58,7 @@ class Head:
     cost: int
     backlog_tokens: int
     affinity: str = ""
+    owner: str = ""  # the worker that served this affinity key last ("" if none)
     fleet_tokens_per_s: float = 0.0  # summed speed of accepting workers
     fleet_outstanding_tokens: int = 0  # summed outstanding work of accepting workers
 
@@ -66,7 +67,8 @@ class Head:
 class Choice:
     worker: WorkerView
     token_budget: int
-    affinity: str = ""  # cut only requests of this affinity ("" = any)
+    respect_affinity: bool = False  # skip requests whose affinity key another worker owns...
+    free_owners: tuple[str, ...] = ()  # ...unless it is one of these (too far behind, or gone)
 
 
 @dataclass(slots=True)
@@ -80,7 +82,6 @@ class Context:
     affinity_abs_tokens: int = 4000  # affinity yields when its worker is this far behind the best...
     affinity_rel: float = 1.5  # ...and more than this many times its finish time
     turn: int = 0  # round-robin's position
-    affinity_owner: dict[str, str] = field(default_factory=dict)  # affinity key -> worker id
 
 
 class Policy(Protocol):
@@ -152,24 +153,30 @@ class LeastTime:
 
 
 class PrefixAffinity:
-    """Requests of one affinity key go to the worker that served it before, unless that worker is
-    too far behind (absolute AND relative imbalance); then least-time among all."""
+    """Requests of one affinity key go to the worker that served the key before (the owner), unless
+    the owner is too far behind (absolute AND relative imbalance guard) or gone: then the least-time
+    worker takes the key over. A worker with credit takes what no other worker owns, so the fleet
+    stays busy while an owner's requests wait for it."""
 
     name, late_binding = PolicyName.PREFIX_AFFINITY, True
 
     def choose(self, workers: Sequence[WorkerView], head: Head, ctx: Context) -> Choice | None:
-        if not head.affinity:
-            return LeastTime().choose(workers, head, ctx)
-        best = least_time_worker(workers, head.cost, ctx, wait_for_best=False)
-        owner = next((w for w in workers if w.worker_id == ctx.affinity_owner.get(head.affinity)), None)
-        if owner is not None and owner.accepting and not _too_far_behind(owner, best, head, ctx):
-            chosen: WorkerView | None = owner if owner.outstanding_batches < ctx.max_outstanding else None
-        else:
+        if not head.affinity or not head.owner:
             chosen = least_time_worker(workers, head.cost, ctx)
+            return None if chosen is None else Choice(chosen, batch_budget(chosen, workers, head, ctx), True)
+        owner = next((w for w in workers if w.worker_id == head.owner), None)
+        best = least_time_worker(workers, head.cost, ctx, wait_for_best=False)
+        free: tuple[str, ...]
+        if owner is None or not owner.accepting or _too_far_behind(owner, best, head, ctx):
+            chosen, free = best, (head.owner,)
+        elif owner.outstanding_batches < ctx.max_outstanding:
+            chosen, free = owner, ()
+        else:  # the owner is busy: another worker takes requests nobody else owns
+            others = [w for w in workers if w is not owner]
+            chosen, free = least_time_worker(others, head.cost, ctx, wait_for_best=False), ()
         if chosen is None:
             return None
-        ctx.affinity_owner[head.affinity] = chosen.worker_id
-        return Choice(chosen, batch_budget(chosen, workers, head, ctx), affinity=head.affinity)
+        return Choice(chosen, batch_budget(chosen, workers, head, ctx), True, free)
 
 
 def _too_far_behind(owner: WorkerView, best: WorkerView | None, head: Head, ctx: Context) -> bool:

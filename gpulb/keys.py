@@ -9,6 +9,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 | gpulb:{M}:ingress                    | zset   | none                 | producer (ZADD), balancer  | balancer           |
 |   member ``BATCH:INDEX:COST:ATTEMPT:AFFINITY``, score ``-priority * 2**44 + seq`` (lowest pops first)       |
 | gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
+| gpulb:{M}:affinity                   | hash   | 1 h after last write | balancer (dispatch script) | balancer           |
+|   field affinity key -> worker id that served it last (prefix-affinity policy)                                 |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
 |   fields model, total, priority, submitted_at, running, completed, failed, cancelled, state, finished_at, |
 |   ttl_s, cancelled_at                                                                                          |
@@ -65,6 +67,10 @@ def ingress_key(model: str) -> str:
 
 def ingress_tokens_key(model: str) -> str:
     return f"{PREFIX}:{{{model}}}:ingress_tokens"
+
+
+def affinity_key(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:affinity"
 
 
 def batch_key(batch_id: str) -> str:

@@ -29,64 +29,78 @@ DISPATCH = (
 -- KEYS[1] ingress zset        KEYS[2] ingress_tokens     KEYS[3] worker load hash
 -- KEYS[4] worker credit hash  KEYS[5] worker inflight    KEYS[6] micro-batch hash
 -- KEYS[7] rq job hash         KEYS[8] rq queue list      KEYS[9] rq:queues set
+-- KEYS[10] affinity owners hash (affinity key -> worker id)
 -- ARGV[1] micro-batch id (= RQ job id)  ARGV[2] worker id  ARGV[3] model
 -- ARGV[4] max requests  ARGV[5] token budget  ARGV[6] max outstanding micro-batches
--- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] affinity filter ('' = any)
--- ARGV[10] members to scan for the filter  ARGV[11..] RQ job hash field, value, ...
--- Takes requests from the front while they fit the budget (always at least one); with a filter,
--- only requests of that affinity among the first ARGV[10] (the head must match it).
--- Returns {status, taken, tokens, next_cost, dropped, next_affinity}: status 1 dispatched,
--- 0 ingress empty, -1 worker not accepting (gone, draining or other model), -2 no credit.
+-- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] '1' to respect affinity owners
+-- ARGV[10] members to scan with affinity  ARGV[11] owners whose keys may be taken over (space-separated)
+-- ARGV[12] owners-hash TTL (s)  ARGV[13..] RQ job hash field, value, ...
+-- Takes requests from the front while they fit the budget (always at least one). With affinity,
+-- it skips requests whose key another worker owns (unless that owner is listed as free), and
+-- records this worker as the owner of the keys it takes.
+-- Returns {status, taken, tokens, next_cost, dropped, next_affinity, next_owner}: status 1
+-- dispatched, 0 ingress empty, -1 worker not accepting (gone, draining, other model), -2 no
+-- credit, -3 nothing this worker may take.
 local state = redis.call('HGET', KEYS[3], 'state')
 if (state ~= 'idle' and state ~= 'busy') or redis.call('HGET', KEYS[3], 'model') ~= ARGV[3] then
-  return {-1, 0, 0, -1, 0, ''}
+  return {-1, 0, 0, -1, 0, '', ''}
 end
 if tonumber(redis.call('HGET', KEYS[4], 'batches') or '0') >= tonumber(ARGV[6]) then
-  return {-2, 0, 0, -1, 0, ''}
+  return {-2, 0, 0, -1, 0, '', ''}
 end
-local max_count, budget, filter = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[9]
+local me, max_count, budget, affinity_on = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[9] == '1'
+local free, owners = {}, {}
+for w in string.gmatch(ARGV[11], '%S+') do free[w] = true end
+local function may_take(key)
+  if not affinity_on or key == '' then return true end
+  if owners[key] == nil then owners[key] = redis.call('HGET', KEYS[10], key) or '' end
+  local owner = owners[key]
+  return owner == '' or owner == me or free[owner] == true
+end
 local scan = max_count
-if filter ~= '' then scan = math.max(max_count, tonumber(ARGV[10])) end
+if affinity_on then scan = math.max(max_count, tonumber(ARGV[10])) end
 local head = redis.call('ZRANGE', KEYS[1], 0, scan - 1, 'WITHSCORES')
-local members, scores, remove, tokens, dropped = {}, {}, {}, 0, 0
+local members, scores, remove, tokens, dropped, claimed = {}, {}, {}, 0, 0, {}
 for i = 1, #head, 2 do
-  local cost, affinity = parse_member(head[i])
+  local cost, key = parse_member(head[i])
   if cost == nil then
     dropped = dropped + 1
     remove[#remove + 1] = head[i]
-  elseif filter == '' or affinity == filter then
+  elseif may_take(key) then
     if #members > 0 and (tokens + cost > budget or #members >= max_count) then break end
     members[#members + 1] = head[i]
     scores[#scores + 1] = head[i + 1]
     remove[#remove + 1] = head[i]
     tokens = tokens + cost
-  elseif filter ~= '' and #members == 0 and dropped == 0 then
-    break  -- the head has another affinity: nothing to cut for this filter
+    if affinity_on and key ~= '' then owners[key] = me; claimed[#claimed + 1] = key end
   end
 end
 if #remove > 0 then redis.call('ZREM', KEYS[1], unpack(remove)) end
 if #members == 0 then
   local status = 0
   if redis.call('ZCARD', KEYS[1]) > 0 then status = -3 end
-  return {status, 0, 0, -1, dropped, ''}
+  return {status, 0, 0, -1, dropped, '', ''}
 end
+for _, key in ipairs(claimed) do redis.call('HSET', KEYS[10], key, me) end
+if #claimed > 0 then redis.call('EXPIRE', KEYS[10], tonumber(ARGV[12])) end
 redis.call('DECRBY', KEYS[2], tokens)
-redis.call('HSET', KEYS[6], 'worker', ARGV[2], 'model', ARGV[3], 'tokens', tokens, 'count', #members,
+redis.call('HSET', KEYS[6], 'worker', me, 'model', ARGV[3], 'tokens', tokens, 'count', #members,
   'entries', table.concat(members, ' '), 'scores', table.concat(scores, ' '), 'created_at', ARGV[7])
 redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'batches', 1)
 redis.call('HINCRBY', KEYS[4], 'tokens', tokens)
 redis.call('HINCRBY', KEYS[4], 'requests', #members)
-redis.call('HSET', KEYS[7], unpack(ARGV, 11))
+redis.call('HSET', KEYS[7], unpack(ARGV, 13))
 redis.call('RPUSH', KEYS[8], ARGV[1])
 redis.call('SADD', KEYS[9], ARGV[8])
-local next_cost, next_affinity = -1, ''
+local next_cost, next_key, next_owner = -1, '', ''
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0)
 if #nxt > 0 then
-  next_cost, next_affinity = parse_member(nxt[1])
-  next_cost, next_affinity = next_cost or 0, next_affinity or ''
+  next_cost, next_key = parse_member(nxt[1])
+  next_cost, next_key = next_cost or 0, next_key or ''
+  if affinity_on and next_key ~= '' then next_owner = redis.call('HGET', KEYS[10], next_key) or '' end
 end
-return {1, #members, tokens, next_cost, dropped, next_affinity}
+return {1, #members, tokens, next_cost, dropped, next_key, next_owner}
 """
 )
 

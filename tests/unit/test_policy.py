@@ -40,7 +40,7 @@ def ctx(seed: int = 0, **kw: object) -> Context:
 
 def head(cost: int, backlog: int = 10**6, workers: list[WorkerView] | None = None, affinity: str = "") -> Head:
     speed, outstanding = fleet_totals(workers or [], PRIOR)
-    return Head(cost, backlog, affinity, speed, outstanding)
+    return Head(cost, backlog, affinity, "", speed, outstanding)
 
 
 def choose(workers: list[WorkerView], cost: int, seed: int = 0) -> WorkerView | None:
@@ -128,28 +128,35 @@ class TestBaselines:
 
 
 class TestPrefixAffinity:
-    def test_same_key_goes_back_to_its_worker(self) -> None:
-        policy, c = make_policy("prefix-affinity"), ctx()
-        workers = [view("a", 1000), view("b", 1000)]
-        first = policy.choose(workers, head(10, affinity="k1"), c)
-        assert first is not None and first.affinity == "k1"
-        first.worker.outstanding_tokens += 300  # a little behind now: affinity still wins
-        again = policy.choose(workers, head(10, affinity="k1"), c)
-        assert again is not None and again.worker is first.worker
+    def owned(self, cost: int, owner: str) -> Head:
+        return Head(cost, 10**6, "k1", owner)
 
-    def test_yields_when_its_worker_is_far_behind(self) -> None:
-        policy, c = make_policy("prefix-affinity"), ctx(affinity_abs_tokens=1000, affinity_rel=1.5)
-        a, b = view("a", 1000), view("b", 1000)
-        c.affinity_owner["k1"] = "a"
-        a.outstanding_tokens, a.outstanding_batches = 5000, 1
-        choice = policy.choose([a, b], head(10, affinity="k1"), c)
-        assert choice is not None and choice.worker is b
-        assert c.affinity_owner["k1"] == "b"
+    def test_an_owned_key_goes_back_to_its_owner(self) -> None:
+        a, b = view("a", 1000, tokens=300, batches=1), view("b", 1000)
+        choice = make_policy("prefix-affinity").choose([a, b], self.owned(10, "a"), ctx())
+        assert choice is not None and choice.worker is a  # a little behind: affinity still wins
+        assert choice.respect_affinity and choice.free_owners == ()
+
+    def test_yields_when_the_owner_is_far_behind(self) -> None:
+        a, b = view("a", 1000, tokens=5000, batches=1), view("b", 1000)
+        c = ctx(affinity_abs_tokens=1000, affinity_rel=1.5)
+        choice = make_policy("prefix-affinity").choose([a, b], self.owned(10, "a"), c)
+        assert choice is not None and choice.worker is b and choice.free_owners == ("a",)
+
+    def test_a_gone_owner_frees_its_keys(self) -> None:
+        b = view("b", 1000)
+        choice = make_policy("prefix-affinity").choose([b], self.owned(10, "vanished"), ctx())
+        assert choice is not None and choice.worker is b and choice.free_owners == ("vanished",)
+
+    def test_a_busy_owner_leaves_the_others_to_take_unowned_work(self) -> None:
+        a, b = view("a", 1000, tokens=600, batches=2), view("b", 1000)
+        choice = make_policy("prefix-affinity").choose([a, b], self.owned(10, "a"), ctx())
+        assert choice is not None and choice.worker is b and choice.free_owners == ()
 
     def test_without_a_key_it_is_least_time(self) -> None:
         slow, fast = view("slow", 100), view("fast", 4000)
         choice = make_policy("prefix-affinity").choose([slow, fast], head(400), ctx())
-        assert choice is not None and choice.worker is fast and choice.affinity == ""
+        assert choice is not None and choice.worker is fast and choice.free_owners == ()
 
 
 @dataclass(order=True)
