@@ -65,7 +65,7 @@ class Balancer:
             rng=rng or random.Random(), batch_target_s=s.batch_target_s,
             max_outstanding=s.max_outstanding_batches if self.policy.late_binding else UNBOUNDED,
             prior_tokens_per_s=s.prior_tokens_per_s,
-            affinity_abs_tokens=s.affinity_abs_tokens, affinity_rel=s.affinity_rel,
+            affinity_abs_s=s.affinity_abs_s, affinity_rel=s.affinity_rel,
         )  # fmt: skip
         self.scripts = Scripts(conn)
         self.stop_event = threading.Event()

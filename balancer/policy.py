@@ -79,8 +79,8 @@ class Context:
     batch_target_s: float = 0.5
     max_outstanding: int = 2
     prior_tokens_per_s: float = 1000.0
-    affinity_abs_tokens: int = 4000  # affinity yields when its worker is this far behind the best...
-    affinity_rel: float = 1.5  # ...and more than this many times its finish time
+    affinity_abs_s: float = 0.5  # affinity yields when its worker would finish this much later than the best...
+    affinity_rel: float = 1.5  # ...and more than this many times later
     turn: int = 0  # round-robin's position
 
 
@@ -166,14 +166,14 @@ class PrefixAffinity:
             return None if chosen is None else Choice(chosen, batch_budget(chosen, workers, head, ctx), True)
         owner = next((w for w in workers if w.worker_id == head.owner), None)
         best = least_time_worker(workers, head.cost, ctx, wait_for_best=False)
-        free: tuple[str, ...]
-        if owner is None or not owner.accepting or _too_far_behind(owner, best, head, ctx):
-            chosen, free = best, (head.owner,)
+        behind = tuple(w.worker_id for w in _candidates(workers, ctx) if _too_far_behind(w, best, head, ctx))
+        if owner is None or not owner.accepting or owner.worker_id in behind:
+            chosen, free = best, tuple(dict.fromkeys((head.owner, *behind)))
         elif owner.outstanding_batches < ctx.max_outstanding:
-            chosen, free = owner, ()
-        else:  # the owner is busy: another worker takes requests nobody else owns
+            chosen, free = owner, behind
+        else:  # the owner is busy: another worker takes what nobody (or a laggard) owns
             others = [w for w in workers if w is not owner]
-            chosen, free = least_time_worker(others, head.cost, ctx, wait_for_best=False), ()
+            chosen, free = least_time_worker(others, head.cost, ctx, wait_for_best=False), behind
         if chosen is None:
             return None
         return Choice(chosen, batch_budget(chosen, workers, head, ctx), True, free)
@@ -184,8 +184,7 @@ def _too_far_behind(owner: WorkerView, best: WorkerView | None, head: Head, ctx:
         return False
     prior = ctx.prior_tokens_per_s
     owner_t, best_t = owner.finish_time(head.cost, prior), best.finish_time(head.cost, prior)
-    behind_tokens = (owner_t - best_t) * owner.speed(prior)
-    return behind_tokens > ctx.affinity_abs_tokens and owner_t > ctx.affinity_rel * best_t
+    return owner_t - best_t > ctx.affinity_abs_s and owner_t > ctx.affinity_rel * best_t
 
 
 POLICIES: dict[PolicyName, type[Policy]] = {

@@ -67,7 +67,7 @@ class BalancerSettings(BaseModel):
     job_timeout_s: int = Field(default=900, ge=1)
     job_result_ttl_s: int = Field(default=300, ge=0)
     snapshot_refresh_s: PositiveFloat = 1.0
-    affinity_abs_tokens: int = Field(default=4000, ge=0)
+    affinity_abs_s: float = Field(default=0.5, ge=0)
     affinity_rel: float = Field(default=1.5, ge=1.0)
     affinity_scan: int = Field(default=256, ge=1)
 

@@ -39,6 +39,7 @@ class BalancerRow:
     heartbeat_age_s: float
     requests: int
     micro_batches: int
+    policy: str = ""
 
 
 @dataclass(slots=True)
@@ -80,7 +81,7 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
 def _balancer_row(raw: dict[str, str], now: float) -> BalancerRow | None:
     try:
         return BalancerRow(raw["host"], int(raw["pid"]), round(max(0.0, now - float(raw["ts"])), 1),
-                           int(raw["requests"]), int(raw["micro_batches"]))  # fmt: skip
+                           int(raw["requests"]), int(raw["micro_batches"]), raw.get("policy", ""))  # fmt: skip
     except (KeyError, ValueError):
         return None
 
@@ -110,7 +111,7 @@ def render_table(status: FleetStatus) -> str:
     lines = [
         "balancer: not running (no heartbeat)"
         if b is None
-        else f"balancer: {b.host} pid {b.pid}, beat {b.heartbeat_age_s:.1f}s ago, "
+        else f"balancer: {b.host} pid {b.pid} ({b.policy}), beat {b.heartbeat_age_s:.1f}s ago, "
         f"{b.requests} requests in {b.micro_batches} micro-batches dispatched",
         "",
         f"{'WORKER':<24} {'MODEL':<20} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} {'CAP':>5} {'BEAT':>6}",

@@ -99,6 +99,25 @@ class TestGracefulShutdown:
         assert codes == {"balancer": 0}
 
 
+class TestPolicies:
+    @pytest.mark.parametrize("policy", ["round-robin", "prefix-affinity"])
+    def test_a_batch_is_answered_under_another_policy(self, policy: str, redis_url: str, tmp_path: Path) -> None:
+        workers = [WorkerSpec("a", "m", 20000, max_batch=4), WorkerSpec("b", "m", 20000, max_batch=4)]
+        env = {"GPULB_BALANCER__POLICY": policy}
+        prompts = [("shared prefix " * 30) + f"q{i}" if i % 2 else f"short {i}" for i in range(60)]
+        with LocalStack(redis_url, workers, tmp_path, env=env), Client(redis_url) as client:
+            results = client.submit_batch(prompts, model="m", max_tokens=3).results(timeout=60)
+            status_out = gpulb("status", redis_url=redis_url).stdout
+        assert [r.index for r in results] == list(range(60)) and all(r.error is None for r in results)
+        assert {r.worker for r in results} == {"a", "b"}
+        assert policy in status_out
+
+    def test_an_unknown_policy_is_refused_with_the_choices(self, redis_url: str) -> None:
+        out = gpulb("balancer", "--policy", "fastest", redis_url=redis_url)
+        assert out.returncode == 1
+        assert "unknown policy 'fastest'; choose one of least-time, prefix-affinity, round-robin" in out.stderr
+
+
 class TestCommandLine:
     def test_help_teaches_the_environment_variables(self, redis_url: str) -> None:
         out = gpulb("worker", "--help", redis_url=redis_url)

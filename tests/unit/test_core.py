@@ -118,6 +118,29 @@ class TestSettings:
         assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
 
 
+class TestThroughputMeter:
+    def test_a_gpu_that_halves_its_speed_is_noticed_within_a_few_micro_batches(self) -> None:
+        from worker.runtime import ThroughputMeter
+
+        meter = ThroughputMeter(alpha=0.3)
+        for _ in range(10):
+            meter.observe(2000, 0.5)  # 4000 tok/s
+        assert meter.tokens_per_s == pytest.approx(4000)
+        seen = []
+        for _ in range(5):
+            meter.observe(2000, 1.0)  # throttled to 2000 tok/s: each micro-batch now takes 1 s
+            seen.append(meter.tokens_per_s)
+        assert seen[0] < 3500  # the first slow micro-batch already moves the estimate
+        assert seen[4] < 2400  # within 5 micro-batches (~5 s) it is within 20% of the new speed
+
+    def test_the_first_measurement_replaces_the_prior(self) -> None:
+        from worker.runtime import ThroughputMeter
+
+        meter = ThroughputMeter(alpha=0.3)
+        meter.observe(300, 0.1)
+        assert meter.tokens_per_s == pytest.approx(3000)
+
+
 class TestSimulatedBackend:
     @pytest.mark.parametrize(
         ("prompt", "n", "text"),

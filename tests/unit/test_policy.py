@@ -139,7 +139,7 @@ class TestPrefixAffinity:
 
     def test_yields_when_the_owner_is_far_behind(self) -> None:
         a, b = view("a", 1000, tokens=5000, batches=1), view("b", 1000)
-        c = ctx(affinity_abs_tokens=1000, affinity_rel=1.5)
+        c = ctx(affinity_abs_s=1.0, affinity_rel=1.5)
         choice = make_policy("prefix-affinity").choose([a, b], self.owned(10, "a"), c)
         assert choice is not None and choice.worker is b and choice.free_owners == ("a",)
 
@@ -149,9 +149,14 @@ class TestPrefixAffinity:
         assert choice is not None and choice.worker is b and choice.free_owners == ("vanished",)
 
     def test_a_busy_owner_leaves_the_others_to_take_unowned_work(self) -> None:
-        a, b = view("a", 1000, tokens=600, batches=2), view("b", 1000)
+        a, b = view("a", 1000, tokens=300, batches=2), view("b", 1000)  # full, but only 0.3 s behind
         choice = make_policy("prefix-affinity").choose([a, b], self.owned(10, "a"), ctx())
         assert choice is not None and choice.worker is b and choice.free_owners == ()
+
+    def test_every_laggard_is_freed_not_only_the_heads_owner(self) -> None:
+        a, lag, b = view("a", 1000, tokens=100), view("lag", 1000, tokens=9000, batches=1), view("b", 1000)
+        choice = make_policy("prefix-affinity").choose([a, lag, b], self.owned(10, "a"), ctx())
+        assert choice is not None and choice.worker is a and choice.free_owners == ("lag",)
 
     def test_without_a_key_it_is_least_time(self) -> None:
         slow, fast = view("slow", 100), view("fast", 4000)
