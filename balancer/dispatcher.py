@@ -17,7 +17,7 @@ import structlog
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from balancer.fleet import Backlog, Fleet, read_backlogs, read_fleet, refresh_workers
+from balancer.fleet import Backlog, Fleet, ModelTotals, read_backlogs, read_fleet, refresh_workers
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
@@ -165,7 +165,7 @@ class Balancer:
     def _dispatch_model(self, workers: list[WorkerView], fleet: Fleet, backlog: Backlog) -> int:
         placed = 0
         while backlog.head_cost >= 0:
-            totals = fleet.totals[workers[0].model]
+            totals = fleet.totals.setdefault(workers[0].model, ModelTotals())
             head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity, backlog.head_owner,
                         totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
             choice = self.policy.choose(workers, head, self.ctx)

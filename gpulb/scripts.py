@@ -38,9 +38,15 @@ DISPATCH = (
 -- Takes requests from the front while they fit the budget (always at least one). With affinity,
 -- it skips requests whose key another worker owns (unless that owner is listed as free), and
 -- records this worker as the owner of the keys it takes.
+-- Idempotent per micro-batch id (a retried call changes nothing and reports status 1 again).
 -- Returns {status, taken, tokens, next_cost, dropped, next_affinity, next_owner}: status 1
 -- dispatched, 0 ingress empty, -1 worker not accepting (gone, draining, other model), -2 no
 -- credit, -3 nothing this worker may take.
+if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 then
+  -- this micro-batch id was dispatched already: a client retrying a call whose reply it lost
+  local done = redis.call('HMGET', KEYS[6], 'count', 'tokens')
+  return {1, tonumber(done[1] or '0'), tonumber(done[2] or '0'), -1, 0, '', ''}
+end
 local state = redis.call('HGET', KEYS[3], 'state')
 if (state ~= 'idle' and state ~= 'busy') or redis.call('HGET', KEYS[3], 'model') ~= ARGV[3] then
   return {-1, 0, 0, -1, 0, '', ''}
@@ -141,11 +147,27 @@ end
 """
 
 BEGIN = """
--- A worker starts a micro-batch: mark it started (a crash from now on counts as an attempt).
--- KEYS[1] micro-batch hash.  Returns its entries, or nil if it is no longer this worker's.
-local entries = redis.call('HGET', KEYS[1], 'entries')
-if entries then redis.call('HSET', KEYS[1], 'started', '1') end
-return entries
+-- A worker picks up a micro-batch. KEYS[1] micro-batch hash.
+-- Returns its entries, or nil if it is no longer this worker's (taken back meanwhile).
+return redis.call('HGET', KEYS[1], 'entries')
+"""
+
+MARK_STARTED = """
+-- The worker hands these requests to its backend: from now on a crash costs them an attempt.
+-- KEYS[1] micro-batch hash  KEYS[2..] batch hashes
+-- ARGV[1] the ingress members that run (space-separated)  ARGV[2..] how many of them per batch
+-- Records them in the micro-batch ('ran') and counts them as running, once (a retried call
+-- changes nothing). Returns 0 if the micro-batch was taken back meanwhile: do not run it.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'ran') == 1 then return 1 end
+redis.call('HSET', KEYS[1], 'ran', ARGV[1])
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 'running', tonumber(ARGV[i]))
+    if redis.call('HGET', KEYS[i], 'state') == 'pending' then redis.call('HSET', KEYS[i], 'state', 'running') end
+  end
+end
+return 1
 """
 
 RECORD = (
@@ -195,7 +217,7 @@ REQUEUE = (
 -- Take a micro-batch back from a worker and put its unfinished requests at the front of the
 -- ingress (their original scores). Mode 'release': only if still queued (a draining worker hands
 -- back what it has not started). Mode 'recover': whatever its state (its worker is dead).
--- A request whose micro-batch had started counts one more attempt; at max_attempts it is
+-- A request that had started running (MARK_STARTED) counts one more attempt; at max_attempts it is
 -- recorded as failed with the reason instead (dead letter). Recorded requests are not re-run.
 -- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] rq queue list
 -- KEYS[5] rq job hash  KEYS[6] ingress zset  KEYS[7] ingress_tokens  KEYS[8] wakeup list
@@ -203,12 +225,13 @@ REQUEUE = (
 -- ARGV[1] micro-batch id  ARGV[2] mode  ARGV[3] now  ARGV[4] max attempts  ARGV[5] wakeup keep
 -- ARGV[6] worker id  ARGV[7] reason  ARGV[8..] per batch b: batch id, events channel
 -- Returns {requeued, dead_lettered, was_queued}.
-local mb = redis.call('HMGET', KEYS[1], 'entries', 'scores', 'tokens', 'started')
+local mb = redis.call('HMGET', KEYS[1], 'entries', 'scores', 'tokens', 'ran')
 if not mb[1] then return {0, 0, 0} end
 local queued = redis.call('LREM', KEYS[4], 0, ARGV[1])
 if ARGV[2] == 'release' and queued == 0 then return {0, 0, 0} end
 if queued > 0 then redis.call('DEL', KEYS[5]) end
-local started = mb[4] == '1'
+local ran = {}
+for m in string.gmatch(mb[4] or '', '%S+') do ran[m] = true end
 local now, max_attempts = ARGV[3], tonumber(ARGV[4])
 local slot = {}
 for b = 0, (#ARGV - 9) / 2 do slot[ARGV[8 + 2 * b]] = b end
@@ -222,7 +245,7 @@ for member in string.gmatch(mb[1], '%S+') do
   local rkey = KEYS[10 + 3 * b]
   if redis.call('HEXISTS', rkey, idx) == 0 then
     local next_attempt = tonumber(attempt)
-    if started then
+    if ran[member] then
       next_attempt = next_attempt + 1
       running[b] = (running[b] or 0) + 1
     end
@@ -287,6 +310,7 @@ class Scripts:
     def __init__(self, conn: redis.Redis) -> None:
         self.dispatch: Script = conn.register_script(DISPATCH)
         self.begin: Script = conn.register_script(BEGIN)
+        self.mark_started: Script = conn.register_script(MARK_STARTED)
         self.record: Script = conn.register_script(RECORD)
         self.requeue: Script = conn.register_script(REQUEUE)
         self.cancel: Script = conn.register_script(CANCEL)

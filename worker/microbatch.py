@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gpulb import keys
 from gpulb.models import RequestPayload, Result
+from gpulb.scripts import Scripts
 
 
 @dataclass(slots=True)
@@ -73,19 +74,15 @@ def outcome_flag(result: Result) -> str:
     return "1" if result.error else "0"
 
 
-def mark_started(conn: redis.Redis, items: list[Item]) -> None:
-    """Count the runnable requests as running in their batches."""
+def mark_started(scripts: Scripts, microbatch_id: str, items: list[Item], members: list[str]) -> bool:
+    """Count the runnable requests as running (once); False if the micro-batch was taken back."""
     started: dict[str, int] = defaultdict(int)
     for item in items:
         if item.runnable:
             started[item.batch_id] += 1
-    if not started:
-        return
-    pipe = conn.pipeline(transaction=False)
-    for batch_id, count in started.items():
-        pipe.hincrby(keys.batch_key(batch_id), "running", count)
-        pipe.hset(keys.batch_key(batch_id), "state", "running")
-    pipe.execute()
+    ran = " ".join(m for m, i in zip(members, items, strict=True) if i.runnable)
+    script_keys = [keys.microbatch_key(microbatch_id)] + [keys.batch_key(b) for b in started]
+    return bool(scripts.mark_started(keys=script_keys, args=[ran, *started.values()]))
 
 
 def record_arguments(

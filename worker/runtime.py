@@ -28,6 +28,7 @@ log = get_logger("gpulb.worker")
 T = TypeVar("T")
 
 CANCELLED = "cancelled"
+ORPHAN_SWEEP_BEATS = 30  # heartbeats between two sweeps for orphaned micro-batches
 
 
 class ThroughputMeter:
@@ -66,6 +67,8 @@ class WorkerRuntime:
         self.state = WorkerState.STARTING
         self.running = 0
         self.queued = 0
+        self.current_microbatch: str | None = None
+        self._beats = 0
 
     # -- load key -------------------------------------------------------------------------------
 
@@ -86,10 +89,21 @@ class WorkerRuntime:
             target.execute()
 
     def heartbeat(self) -> None:
-        """Refresh the load key; called from the heartbeat thread, also while a batch runs."""
+        """Refresh the load key; called from the heartbeat thread, also while a batch runs.
+
+        Every ``ORPHAN_SWEEP_BEATS`` beats it also takes back micro-batches this worker holds but
+        will never run (neither queued nor running: a start or a give-back that Redis refused).
+        """
         self.queued = int(self.conn.llen(keys.rq_queue_key(self.worker_id)))
-        if self.state is not WorkerState.STARTING:
-            self.publish_load()
+        if self.state is WorkerState.STARTING:
+            return
+        self.publish_load()
+        self._beats += 1
+        if self._beats % ORPHAN_SWEEP_BEATS == 0 and self.state is not WorkerState.DRAINING:
+            current = self.current_microbatch
+            swept = self.recover_orphans(frozenset({current}) if current else frozenset())
+            if swept.microbatches:
+                log.warning("took back orphaned micro-batches", requeued=swept.requests)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -160,6 +174,10 @@ class WorkerRuntime:
         self.start_draining()
         self.publish_load()
         released = self.release_queued()
+        orphans = recover_worker(
+            self.conn, self.rq_conn, self.scripts, self.worker_id, max_attempts=self.settings.max_attempts
+        )  # nothing runs now: all are orphans
+        released += orphans.requests
         pipe = self.conn.pipeline(transaction=False)
         pipe.delete(keys.load_key(self.worker_id))
         pipe.srem(keys.workers_key(), self.worker_id)
@@ -170,19 +188,28 @@ class WorkerRuntime:
 
     def run_microbatch(self, microbatch_id: str) -> dict[str, int]:
         """Run one micro-batch as one backend batch and record each result once."""
-        members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
-        if members_raw is None:
-            log.warning("micro-batch no longer owned by this worker, skipped", microbatch_id=microbatch_id)
-            return {"requests": 0, "recorded": 0}
+        self.current_microbatch = microbatch_id
         try:
+            members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
+            if members_raw is None:
+                log.warning("micro-batch no longer owned by this worker, skipped", microbatch_id=microbatch_id)
+                return {"requests": 0, "recorded": 0}
             return self._run(microbatch_id, str(members_raw).split())
         except BaseException:
             self._give_back(microbatch_id)
             raise
+        finally:
+            self.current_microbatch = None
 
     def _run(self, microbatch_id: str, members: list[str]) -> dict[str, int]:
         items = load_items(self.conn, members)
-        mark_started(self.conn, items)
+        if not mark_started(self.scripts, microbatch_id, items, members):
+            log.warning("micro-batch taken back before it started, skipped", microbatch_id=microbatch_id)
+            return {"requests": 0, "recorded": 0}
+        return self.execute_and_record(microbatch_id, items)
+
+    def execute_and_record(self, microbatch_id: str, items: list[Item]) -> dict[str, int]:
+        """Run started requests on the backend and record them (also if taken back meanwhile)."""
         self._set_busy(sum(1 for i in items if i.runnable))
         started_at = time.time()
         outcomes = self._execute(items)

@@ -8,12 +8,14 @@ import pytest
 import redis
 
 from balancer.dispatcher import Balancer
+from gpulb import keys
 from gpulb.connection import connect
 from gpulb.settings import Settings
 from producer import Client
 from tests.conftest import make_settings
 from worker.backends import create_backend
 from worker.main import build_rq_worker
+from worker.microbatch import load_items, mark_started
 from worker.runtime import WorkerRuntime
 
 StartWorker = Callable[..., WorkerRuntime]
@@ -39,6 +41,14 @@ def start_worker(redis_url: str) -> StartWorker:
         return runtime
 
     return start
+
+
+def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[str]:
+    """What a worker does before its backend runs (BEGIN, MARK_STARTED); returns the members."""
+    members = str(runtime.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])).split()
+    items = load_items(runtime.conn, members)
+    assert mark_started(runtime.scripts, microbatch_id, items, members)
+    return members
 
 
 def work(runtime: WorkerRuntime, redis_url: str) -> None:

@@ -18,8 +18,9 @@ from gpulb.recovery import RequeueMode, recover_worker, requeue_microbatch
 from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 from producer import Client
-from tests.integration.conftest import balancer
+from tests.integration.conftest import balancer, start_running
 from worker.backends import create_backend
+from worker.microbatch import Item, load_items
 from worker.runtime import WorkerRuntime
 
 FIELD_VALUES = st.one_of(
@@ -59,7 +60,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
         self.balancer = balancer(self.conn, self.settings)
         self.workers = {w: self._worker(w, cap) for w, cap in (("w0", 3), ("w1", 5))}
         self.submitted: dict[str, int] = {}
-        self.paused: list[tuple[str, str, list[str]]] = []
+        self.paused: list[tuple[str, str, list[Item]]] = []
 
     def _worker(self, worker_id: str, capacity: int) -> WorkerRuntime:
         s = self.settings.model_copy(update={"worker": self.settings.worker.model_copy(
@@ -88,7 +89,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
     def start_and_crash(self, worker: str) -> None:
         mb = self.conn.lpop(keys.rq_queue_key(worker))
         if mb is not None:
-            self.workers[worker].scripts.begin(keys=[keys.microbatch_key(str(mb))])
+            start_running(self.workers[worker], str(mb))
 
     @rule(worker=st.sampled_from(["w0", "w1"]))
     def release_queued(self, worker: str) -> None:
@@ -106,16 +107,17 @@ class ClaimCommitMachine(RuleBasedStateMachine):
         """Like SIGSTOP: the worker has started a micro-batch and holds it in memory."""
         mb = self.conn.lpop(keys.rq_queue_key(worker))
         if mb is not None:
-            members = self.workers[worker].scripts.begin(keys=[keys.microbatch_key(str(mb))])
-            self.paused.append((worker, str(mb), str(members).split()))
+            runtime = self.workers[worker]
+            members = start_running(runtime, str(mb))
+            self.paused.append((worker, str(mb), load_items(runtime.conn, members)))  # what it holds in memory
 
     @precondition(lambda self: bool(self.paused))
     @rule()
     def resume_and_record_late(self) -> None:
         """...and resumes: whatever was recorded meanwhile must not be overwritten or counted twice."""
-        worker, mb, members = self.paused.pop(0)
+        worker, mb, items = self.paused.pop(0)
         before = {b: self.conn.hgetall(keys.batch_results_key(b)) for b in self.submitted}
-        self.workers[worker]._run(mb, members)
+        self.workers[worker].execute_and_record(mb, items)
         for batch_id, results in before.items():
             after = self.conn.hgetall(keys.batch_results_key(batch_id))
             assert {f: after[f] for f in results} == results

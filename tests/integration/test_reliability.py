@@ -6,6 +6,7 @@ import pickle
 import zlib
 from pathlib import Path
 
+import pytest
 import redis
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry
@@ -14,7 +15,7 @@ from rq.serializers import JSONSerializer
 from gpulb import keys
 from gpulb.models import BatchState
 from producer import Client
-from tests.integration.conftest import StartWorker, balancer, work
+from tests.integration.conftest import StartWorker, balancer, start_running, work
 from tests.integration.test_pipeline import assert_settled
 from worker.backends.base import BackendOutput, BackendRequest
 from worker.backends.simulated import FAIL_MARKER, HANG_MARKER
@@ -38,7 +39,7 @@ class TestDeadWorker:
         assert balancer(conn).dispatch_round() == 6
         running_mb, queued_mb = queued_ids(conn, "dead")
         conn.lmove(keys.rq_queue_key("dead"), keys.rq_intermediate_key("dead"))  # RQ dequeued one...
-        dead.scripts.begin(keys=[keys.microbatch_key(running_mb)])  # ...the worker started it...
+        start_running(dead, running_mb)  # ...the worker started it...
         kill(conn, "dead")  # ...and died
         assert balancer(conn).dispatch_round() == 0  # reaps (no live worker to dispatch to)
         members = conn.zrange(keys.ingress_key("m"), 0, -1)
@@ -66,7 +67,7 @@ class TestDeadWorker:
             assert balancer(conn).dispatch_round() == 1
             (mb,) = queued_ids(conn, w.worker_id)
             conn.lmove(keys.rq_queue_key(w.worker_id), keys.rq_intermediate_key(w.worker_id))
-            w.scripts.begin(keys=[keys.microbatch_key(mb)])
+            start_running(w, mb)
             kill(conn, w.worker_id)
             balancer(conn, max_attempts=2).dispatch_round()
         (result,) = batch.results(timeout=5)
@@ -212,3 +213,65 @@ class _Canary:
 
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (Path.write_text, (Path(self.path), "pwned"))  # type: ignore[return-value]
+
+
+class TestReviewedEdgeCases:
+    def test_a_retried_dispatch_call_changes_nothing(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """redis-py re-sends EVALSHA when a reply is lost: the same micro-batch id must not cut twice."""
+        from balancer import dispatcher
+        from balancer.policy import WorkerView
+
+        start_worker("w", max_batch=2)
+        client.submit_batch([f"p{i}" for i in range(6)], model="m")
+        monkeypatch.setattr(dispatcher.secrets, "token_hex", lambda n: "0123456789abcdef")
+        bal = balancer(conn)
+        view = WorkerView("w", "m", capacity=2, tokens_per_s=1000)
+        first, again = bal.dispatch(view, 10_000), bal.dispatch(view, 10_000)
+        assert (first.status, first.requests, again.status, again.requests) == (1, 2, 1, 2)
+        assert conn.zcard(keys.ingress_key("m")) == 4
+        assert conn.lrange(keys.rq_queue_key("w"), 0, -1) == ["mb-0123456789abcdef"]
+        assert conn.hgetall(keys.credit_key("w")) == {"batches": "1", "tokens": "32", "requests": "2"}
+
+    def test_a_model_whose_workers_all_drain_does_not_crash_the_balancer(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w")
+        w.start_draining()
+        w.publish_load()
+        client.submit_batch(["a", "b"], model="m")
+        assert balancer(conn).dispatch_round() == 0
+        assert conn.zcard(keys.ingress_key("m")) == 2
+
+    def test_a_live_worker_sweeps_up_its_orphans(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        """A micro-batch dequeued but never run (its start failed on a Redis blip) must come back."""
+        from worker.runtime import ORPHAN_SWEEP_BEATS
+
+        w = start_worker("w", max_batch=3)
+        batch = client.submit_batch([f"p{i}" for i in range(3)], model="m")
+        balancer(conn).dispatch_round()
+        conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # RQ took it; nothing ran it
+        for _ in range(ORPHAN_SWEEP_BEATS):
+            w.heartbeat()
+        assert conn.zcard(keys.ingress_key("m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
+        while balancer(conn).dispatch_round():
+            work(w, redis_url)
+        assert batch.status().completed == 3
+
+    def test_deregistering_hands_back_started_orphans_too(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w", max_batch=2)
+        client.submit_batch([f"p{i}" for i in range(4)], model="m")
+        balancer(conn).dispatch_round()
+        started, _queued = queued_ids(conn, "w")
+        conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))
+        start_running(w, started)  # then SIGTERM during a Redis outage: the run never finished
+        w.deregister()
+        members = conn.zrange(keys.ingress_key("m"), 0, -1)
+        assert len(members) == 4 and sorted(int(m.split(":")[3]) for m in members) == [0, 0, 1, 1]
+        assert_settled_credit = conn.hgetall(keys.credit_key("w"))
+        assert assert_settled_credit == {"batches": "0", "tokens": "0", "requests": "0"}
