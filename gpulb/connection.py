@@ -20,15 +20,19 @@ from gpulb.settings import Settings
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
-def connect(settings: Settings, *, decode: bool = True) -> redis.Redis:
-    """A client for ``settings.redis_url``; it does not talk to Redis until first used."""
+def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> redis.Redis:
+    """A client for ``settings.redis_url``; it does not talk to Redis until first used.
+
+    Calls are retried ``retries`` times on a connection error: use ``retries=0`` for a call that
+    must not run twice (a transaction whose reply may be lost after it ran).
+    """
     cfg = settings.redis
     password = cfg.password.get_secret_value() if cfg.password else None
     kwargs: dict[str, object] = {
         "decode_responses": decode,
         "socket_connect_timeout": cfg.connect_timeout_s,
         "socket_timeout": cfg.socket_timeout_s,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=retries),
         "retry_on_error": list(CONNECTION_ERRORS),
         "health_check_interval": 30,
     }

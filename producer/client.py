@@ -43,6 +43,7 @@ class Client:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
         self._conn = connection if connection is not None else connect(settings)
+        self._publish_conn = connection if connection is not None else connect(settings, retries=0)
         self._scripts = Scripts(self._conn)
 
     def submit(self, prompt: str, *, model: str, max_tokens: int = 16, priority: int = 0, **sampling: Any) -> JobHandle:
@@ -67,7 +68,13 @@ class Client:
         batch_id = store.new_batch_id()
         with self._errors():
             store.write_batch(
-                self._conn, batch_id, model=model, priority=priority, specs=specs, limits=self.settings.producer
+                self._conn,
+                self._publish_conn,
+                batch_id,
+                model=model,
+                priority=priority,
+                specs=specs,
+                limits=self.settings.producer,
             )
         return BatchHandle(self, batch_id, total=len(specs))
 
@@ -82,6 +89,7 @@ class Client:
 
     def close(self) -> None:
         self._conn.close()
+        self._publish_conn.close()
 
     def __enter__(self) -> Client:
         return self

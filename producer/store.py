@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 import redis
 
 from gpulb import keys
+from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import BadPayload, BatchNotFound
 from gpulb.models import BatchState, BatchStatus, RequestPayload, RequestSpec, Result
 from gpulb.scripts import Scripts
@@ -23,6 +25,7 @@ def new_batch_id() -> str:
 
 def write_batch(
     conn: redis.Redis,
+    publish_conn: redis.Redis,
     batch_id: str,
     *,
     model: str,
@@ -33,7 +36,8 @@ def write_batch(
     """Stage the payloads in chunks, then make the batch visible in one MULTI/EXEC.
 
     Until the final transaction runs, no balancer can see any request; a producer that dies
-    before it leaves only a staging hash that expires.
+    before it leaves only a staging hash that expires. ``publish_conn`` must not retry on its own:
+    the transaction is not idempotent, so after a lost reply we look before publishing again.
     """
     requests_key = keys.batch_requests_key(batch_id)
     for start in range(0, len(specs), limits.chunk_size):
@@ -43,7 +47,16 @@ def write_batch(
         pipe.expire(requests_key, STAGING_TTL_S)
         pipe.execute()
     seq_end = int(conn.incrby(keys.seq_key(), len(specs)))
-    _publish(conn, batch_id, model=model, priority=priority, specs=specs, seq0=seq_end - len(specs), limits=limits)
+    publish = functools.partial(
+        _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
+        seq0=seq_end - len(specs), limits=limits,
+    )  # fmt: skip
+    try:
+        publish()
+    except CONNECTION_ERRORS:
+        if conn.exists(keys.batch_key(batch_id)):
+            return  # it ran; only its reply was lost
+        publish()
 
 
 def _publish(

@@ -275,3 +275,26 @@ class TestReviewedEdgeCases:
         assert len(members) == 4 and sorted(int(m.split(":")[3]) for m in members) == [0, 0, 1, 1]
         assert_settled_credit = conn.hgetall(keys.credit_key("w"))
         assert assert_settled_credit == {"batches": "0", "tokens": "0", "requests": "0"}
+
+    @pytest.mark.parametrize("ran_before_the_error", [True, False])
+    def test_a_lost_publish_reply_neither_doubles_nor_drops_the_batch(
+        self, ran_before_the_error: bool, client: Client, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from producer import store
+
+        real_publish, calls = store._publish, []
+
+        def flaky_publish(*args: object, **kwargs: object) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                if ran_before_the_error:
+                    real_publish(*args, **kwargs)  # type: ignore[arg-type]
+                raise redis.ConnectionError("connection reset by peer")
+            real_publish(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_publish", flaky_publish)
+        batch = client.submit_batch(["a", "b", "c"], model="m", max_tokens=5)
+        assert len(calls) == (1 if ran_before_the_error else 2)
+        assert conn.zcard(keys.ingress_key("m")) == 3
+        assert conn.get(keys.ingress_tokens_key("m")) == "15"
+        assert batch.status().pending == 3
