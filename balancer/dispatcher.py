@@ -152,13 +152,15 @@ class Balancer:
 
     def _full_read(self) -> Fleet:
         prior = self.settings.prior_tokens_per_s
-        fleet = read_fleet(self.conn, prior, with_owners=self._uses_affinity)
+        fleet = read_fleet(self.conn, prior, self.ctx.max_outstanding, with_owners=self._uses_affinity)
         if fleet.dead:
             reaped = reap_dead_workers(
                 self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts
             )
             if reaped.requests:
-                fleet = read_fleet(self.conn, prior, with_owners=self._uses_affinity)  # the backlog just grew
+                fleet = read_fleet(
+                    self.conn, prior, self.ctx.max_outstanding, with_owners=self._uses_affinity
+                )  # the backlog just grew
         self.fleet, self._fleet_read_at = fleet, time.monotonic()
         return fleet
 
@@ -168,6 +170,7 @@ class Balancer:
             totals = fleet.totals.setdefault(workers[0].model, ModelTotals())
             head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity, backlog.head_owner,
                         totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
+            self.ctx.available = list(fleet.available.get(workers[0].model, {}).values())
             choice = self.policy.choose(workers, head, self.ctx)
             if choice is None:
                 break

@@ -42,6 +42,9 @@ class Fleet:
     dead: list[str] = field(default_factory=list)  # registered, but no load key: heartbeat expired
     malformed: int = 0
     prior_tokens_per_s: float = 1000.0
+    max_outstanding: int = 2
+    # per model, the workers that can take a micro-batch now: large fleets are sampled from here
+    available: dict[str, dict[str, WorkerView]] = field(default_factory=dict)
 
     def add(self, view: WorkerView) -> None:
         self.views[view.worker_id] = view
@@ -68,6 +71,11 @@ class Fleet:
         self._count(view, +1)
 
     def _count(self, view: WorkerView, sign: int) -> None:
+        available = self.available.setdefault(view.model, {})
+        if sign > 0 and view.accepting and view.outstanding_batches < self.max_outstanding:
+            available[view.worker_id] = view
+        else:
+            available.pop(view.worker_id, None)
         if not view.accepting:
             return
         totals = self.totals.setdefault(view.model, ModelTotals())
@@ -75,10 +83,12 @@ class Fleet:
         totals.outstanding_tokens += sign * view.outstanding_tokens
 
 
-def read_fleet(conn: redis.Redis, prior_tokens_per_s: float, *, with_owners: bool = False) -> Fleet:
+def read_fleet(
+    conn: redis.Redis, prior_tokens_per_s: float, max_outstanding: int, *, with_owners: bool = False
+) -> Fleet:
     """Every registered worker's load and credit, and every served model's backlog."""
     worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
-    fleet = Fleet(prior_tokens_per_s=prior_tokens_per_s)
+    fleet = Fleet(prior_tokens_per_s=prior_tokens_per_s, max_outstanding=max_outstanding)
     for worker_id, load_raw, credit in _read_workers(conn, worker_ids):
         if not load_raw:
             fleet.dead.append(worker_id)

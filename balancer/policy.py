@@ -82,6 +82,7 @@ class Context:
     affinity_abs_s: float = 0.5  # affinity yields when its worker would finish this much later than the best...
     affinity_rel: float = 1.5  # ...and more than this many times later
     turn: int = 0  # round-robin's position
+    available: Sequence[WorkerView] | None = None  # workers with credit now, if the caller keeps that index
 
 
 class Policy(Protocol):
@@ -220,9 +221,12 @@ def least_time_worker(
 def _candidates(workers: Sequence[WorkerView], ctx: Context) -> Sequence[WorkerView]:
     if len(workers) <= SAMPLE_ABOVE:
         return workers
+    pool = workers if ctx.available is None else ctx.available  # an index of workers with credit
+    if not pool:
+        return []
     picks: dict[str, WorkerView] = {}
     for _ in range(4 * SAMPLE_SIZE):  # random probes: O(sample), not O(fleet)
-        w = workers[ctx.rng.randrange(len(workers))]
+        w = pool[ctx.rng.randrange(len(pool))]
         if w.accepting and w.outstanding_batches < ctx.max_outstanding:
             picks[w.worker_id] = w
             if len(picks) == SAMPLE_SIZE:
