@@ -89,7 +89,7 @@ class WorkerSettings(BaseModel):
     max_batch: int = Field(default=64, ge=1)
     gpu: int | None = Field(default=None, ge=0)
     heartbeat_s: PositiveFloat = 1.0
-    load_ttl_s: PositiveFloat = 10.0
+    load_ttl_s: PositiveFloat = 8.0
     ema_alpha: float = Field(default=0.3, gt=0, le=1)
     retry_backoff_s: PositiveFloat = 0.5
     min_call_timeout_s: PositiveFloat = 120.0
