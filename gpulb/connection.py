@@ -46,11 +46,6 @@ def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> red
         raise BrokerUnavailable(f"invalid redis URL {redact_url(settings.redis_url)}: {exc}") from exc
 
 
-def blocking_timeout_s(settings: Settings, wait_s: float) -> float:
-    """A socket time-out long enough for a blocking command that waits ``wait_s``."""
-    return wait_s + settings.redis.socket_timeout_s
-
-
 @contextmanager
 def broker_errors(url: str) -> Iterator[None]:
     """Translate redis-py connection failures into :class:`BrokerUnavailable`."""
