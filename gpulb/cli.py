@@ -28,6 +28,16 @@ def _yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     flag: str
@@ -83,7 +93,34 @@ BALANCER = [
 WORKER = [
     Option("--id", "worker", "id", "worker id, also its RQ queue name (default HOST-gpuN)"),
     Option("--model", "worker", "model", "model this worker serves (requests for it are routed here)"),
-    Option("--backend", "worker", "backend", "inference backend: simulated"),
+    Option("--backend", "worker", "backend", "inference backend: simulated, transformers, openai, vllm, tensorrt-llm"),
+    Option(
+        "--model-path", "worker", "model_path", "what the engine loads: a local directory or hub id (default: --model)"
+    ),
+    Option(
+        "--dtype",
+        "worker",
+        "dtype",
+        "weights' dtype for transformers / vLLM / TensorRT-LLM: auto, float16, bfloat16...",
+    ),
+    Option(
+        "--engine-args",
+        "worker",
+        "engine_args",
+        "JSON object of extra engine arguments, e.g. '{\"gpu_memory_utilization\": 0.85}'",
+        _json_object,
+    ),
+    Option("--base-url", "worker", "base_url", "openai backend: the server's URL, e.g. http://localhost:8000"),
+    Option("--api-key", "worker", "api_key", "openai backend: bearer token for the server (never logged)"),
+    Option(
+        "--served-model", "worker", "served_model", "openai backend: the model name the server knows (default: --model)"
+    ),
+    Option(
+        "--max-concurrency", "worker", "max_concurrency", "openai backend: most requests in flight to the server", int
+    ),
+    Option(
+        "--startup-timeout-s", "worker", "startup_timeout_s", "seconds to load the model or wait for the server", float
+    ),
     Option("--tokens-per-s", "worker", "tokens_per_s", "speed of the simulated backend", float),
     Option("--max-batch", "worker", "max_batch", "most requests in one micro-batch", int),
     Option("--gpu", "worker", "gpu", "GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES)", int),

@@ -9,9 +9,9 @@ import hashlib
 import time
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gpulb.errors import BadPayload
 from gpulb.keys import SCHEMA_VERSION
@@ -46,26 +46,75 @@ class SamplingParams(BaseModel):
     ignore_eos: bool | None = None
 
 
-class RequestSpec(SamplingParams):
-    """One request as a user gives it: a prompt, a token budget, optional sampling fields, and an
-    optional ``session`` key (requests of one session prefer the worker that served it before)."""
+class TextPart(BaseModel):
+    """A text part of a chat message's content (the only kind a text model takes)."""
 
-    prompt: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message, as the OpenAI chat API writes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+def render_messages(messages: list[dict[str, Any]]) -> str:
+    """A plain-text form of a conversation: what cost, affinity and engines without a chat template use."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+class RequestSpec(SamplingParams):
+    """One request as a user gives it: a ``prompt`` or chat ``messages``, a token budget, optional
+    sampling fields, and an optional ``session`` key (requests of one session prefer the worker that
+    served it before)."""
+
+    prompt: str | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_tokens: int = Field(ge=1)
     session: str | None = Field(default=None, min_length=1, max_length=256)
 
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> RequestSpec:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt (text completion) or messages (chat)")
+        return self
+
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "max_tokens", "session"}, exclude_none=True)
+        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session"}, exclude_none=True)
+
+    def chat(self) -> list[dict[str, Any]] | None:
+        """The messages with their content flattened to text, as engines' chat templates take them."""
+        if self.messages is None:
+            return None
+        return [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in self.messages]
+
+    def input_text(self) -> str:
+        chat = self.chat()
+        return self.prompt if chat is None else render_messages(chat)  # type: ignore[return-value]
 
     def affinity_key(self) -> str:
         """Its session, or the hash of its first prompt block; "" for a short prompt without session."""
         if self.session is not None:
             return _short_hash(b"s" + self.session.encode())
-        head = self.prompt.encode()[:PREFIX_AFFINITY_BYTES]
+        head = self.input_text().encode()[:PREFIX_AFFINITY_BYTES]
         return _short_hash(b"p" + head) if len(head) == PREFIX_AFFINITY_BYTES else ""
 
     def cost_tokens(self) -> int:
-        return request_cost(len(self.prompt.encode()), self.max_tokens)
+        return request_cost(len(self.input_text().encode()), self.max_tokens)
+
+    def payload(self) -> RequestPayload:
+        return RequestPayload(prompt=self.prompt, messages=self.chat(), max_tokens=self.max_tokens,
+                              sampling=self.sampling())  # fmt: skip
 
 
 def request_cost(prompt_bytes: int, max_tokens: int) -> int:
@@ -78,7 +127,8 @@ class RequestPayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
     max_tokens: int
     sampling: dict[str, Any] = Field(default_factory=dict)
 
@@ -91,7 +141,9 @@ class Result(BaseModel):
     request_id: str
     index: int
     text: str
-    output_tokens: int
+    output_tokens: int  # completion tokens
+    prompt_tokens: int = 0  # as the engine counted them; 0 where it cannot tell
+    finish_reason: str | None = None  # "stop", "length"; None for a failed or cancelled request
     worker: str
     error: str | None = None
     cancelled: bool = False
@@ -147,6 +199,7 @@ class WorkerState(StrEnum):
     IDLE = "idle"
     BUSY = "busy"
     DRAINING = "draining"
+    UNHEALTHY = "unhealthy"  # its engine does not answer: takes no new work until it does
 
 
 ACCEPTING_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
@@ -169,6 +222,14 @@ class WorkerLoad(BaseModel):
     host: str = ""
     pid: int = 0
     gpu: int = -1
+    # What the engine and the GPU report; -1 where they cannot tell.
+    engine_running: int = -1
+    engine_waiting: int = -1
+    kv_cache_usage: float = -1.0  # 0..1
+    generated_tokens: int = -1  # engine counter since it started
+    gpu_util: float = -1.0  # percent
+    gpu_mem_used_mb: float = -1.0
+    gpu_mem_total_mb: float = -1.0
     ts: float = Field(default_factory=time.time)
 
     def to_hash(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +32,10 @@ class LogFormat(StrEnum):
 
 class BackendName(StrEnum):
     SIMULATED = "simulated"
+    TRANSFORMERS = "transformers"
+    OPENAI = "openai"
+    VLLM = "vllm"
+    TENSORRT_LLM = "tensorrt-llm"
 
 
 class RedisSettings(BaseModel):
@@ -95,6 +99,18 @@ class WorkerSettings(BaseModel):
     min_call_timeout_s: PositiveFloat = 120.0
     call_timeout_factor: PositiveFloat = 10.0
     simulate_faults: bool = False
+    # Real engines. model_path: what the engine loads (a local directory or hub id; default: model).
+    model_path: str | None = None
+    dtype: str = "auto"
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vLLM / TensorRT-LLM
+    startup_timeout_s: PositiveFloat = 900.0  # loading a model, or waiting for an engine server to answer
+    # The openai backend: a local OpenAI-compatible server (vllm serve, trtllm-serve, SGLang).
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    served_model: str | None = None  # the model name the server knows (default: model)
+    metrics_path: str | None = None  # default: /metrics, then /prometheus/metrics (trtllm-serve)
+    request_timeout_s: PositiveFloat = 600.0
+    max_concurrency: int = Field(default=256, ge=1)
 
     @field_validator("id")
     @classmethod

@@ -12,7 +12,7 @@ import redis
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import BadPayload, BatchNotFound
-from gpulb.models import BatchState, BatchStatus, RequestPayload, RequestSpec, Result
+from gpulb.models import BatchState, BatchStatus, RequestSpec, Result
 from gpulb.scripts import Scripts
 from gpulb.settings import ProducerSettings
 
@@ -90,7 +90,7 @@ def _publish(
 
 
 def _payload_json(spec: RequestSpec) -> str:
-    payload = RequestPayload(prompt=spec.prompt, max_tokens=spec.max_tokens, sampling=spec.sampling())
+    payload = spec.payload()
     return payload.model_dump_json(exclude_defaults=True)
 
 

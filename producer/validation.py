@@ -70,10 +70,11 @@ def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSet
 
 
 def _check_limits(index: int, spec: RequestSpec, limits: ProducerSettings) -> None:
-    size = len(spec.prompt.encode())
+    size = len(spec.input_text().encode())
     if size > limits.max_prompt_bytes:
+        field = "prompt" if spec.prompt is not None else "messages"
         raise InvalidRequest(
-            f"request {index}: prompt: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
+            f"request {index}: {field}: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
             "(GPULB_PRODUCER__MAX_PROMPT_BYTES)"
         )
     if spec.max_tokens > limits.max_tokens_limit:

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from gpulb.errors import BackendError
-from worker.backends.base import Backend, BackendOutput, BackendRequest
+from worker.backends.base import Backend, BackendOutput, BackendRequest, failed
 
 
 class BackendTimeout(BackendError):
@@ -44,12 +44,29 @@ class IsolatingExecutor:
 
     def _isolate(self, requests: list[BackendRequest], tokens_per_s: float) -> list[Outcome]:
         try:
-            return [Outcome(out) for out in self._call(requests, tokens_per_s)]
+            outputs = self._call(requests, tokens_per_s)
         except Exception as exc:
             if len(requests) == 1:
                 return [self._retry_alone(requests[0], tokens_per_s, exc)]
             mid = len(requests) // 2
             return self._isolate(requests[:mid], tokens_per_s) + self._isolate(requests[mid:], tokens_per_s)
+        return self._retry_transient(requests, [Outcome(out) for out in outputs], tokens_per_s)
+
+    def _retry_transient(self, requests: list[BackendRequest], outcomes: list[Outcome], tps: float) -> list[Outcome]:
+        """Retry, with backoff, the requests whose outputs say the engine was busy or unreachable."""
+        tries = 1
+        while tries < self.policy.max_attempts:
+            pending = [p for p, outcome in enumerate(outcomes) if outcome.output.retryable]
+            if not pending or self.stop.wait(self.policy.retry_backoff_s * 2 ** (tries - 1)):
+                break
+            tries += 1
+            try:
+                outputs = self._call([requests[p] for p in pending], tps)
+            except Exception as exc:
+                outputs = [failed(f"{type(exc).__name__}: {exc}", retryable=True)] * len(pending)
+            for p, out in zip(pending, outputs, strict=True):
+                outcomes[p] = Outcome(out, tries)
+        return outcomes
 
     def _retry_alone(self, request: BackendRequest, tokens_per_s: float, first: Exception) -> Outcome:
         tries, last = 1, first
@@ -61,7 +78,7 @@ class IsolatingExecutor:
                 return Outcome(self._call([request], tokens_per_s)[0], tries)
             except Exception as exc:
                 last = exc
-        return Outcome(BackendOutput(text="", output_tokens=0, error=f"{type(last).__name__}: {last}"), tries)
+        return Outcome(failed(f"{type(last).__name__}: {last}"), tries)
 
     def timeout_s(self, requests: list[BackendRequest], tokens_per_s: float) -> float:
         expected = sum(r.max_tokens for r in requests) / tokens_per_s if tokens_per_s > 0 else 0.0

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import structlog
@@ -20,8 +20,9 @@ from gpulb.models import Result, WorkerLoad, WorkerState
 from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
-from worker.backends.base import Backend, BackendOutput, BackendRequest
+from worker.backends.base import Backend, BackendRequest, EngineLoad, failed
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
+from worker.gpu import GpuMonitor, GpuSample
 from worker.microbatch import Item, load_items, mark_started, record_arguments
 
 log = get_logger("gpulb.worker")
@@ -49,7 +50,10 @@ class ThroughputMeter:
 class WorkerRuntime:
     """The state of one worker process; the RQ job function calls :meth:`run_microbatch`."""
 
-    def __init__(self, conn: redis.Redis, rq_conn: redis.Redis, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self, conn: redis.Redis, rq_conn: redis.Redis, settings: Settings, backend: Backend,
+        gpu_monitor: GpuMonitor | None = None,
+    ) -> None:  # fmt: skip
         cfg = settings.worker
         if not cfg.model:
             raise ValueError("worker settings need a model")
@@ -65,6 +69,10 @@ class WorkerRuntime:
                                  cfg.call_timeout_factor)  # fmt: skip
         self.executor = IsolatingExecutor(backend, policy, self.stopping)
         self.state = WorkerState.STARTING
+        self.engine_ok = True
+        self.engine = EngineLoad()
+        self.gpu_monitor = gpu_monitor
+        self.gpu = GpuSample(None, None, None)
         self.running = 0
         self.queued = 0
         self.current_microbatch: str | None = None
@@ -77,8 +85,28 @@ class WorkerRuntime:
             worker_id=self.worker_id, model=self.model, backend=self.backend.name, state=self.state,
             capacity=self.cfg.max_batch, running=self.running, queued=self.queued,
             tokens_per_s=round(self.meter.tokens_per_s, 3), host=socket.gethostname(), pid=os.getpid(),
-            gpu=-1 if self.cfg.gpu is None else self.cfg.gpu,
+            gpu=-1 if self.cfg.gpu is None else self.cfg.gpu, **self._engine_fields(),
         )  # fmt: skip
+
+    def _engine_fields(self) -> dict[str, Any]:
+        reported = {
+            "engine_running": self.engine.running, "engine_waiting": self.engine.waiting,
+            "kv_cache_usage": self.engine.kv_cache_usage, "generated_tokens": self.engine.generated_tokens,
+            "gpu_util": self.gpu.util_percent, "gpu_mem_used_mb": self.gpu.mem_used_mb,
+            "gpu_mem_total_mb": self.gpu.mem_total_mb,
+        }  # fmt: skip
+        return {name: round(value, 4) for name, value in reported.items() if value is not None}
+
+    def refresh_engine_status(self) -> None:
+        """Ask the engine and NVML how they are (heartbeat thread only: these calls may be slow)."""
+        try:
+            self.engine_ok = self.backend.healthy()
+            self.engine = self.backend.engine_load()
+        except Exception as exc:
+            self.engine_ok, self.engine = False, EngineLoad()
+            log.warning("backend health check failed", error=f"{type(exc).__name__}: {exc}")
+        if self.gpu_monitor is not None:
+            self.gpu = self.gpu_monitor.sample()
 
     def publish_load(self, pipe: redis.client.Pipeline | None = None) -> None:
         target = self.conn.pipeline(transaction=False) if pipe is None else pipe
@@ -97,7 +125,12 @@ class WorkerRuntime:
         self.queued = int(self.conn.llen(keys.rq_queue_key(self.worker_id)))
         if self.state is WorkerState.STARTING:
             return
+        self.refresh_engine_status()
+        became_unhealthy = self._update_health()
         self.publish_load()
+        if became_unhealthy:
+            released = self.release_queued()
+            log.warning("engine unhealthy: taking no new work", released_requests=released)
         self._beats += 1
         if self._beats % ORPHAN_SWEEP_BEATS == 0 and self.state is not WorkerState.DRAINING:
             current = self.current_microbatch
@@ -113,7 +146,9 @@ class WorkerRuntime:
         retire_rq_worker(self.rq_conn, self.worker_id)
         recovered = recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
                                    max_attempts=self.settings.max_attempts)  # fmt: skip
+        self.refresh_engine_status()
         self.state = WorkerState.IDLE
+        self._update_health()
         pipe = self.conn.pipeline(transaction=False)
         self.publish_load(pipe)
         pipe.sadd(keys.models_key(), self.model)
@@ -148,8 +183,20 @@ class WorkerRuntime:
 
     def _set_busy(self, running: int) -> None:
         self.running = running
-        if self.state is not WorkerState.DRAINING:
-            self.state = WorkerState.BUSY if running else WorkerState.IDLE
+        self._update_health()
+
+    def _update_health(self) -> bool:
+        """Set the state from running count and engine health; True if the engine just went unhealthy."""
+        if self.state in (WorkerState.DRAINING, WorkerState.STARTING):
+            return False
+        was = self.state
+        if not self.engine_ok:
+            self.state = WorkerState.UNHEALTHY
+        else:
+            self.state = WorkerState.BUSY if self.running else WorkerState.IDLE
+        if was is WorkerState.UNHEALTHY and self.state is not WorkerState.UNHEALTHY:
+            log.info("engine healthy again: taking work")
+        return self.state is WorkerState.UNHEALTHY and was is not WorkerState.UNHEALTHY
 
     def release_queued(self) -> int:
         """Hand every queued (not started) micro-batch back to the front of the ingress."""
@@ -240,7 +287,8 @@ class WorkerRuntime:
     def _execute(self, items: list[Item]) -> dict[int, Outcome]:
         runnable = [(p, i.payload) for p, i in enumerate(items) if i.runnable and i.payload is not None]
         requests = [
-            BackendRequest(prompt=pl.prompt, max_tokens=pl.max_tokens, sampling=pl.sampling) for _, pl in runnable
+            BackendRequest(prompt=pl.prompt, max_tokens=pl.max_tokens, sampling=pl.sampling, messages=pl.messages)
+            for _, pl in runnable
         ]
         outcomes = self.executor.run(requests, self.meter.tokens_per_s)
         return {p: outcome for (p, _), outcome in zip(runnable, outcomes, strict=True)}
@@ -252,13 +300,13 @@ class WorkerRuntime:
         for position, item in enumerate(items):
             if item.already_done:
                 continue
-            outcome = outcomes.get(position) or Outcome(
-                BackendOutput(text="", output_tokens=0, error=CANCELLED if item.cancelled else item.problem), 0
-            )
+            outcome = outcomes.get(position) or Outcome(failed(CANCELLED if item.cancelled else str(item.problem)), 0)
+            out = outcome.output
             results[position] = Result(
-                request_id=keys.request_id(item.batch_id, item.index), index=item.index,
-                text=outcome.output.text, output_tokens=outcome.output.output_tokens, worker=self.worker_id,
-                error=outcome.output.error, cancelled=item.cancelled, attempts=item.attempt + outcome.tries,
+                request_id=keys.request_id(item.batch_id, item.index), index=item.index, text=out.text,
+                output_tokens=out.output_tokens, prompt_tokens=out.prompt_tokens,
+                finish_reason=None if out.error else out.finish_reason, worker=self.worker_id,
+                error=out.error, cancelled=item.cancelled, attempts=item.attempt + outcome.tries,
                 submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
             )  # fmt: skip
         return results

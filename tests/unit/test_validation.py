@@ -31,7 +31,28 @@ def client(fake: fakeredis.FakeRedis) -> Client:
 BAD_BATCHES: list[tuple[Any, dict[str, Any], str]] = [
     ([], {}, "requests: the batch is empty"),
     ("just one string", {}, "requests: expected a list"),
-    ([{"max_tokens": 3}], {}, "request 0: prompt: Field required"),
+    (
+        [{"max_tokens": 3}],
+        {},
+        "request 0: request: Value error, give exactly one of prompt (text completion) or messages",
+    ),
+    (
+        [{"prompt": "p", "messages": [{"role": "user", "content": "hi"}]}],
+        {},
+        "request 0: request: Value error, give exactly one",
+    ),
+    ([{"messages": []}], {}, "request 0: messages: List should have at least 1 item"),
+    ([{"messages": [{"role": "robot", "content": "hi"}]}], {}, "request 0: messages.0.role: Input should be 'system'"),
+    (
+        [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}],
+        {},
+        "request 0: messages.0.content.str: Input should be a valid string",
+    ),
+    (
+        [{"messages": [{"role": "user", "content": "x" * ((1 << 20) + 1)}]}],
+        {},
+        "request 0: messages: 1048584 bytes exceeds",
+    ),
     ([""], {}, "request 0: prompt: String should have at least 1 character"),
     ([{"prompt": 42}], {}, "request 0: prompt: Input should be a valid string"),
     ([{"prompt": "x" * ((1 << 20) + 1)}], {}, "request 0: prompt: 1048577 bytes exceeds the limit of 1048576"),

@@ -1,11 +1,15 @@
-"""A simulated GPU: deterministic output, and time proportional to the tokens asked for."""
+"""A simulated GPU: deterministic output, and time proportional to the tokens asked for.
+
+The output echoes the prompt's words (a chat's rendered text) to exactly ``max_tokens`` words; the
+prompt token count is its number of words.
+"""
 
 from __future__ import annotations
 
 import itertools
 import threading
 
-from worker.backends.base import Backend, BackendOutput, BackendRequest
+from worker.backends.base import LENGTH, Backend, BackendOutput, BackendRequest
 
 FAIL_MARKER = "@@fail"  # with simulate_faults: a request whose prompt holds this makes the batch raise
 HANG_MARKER = "@@hang"  # with simulate_faults: a batch holding this never returns (until shutdown)
@@ -43,12 +47,18 @@ class SimulatedBackend(Backend):
         total = sum(r.max_tokens for r in requests)
         # Event.wait is an interruptible sleep: shutdown() ends a simulated batch at once.
         self._stop.wait(total / self.tokens_per_s)
-        return [BackendOutput(text=echo_text(r.prompt, r.max_tokens), output_tokens=r.max_tokens) for r in requests]
+        return [self._output(r) for r in requests]
+
+    @staticmethod
+    def _output(request: BackendRequest) -> BackendOutput:
+        text = request.text
+        return BackendOutput(text=echo_text(text, request.max_tokens), output_tokens=request.max_tokens,
+                             prompt_tokens=len(text.split()), finish_reason=LENGTH)  # fmt: skip
 
     def _inject_faults(self, requests: list[BackendRequest]) -> None:
-        if any(HANG_MARKER in r.prompt for r in requests):
+        if any(HANG_MARKER in r.text for r in requests):
             self._stop.wait()
-        if any(FAIL_MARKER in r.prompt for r in requests):
+        if any(FAIL_MARKER in r.text for r in requests):
             raise SimulatedFault("simulated backend failure")
 
     def shutdown(self) -> None:
