@@ -182,6 +182,16 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     )
     _add(wrk, WORKER, defaults)
     wrk.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, one-off runs)")
+    sup = sub.add_parser(
+        "workers",
+        help="run and supervise one worker per GPU",
+        description="Start one worker per GPU (each pinned with CUDA_VISIBLE_DEVICES and named HOST-gpuN, or "
+        "ID-gpuN with --id), restart any that exits with a doubling backoff, and forward SIGTERM/SIGINT so "
+        "that each drains before the supervisor exits. Takes every worker option.",
+        epilog="Example: gpulb workers --gpus all --backend vllm --model meta-llama/Llama-3.1-8B-Instruct",
+    )
+    sup.add_argument("--gpus", required=True, help="GPU indices, comma-separated (0,1,2,3), or 'all'")
+    _add(sup, [o for o in WORKER if o.name != "gpu"], defaults)
     st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -234,9 +244,43 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from worker.main import run_worker
 
         run_worker(settings, burst=args.burst)
+    elif args.command == "workers":
+        return _workers(args, settings)
     elif args.command == "status":
         return _status(settings, as_json=args.json)
     return 0
+
+
+def _given_options_as_env(args: argparse.Namespace) -> dict[str, str]:
+    """The options given on this command line, as the environment variables a child reads them from."""
+    env: dict[str, str] = {}
+    for opt in [*COMMON, *WORKER]:
+        value = getattr(args, f"{opt.section or ''}.{opt.name}", None)
+        if value is not None:
+            env[opt.env] = json.dumps(value) if isinstance(value, dict) else str(value)
+    return env
+
+
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import subprocess
+
+    from worker.gpu import parse_gpu_list
+    from worker.supervisor import Supervisor
+
+    gpus = parse_gpu_list(args.gpus)
+    if not settings.worker.model:
+        raise ConfigError("workers need a model: pass --model or set GPULB_WORKER__MODEL")
+    base_env = {**os.environ, **_given_options_as_env(args)}
+
+    def spawn(gpu: int) -> subprocess.Popen[bytes]:
+        env = {**base_env, "GPULB_WORKER__GPU": str(gpu), "CUDA_VISIBLE_DEVICES": str(gpu)}
+        if settings.worker.id:
+            env["GPULB_WORKER__ID"] = f"{settings.worker.id}-gpu{gpu}"
+        # A session of its own: a Ctrl-C on the terminal reaches only the supervisor, which forwards it once.
+        return subprocess.Popen([sys.executable, "-m", "gpulb.cli", "worker"], env=env, start_new_session=True)
+
+    return Supervisor(gpus, spawn).run()
 
 
 def _status(settings: Settings, *, as_json: bool) -> int:

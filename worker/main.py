@@ -6,7 +6,6 @@ held but can no longer run, and carries on; it exits only on SIGTERM/SIGINT (or 
 
 from __future__ import annotations
 
-import os
 import signal
 from types import FrameType
 
@@ -19,13 +18,15 @@ from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect
 from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
 from gpulb.recovery import retire_rq_worker
-from gpulb.settings import Settings
+from gpulb.settings import BackendName, Settings
 from worker.backends import create_backend
+from worker.gpu import GpuMonitor, pin_to_gpu
 from worker.heartbeat import Heartbeat
 from worker.rq_worker import GpulbWorker
 from worker.runtime import WorkerRuntime
 
 log = get_logger("gpulb.worker")
+GPU_BACKENDS = frozenset({BackendName.TRANSFORMERS, BackendName.VLLM, BackendName.TENSORRT_LLM})
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> None:
@@ -34,8 +35,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     if not cfg.model:
         raise ConfigError("worker needs a model: pass --model or set GPULB_WORKER__MODEL")
     if cfg.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg.gpu)  # before any backend imports CUDA
-    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings, create_backend(cfg))
+        pin_to_gpu(cfg.gpu)  # before any backend imports CUDA
+    monitor = GpuMonitor() if cfg.gpu is not None or cfg.backend in GPU_BACKENDS else None
+    backend = create_backend(cfg)
+    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings, backend, monitor)
     with broker_errors(settings.redis_url):
         runtime.conn.ping()
         runtime.backend.start()
