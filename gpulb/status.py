@@ -23,6 +23,15 @@ class WorkerRow:
     tokens_per_s: float
     capacity: int
     heartbeat_age_s: float | None
+    backend: str = ""
+    engine_waiting: int | None = None  # None: the engine cannot tell
+    kv_cache_percent: float | None = None
+    gpu_util_percent: float | None = None
+    gpu_mem_used_mb: float | None = None
+
+
+def _known(value: float) -> float | None:
+    return None if value < 0 else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +112,16 @@ def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> Worke
         tokens_per_s=load.tokens_per_s,
         capacity=load.capacity,
         heartbeat_age_s=round(max(0.0, now - load.ts), 1),
+        backend=load.backend,
+        engine_waiting=None if load.engine_waiting < 0 else load.engine_waiting,
+        kv_cache_percent=None if load.kv_cache_usage < 0 else round(100 * load.kv_cache_usage, 1),
+        gpu_util_percent=_known(load.gpu_util),
+        gpu_mem_used_mb=_known(load.gpu_mem_used_mb),
     )
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 def render_table(status: FleetStatus) -> str:
@@ -114,13 +132,15 @@ def render_table(status: FleetStatus) -> str:
         else f"balancer: {b.host} pid {b.pid} ({b.policy}), beat {b.heartbeat_age_s:.1f}s ago, "
         f"{b.requests} requests in {b.micro_batches} micro-batches dispatched",
         "",
-        f"{'WORKER':<24} {'MODEL':<20} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} {'CAP':>5} {'BEAT':>6}",
+        f"{'WORKER':<24} {'MODEL':<20} {'BACKEND':<12} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} "
+        f"{'CAP':>5} {'KV':>5} {'GPU':>5} {'BEAT':>6}",
     ]
     for w in status.workers:
         age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.1f}s"
         lines.append(
-            f"{w.worker_id:<24} {w.model:<20} {w.state:<9} {w.running:>5} {w.queued:>6} "
-            f"{w.tokens_per_s:>9.0f} {w.capacity:>5} {age:>6}"
+            f"{w.worker_id:<24} {w.model:<20} {w.backend:<12} {w.state:<9} {w.running:>5} {w.queued:>6} "
+            f"{w.tokens_per_s:>9.0f} {w.capacity:>5} {_percent(w.kv_cache_percent):>5} "
+            f"{_percent(w.gpu_util_percent):>5} {age:>6}"
         )
     if not status.workers:
         lines.append("(no workers registered)")
