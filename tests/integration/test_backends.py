@@ -1,0 +1,92 @@
+"""What backends add to the pipeline: chat requests, token counts, engine health, transient errors."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from gpulb import keys
+from gpulb.models import WorkerState
+from producer import Client
+from tests.integration.conftest import StartWorker, balancer, work
+from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, failed
+from worker.backends.simulated import SimulatedBackend
+from worker.execution import ExecutionPolicy, IsolatingExecutor
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+class FlakyEngine(SimulatedBackend):
+    """Answers every request, but says "busy" (like a 503) for the first ``busy_calls`` calls."""
+
+    def __init__(self, busy_calls: int) -> None:
+        super().__init__(1e6)
+        self.busy_calls, self.calls = busy_calls, 0
+        self.ok = True
+
+    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
+        self.calls += 1
+        if self.calls <= self.busy_calls:
+            return [failed("HTTP 503 Service Unavailable", retryable=True) for _ in requests]
+        return super().generate(requests)
+
+    def healthy(self) -> bool:
+        return self.ok
+
+    def engine_load(self) -> EngineLoad:
+        return EngineLoad(running=3, waiting=4, kv_cache_usage=0.625, generated_tokens=99)
+
+
+class TestChatRequests:
+    def test_chat_and_prompt_requests_share_a_batch_with_token_counts(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        worker = start_worker("w")
+        batch = client.submit_batch([{"messages": CHAT, "max_tokens": 3}, "one two"], model="m", max_tokens=2)
+        while balancer(conn).dispatch_round():
+            work(worker, redis_url)
+        chat, plain = batch.results(timeout=5)
+        assert chat.text == "system: be brief"  # the simulated engine echoes "system: be brief\nuser: hi\n"
+        assert (chat.output_tokens, chat.prompt_tokens, chat.finish_reason) == (3, 5, "length")
+        assert (plain.text, plain.output_tokens, plain.prompt_tokens) == ("one two", 2, 2)
+
+
+class TestTransientErrors:
+    def test_busy_answers_are_retried_with_backoff_and_counted_as_attempts(self) -> None:
+        engine = FlakyEngine(busy_calls=2)
+        executor = IsolatingExecutor(engine, ExecutionPolicy(max_attempts=3, retry_backoff_s=0.01), threading.Event())
+        outcomes = executor.run([BackendRequest("a b", 2), BackendRequest("c", 1)], 1e6)
+        assert [(o.output.text, o.output.error, o.tries) for o in outcomes] == [("a b", None, 3), ("c", None, 3)]
+        assert engine.calls == 3  # one call per try for the pair, never split: the engine was busy, not them
+
+    def test_still_busy_after_max_attempts_is_a_failure_naming_the_cause(self) -> None:
+        engine = FlakyEngine(busy_calls=10)
+        executor = IsolatingExecutor(engine, ExecutionPolicy(max_attempts=2, retry_backoff_s=0.01), threading.Event())
+        (outcome,) = executor.run([BackendRequest("a", 1)], 1e6)
+        assert (outcome.output.error, outcome.tries) == ("HTTP 503 Service Unavailable", 2)
+
+
+class TestEngineHealth:
+    def test_unhealthy_engine_takes_no_work_and_hands_its_queue_back(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        sick = start_worker("sick", max_batch=4)
+        engine = FlakyEngine(busy_calls=0)
+        sick.backend = sick.executor.backend = engine
+        batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
+        assert balancer(conn).dispatch_round() == 8
+        engine.ok = False
+        sick.heartbeat()
+        load = conn.hgetall(keys.load_key("sick"))
+        assert load["state"] == WorkerState.UNHEALTHY.value
+        assert (load["engine_running"], load["engine_waiting"], load["kv_cache_usage"]) == ("3", "4", "0.625")
+        assert conn.llen(keys.rq_queue_key("sick")) == 0 and conn.zcard(keys.ingress_key("m")) == 8
+        assert balancer(conn).dispatch_round() == 0  # nothing goes to an unhealthy worker
+        engine.ok = True
+        sick.heartbeat()
+        assert conn.hget(keys.load_key("sick"), "state") == WorkerState.IDLE.value
+        while balancer(conn).dispatch_round():
+            work(sick, redis_url)
+        results = batch.results(timeout=5)
+        assert [r.attempts for r in results] == [1] * 8 and all(r.ok for r in results)
