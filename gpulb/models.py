@@ -82,6 +82,7 @@ class RequestSpec(SamplingParams):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_tokens: int = Field(ge=1)
     session: str | None = Field(default=None, min_length=1, max_length=256)
+    custom_id: str | None = Field(default=None, min_length=1, max_length=512)  # the caller's name, echoed back
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> RequestSpec:
@@ -90,7 +91,7 @@ class RequestSpec(SamplingParams):
         return self
 
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session"}, exclude_none=True)
+        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session", "custom_id"}, exclude_none=True)
 
     def chat(self) -> list[dict[str, Any]] | None:
         """The messages with their content flattened to text, as engines' chat templates take them."""
@@ -114,7 +115,7 @@ class RequestSpec(SamplingParams):
 
     def payload(self) -> RequestPayload:
         return RequestPayload(prompt=self.prompt, messages=self.chat(), max_tokens=self.max_tokens,
-                              sampling=self.sampling())  # fmt: skip
+                              sampling=self.sampling(), custom_id=self.custom_id)  # fmt: skip
 
 
 def request_cost(prompt_bytes: int, max_tokens: int) -> int:
@@ -131,6 +132,7 @@ class RequestPayload(BaseModel):
     messages: list[dict[str, Any]] | None = None
     max_tokens: int
     sampling: dict[str, Any] = Field(default_factory=dict)
+    custom_id: str | None = None
 
 
 class Result(BaseModel):
@@ -140,6 +142,7 @@ class Result(BaseModel):
 
     request_id: str
     index: int
+    custom_id: str | None = None
     text: str
     output_tokens: int  # completion tokens
     prompt_tokens: int = 0  # as the engine counted them; 0 where it cannot tell

@@ -113,6 +113,15 @@ return {1, #members, tokens, next_cost, dropped, next_key, next_owner}
 # Shared Lua: after results were added to a batch, mark it completed (and set its expiry) when
 # every request has one, and tell waiting producers. Returns completed + failed.
 _SETTLE_BATCH = """
+-- A request's custom_id (the caller's own name for it), read from its payload before the payload goes.
+local function custom_id_of(qkey, idx)
+  local raw = redis.call('HGET', qkey, idx)
+  if not raw then return nil end
+  local ok, payload = pcall(cjson.decode, raw)
+  if ok and type(payload) == 'table' and type(payload['custom_id']) == 'string' then return payload['custom_id'] end
+  return nil
+end
+
 local function settle_batch(bkey, rkey, qkey, channel, now, completed, failed, cancelled)
   local done = redis.call('HINCRBY', bkey, 'completed', completed)
     + redis.call('HINCRBY', bkey, 'failed', failed)
@@ -253,7 +262,8 @@ for member in string.gmatch(mb[1], '%S+') do
       local submitted = tonumber(redis.call('HGET', KEYS[9 + 3 * b], 'submitted_at') or now)
       redis.call('HSET', rkey, idx, cjson.encode({request_id = bid .. '-' .. idx, index = tonumber(idx),
         text = '', output_tokens = 0, worker = ARGV[6], error = ARGV[7], attempts = next_attempt,
-        submitted_at = submitted, started_at = tonumber(now), finished_at = tonumber(now)}))
+        submitted_at = submitted, started_at = tonumber(now), finished_at = tonumber(now),
+        custom_id = custom_id_of(KEYS[11 + 3 * b], idx)}))
       redis.call('HDEL', KEYS[11 + 3 * b], idx)
       dead[b] = (dead[b] or 0) + 1
     else
@@ -293,7 +303,9 @@ local n, tokens = 0, 0
 for pos = 3, #ARGV, 3 do
   if redis.call('ZREM', KEYS[1], ARGV[pos]) == 1 then
     tokens = tokens + tonumber(string.match(ARGV[pos], ':(%d+):%d+:%w*$'))
-    if redis.call('HSETNX', KEYS[4], ARGV[pos + 1], ARGV[pos + 2]) == 1 then n = n + 1 end
+    local result = cjson.decode(ARGV[pos + 2])
+    result['custom_id'] = custom_id_of(KEYS[5], ARGV[pos + 1])
+    if redis.call('HSETNX', KEYS[4], ARGV[pos + 1], cjson.encode(result)) == 1 then n = n + 1 end
     redis.call('HDEL', KEYS[5], ARGV[pos + 1])
   end
 end

@@ -56,7 +56,7 @@ def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
 
 
 def _attach_payload(item: Item, raw: str | None) -> None:
-    if item.already_done or item.cancelled:
+    if item.already_done:
         return
     if raw is None:
         item.problem = "request payload missing from Redis"

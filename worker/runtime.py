@@ -303,7 +303,8 @@ class WorkerRuntime:
             outcome = outcomes.get(position) or Outcome(failed(CANCELLED if item.cancelled else str(item.problem)), 0)
             out = outcome.output
             results[position] = Result(
-                request_id=keys.request_id(item.batch_id, item.index), index=item.index, text=out.text,
+                request_id=keys.request_id(item.batch_id, item.index), index=item.index,
+                custom_id=item.payload.custom_id if item.payload else None, text=out.text,
                 output_tokens=out.output_tokens, prompt_tokens=out.prompt_tokens,
                 finish_reason=None if out.error else out.finish_reason, worker=self.worker_id,
                 error=out.error, cancelled=item.cancelled, attempts=item.attempt + outcome.tries,

@@ -61,7 +61,7 @@ class TestDeadWorker:
     def test_a_request_that_keeps_killing_workers_is_dead_lettered(
         self, client: Client, conn: redis.Redis, start_worker: StartWorker
     ) -> None:
-        batch = client.submit_batch(["deadly"], model="m")
+        batch = client.submit_batch([{"prompt": "deadly", "custom_id": "req-δ"}], model="m")
         for round_ in range(2):
             w = start_worker(f"victim{round_}", max_attempts=2)
             assert balancer(conn).dispatch_round() == 1
@@ -73,6 +73,7 @@ class TestDeadWorker:
         (result,) = batch.results(timeout=5)
         assert result.error == "worker victim1 died while running this request 2 times"
         assert result.attempts == 2 and result.worker == "victim1"
+        assert result.custom_id == "req-δ"  # named even though the dead-letter script wrote it
         status = batch.status()
         assert (status.state, status.failed, status.completed, status.running) == (BatchState.COMPLETED, 1, 0, 0)
         assert_settled(conn, ["victim0", "victim1"])
@@ -140,7 +141,7 @@ class TestCancellation:
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
         w = start_worker("w", max_batch=4)
-        batch = client.submit_batch([f"p{i}" for i in range(20)], model="m")
+        batch = client.submit_batch([{"prompt": f"p{i}", "custom_id": f"c{i}"} for i in range(20)], model="m")
         assert balancer(conn, max_outstanding_batches=2).dispatch_round() == 8
         first, _second = queued_ids(conn, "w")
         w.run_microbatch(first)  # 4 done before the cancel
@@ -150,6 +151,7 @@ class TestCancellation:
         results = batch.results(timeout=5)
         assert [r.cancelled for r in results] == [False] * 4 + [True] * 16
         assert all(r.error == "cancelled" for r in results[4:])
+        assert [r.custom_id for r in results] == [f"c{i}" for i in range(20)]  # ran, cancelled by worker or script
         status = batch.status()
         assert (status.state, status.completed, status.cancelled, status.failed) == (BatchState.CANCELLED, 4, 16, 0)
         assert_settled(conn, ["w"])
