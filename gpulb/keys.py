@@ -13,7 +13,9 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 |   field affinity key -> worker id that served it last (prefix-affinity policy)                                 |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
 |   fields model, total, priority, submitted_at, running, completed, failed, cancelled, state, finished_at, |
-|   ttl_s, cancelled_at                                                                                          |
+|   ttl_s, cancelled_at, metadata (JSON object of strings)                                                     |
+| gpulb:batches                        | zset   | none (pruned)        | producer (ZADD)            | status, batch list |
+|   member batch id, score submitted_at; readers drop ids whose batch hash has expired                         |
 | gpulb:batch:B:requests               | hash   | result TTL once done | producer (HSET), worker    | worker             |
 |   field INDEX -> request JSON; a field is deleted once its result is recorded                               |
 | gpulb:batch:B:results                | hash   | result TTL once done | worker (HSETNX)            | producer           |
@@ -55,6 +57,10 @@ WAKEUP_KEEP = 64  # the wake-up list never holds more than this many tokens
 
 def seq_key() -> str:
     return f"{PREFIX}:seq"
+
+
+def batches_key() -> str:
+    return f"{PREFIX}:batches"
 
 
 def models_key() -> str:

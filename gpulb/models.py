@@ -187,6 +187,7 @@ class BatchStatus(BaseModel):
     state: BatchState
     submitted_at: float
     finished_at: float | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     @property
     def done(self) -> int:

@@ -15,7 +15,13 @@ from gpulb.models import BatchStatus, Result
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 from producer import store
-from producer.validation import validate_batch_id, validate_model, validate_priority, validate_requests
+from producer.validation import (
+    validate_batch_id,
+    validate_metadata,
+    validate_model,
+    validate_priority,
+    validate_requests,
+)
 
 T = TypeVar("T")
 
@@ -60,10 +66,15 @@ class Client:
         model: str,
         max_tokens: int = 16,
         priority: int = 0,
+        metadata: Mapping[str, str] | None = None,
     ) -> BatchHandle:
-        """Validate every request, then enqueue them all; a bad request refuses the whole batch."""
+        """Validate every request, then enqueue them all; a bad request refuses the whole batch.
+
+        ``metadata`` (up to 16 string pairs) is kept with the batch and shown by ``gpulb batch``.
+        """
         model = validate_model(model)
         priority = validate_priority(priority)
+        metadata = validate_metadata(metadata)
         specs = validate_requests(requests, max_tokens=max_tokens, limits=self.settings.producer)
         batch_id = store.new_batch_id()
         with self._errors():
@@ -75,8 +86,14 @@ class Client:
                 priority=priority,
                 specs=specs,
                 limits=self.settings.producer,
+                metadata=metadata,
             )
         return BatchHandle(self, batch_id, total=len(specs))
+
+    def list_batches(self, limit: int = 20) -> list[BatchStatus]:
+        """The newest batches (finished ones too, until their results expire), newest first."""
+        with self._errors():
+            return store.list_batches(self._conn, limit)
 
     def get_batch(self, batch_id: str) -> BatchHandle:
         """Re-attach to a batch by id (from any process)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 
@@ -32,6 +33,7 @@ def write_batch(
     priority: int,
     specs: Sequence[RequestSpec],
     limits: ProducerSettings,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Stage the payloads in chunks, then make the batch visible in one MULTI/EXEC.
 
@@ -49,7 +51,7 @@ def write_batch(
     seq_end = int(conn.incrby(keys.seq_key(), len(specs)))
     publish = functools.partial(
         _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
-        seq0=seq_end - len(specs), limits=limits,
+        seq0=seq_end - len(specs), limits=limits, metadata=metadata or {},
     )  # fmt: skip
     try:
         publish()
@@ -68,10 +70,15 @@ def _publish(
     specs: Sequence[RequestSpec],
     seq0: int,
     limits: ProducerSettings,
+    metadata: Mapping[str, str],
 ) -> None:
     pipe = conn.pipeline(transaction=True)
     pipe.persist(keys.batch_requests_key(batch_id))
-    pipe.hset(keys.batch_key(batch_id), mapping=_batch_record(model, priority, len(specs), limits))  # type: ignore[arg-type]
+    record = _batch_record(model, priority, len(specs), limits)
+    if metadata:
+        record["metadata"] = json.dumps(dict(metadata))
+    pipe.hset(keys.batch_key(batch_id), mapping=record)  # type: ignore[arg-type]
+    pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
     total_cost = 0
     for start in range(0, len(specs), limits.chunk_size):
         members: dict[str, int] = {}
@@ -135,9 +142,30 @@ def status_from_record(batch_id: str, raw: dict[str, str]) -> BatchStatus:
             state=state,
             submitted_at=float(raw["submitted_at"]),
             finished_at=float(finished) if finished else None,
+            metadata=json.loads(raw.get("metadata", "{}")),
         )
     except (KeyError, ValueError) as exc:
         raise BadPayload(f"batch record {batch_id} is malformed: {exc!r}") from exc
+
+
+def list_batches(conn: redis.Redis, limit: int) -> list[BatchStatus]:
+    """The newest ``limit`` batches, newest first; drops ids whose records have expired."""
+    batch_ids: list[str] = conn.zrevrange(keys.batches_key(), 0, limit - 1)  # type: ignore[assignment]
+    pipe = conn.pipeline(transaction=False)
+    for batch_id in batch_ids:
+        pipe.hgetall(keys.batch_key(batch_id))
+    statuses, expired = [], []
+    for batch_id, raw in zip(batch_ids, pipe.execute(), strict=True):
+        if not raw:
+            expired.append(batch_id)
+            continue
+        try:
+            statuses.append(status_from_record(batch_id, raw))
+        except BadPayload:
+            continue
+    if expired:
+        conn.zrem(keys.batches_key(), *expired)
+    return statuses
 
 
 def read_results(conn: redis.Redis, batch_id: str, total: int) -> list[Result]:

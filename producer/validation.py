@@ -30,6 +30,21 @@ def validate_priority(priority: object) -> int:
     return priority
 
 
+MAX_METADATA_PAIRS = 16
+
+
+def validate_metadata(metadata: object) -> dict[str, str]:
+    """Up to 16 string pairs (keys up to 64 characters, values up to 512), as the OpenAI Batch API allows."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(f"metadata: expected a mapping of at most {MAX_METADATA_PAIRS} string pairs")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not 0 < len(key) <= 64 or len(value) > 512:
+            raise InvalidRequest(f"metadata: {key!r}: keys must be 1-64 characters, values strings of up to 512")
+    return dict(metadata)
+
+
 def validate_batch_id(batch_id: object) -> str:
     if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.match(batch_id):
         raise InvalidRequest(f"batch_id: {batch_id!r} is not a gpulb batch id (16 lowercase hex digits)")
@@ -63,28 +78,31 @@ def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSet
     raw.setdefault("max_tokens", max_tokens)
     try:
         spec = RequestSpec.model_validate(raw)
+        check_limits(spec, limits)
     except ValidationError as exc:
-        raise InvalidRequest(f"request {index}: {_describe(exc)}") from exc
-    _check_limits(index, spec, limits)
+        raise InvalidRequest(f"request {index}: {describe_error(exc)}") from exc
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"request {index}: {exc}") from exc
     return spec
 
 
-def _check_limits(index: int, spec: RequestSpec, limits: ProducerSettings) -> None:
+def check_limits(spec: RequestSpec, limits: ProducerSettings) -> None:
+    """The producer's size limits; raises :class:`InvalidRequest` naming the field and its setting."""
     size = len(spec.input_text().encode())
     if size > limits.max_prompt_bytes:
         field = "prompt" if spec.prompt is not None else "messages"
         raise InvalidRequest(
-            f"request {index}: {field}: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
+            f"{field}: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
             "(GPULB_PRODUCER__MAX_PROMPT_BYTES)"
         )
     if spec.max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(
-            f"request {index}: max_tokens: {spec.max_tokens} exceeds the limit of {limits.max_tokens_limit} "
+            f"max_tokens: {spec.max_tokens} exceeds the limit of {limits.max_tokens_limit} "
             "(GPULB_PRODUCER__MAX_TOKENS_LIMIT)"
         )
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "request"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -1,0 +1,201 @@
+"""OpenAI Batch files: the input format in, the output format out (also what ``vllm run-batch`` takes).
+
+Input, one JSON object a line::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "llama", "messages": [...], "max_tokens": 64}}
+
+Every line must use the same ``url`` and ``body.model`` (as the OpenAI Batch API requires). Every
+line is checked before anything is enqueued; all bad lines are reported with their numbers.
+Output lines carry ``custom_id``, a ``response`` whose ``body`` is shaped like the OpenAI API's
+answer, and ``error`` for a request that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpulb.errors import InvalidRequest
+from gpulb.models import RequestSpec, Result
+from gpulb.settings import ProducerSettings
+from producer.validation import check_limits, describe_error, validate_model
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+ENDPOINTS = (COMPLETIONS, CHAT)
+# Body fields taken only with their default meaning (or none), then dropped; model is checked apart.
+DEFAULT_ONLY_FIELDS: dict[str, object] = {"stream": False, "n": 1, "logprobs": None, "echo": False, "store": False}
+DROPPED_FIELDS = frozenset({"model", "user", "metadata"})
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass(slots=True)
+class BatchFile:
+    """A checked batch file: one model, one endpoint, requests in file order."""
+
+    model: str
+    endpoint: str
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def custom_ids(self) -> list[str]:
+        return [r["custom_id"] for r in self.requests]
+
+
+def read_batch_file(path: Path, *, default_max_tokens: int, limits: ProducerSettings) -> BatchFile:
+    """Parse and check every line; raises :class:`InvalidRequest` listing the bad lines by number."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return parse_batch_lines(handle, default_max_tokens=default_max_tokens, limits=limits, source=str(path))
+    except OSError as exc:
+        raise InvalidRequest(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def parse_batch_lines(
+    lines: Iterable[str], *, default_max_tokens: int, limits: ProducerSettings, source: str = "input"
+) -> BatchFile:
+    errors: list[str] = []
+    batch: BatchFile | None = None
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            model, endpoint, request = _parse_line(line, default_max_tokens, limits)
+            batch = batch or BatchFile(model, endpoint)
+            _check_same(batch, model, endpoint)
+            _check_unique(seen, request["custom_id"], number)
+            batch.requests.append(request)
+        except InvalidRequest as exc:
+            errors.append(f"line {number}: {exc}")
+    if errors:
+        shown = errors[:MAX_REPORTED_ERRORS]
+        more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        listing = "\n  ".join(shown)
+        raise InvalidRequest(f"{source}: {len(errors)} bad line(s), nothing was submitted:\n  {listing}{more}")
+    if batch is None:
+        raise InvalidRequest(f"{source}: no requests (the file is empty)")
+    if len(batch.requests) > limits.max_batch_requests:
+        count, most = len(batch.requests), limits.max_batch_requests
+        raise InvalidRequest(
+            f"{source}: {count} requests exceed the limit of {most} (GPULB_PRODUCER__MAX_BATCH_REQUESTS)"
+        )
+    return batch
+
+
+def _parse_line(line: str, default_max_tokens: int, limits: ProducerSettings) -> tuple[str, str, dict[str, Any]]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("expected a JSON object with custom_id, method, url and body")
+    custom_id, body = obj.get("custom_id"), obj.get("body")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InvalidRequest("custom_id: required, a non-empty string")
+    if obj.get("method", "POST") != "POST":
+        raise InvalidRequest(f"method: {obj.get('method')!r}: only POST is supported")
+    if obj.get("url") not in ENDPOINTS:
+        raise InvalidRequest(f"url: {obj.get('url')!r}: expected {COMPLETIONS} or {CHAT}")
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: required, a JSON object")
+    model = validate_model(body.get("model"))
+    return model, obj["url"], _request_from_body(obj["url"], custom_id, body, default_max_tokens, limits)
+
+
+def _request_from_body(
+    url: str, custom_id: str, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings
+) -> dict[str, Any]:
+    request: dict[str, Any] = {"custom_id": custom_id}
+    for name, value in body.items():
+        if name in DROPPED_FIELDS:
+            continue
+        if name in DEFAULT_ONLY_FIELDS:
+            if value not in (DEFAULT_ONLY_FIELDS[name], None):
+                raise InvalidRequest(f"body.{name}: {value!r} is not supported (only {DEFAULT_ONLY_FIELDS[name]!r})")
+            continue
+        request["max_tokens" if name == "max_completion_tokens" else name] = value
+    _expect_input(url, request)
+    if isinstance(request.get("stop"), str):
+        request["stop"] = [request["stop"]]  # the OpenAI API takes one stop string or a list
+    request.setdefault("max_tokens", default_max_tokens)
+    try:
+        spec = RequestSpec.model_validate(request)
+    except ValidationError as exc:
+        raise InvalidRequest(f"body.{describe_error(exc)}") from None
+    check_limits(spec, limits)
+    return request
+
+
+def _expect_input(url: str, request: dict[str, Any]) -> None:
+    if url == CHAT and "prompt" in request:
+        raise InvalidRequest(f"body.prompt: {CHAT} takes messages, not a prompt")
+    if url == COMPLETIONS and "messages" in request:
+        raise InvalidRequest(f"body.messages: {COMPLETIONS} takes a prompt, not messages")
+    if url == COMPLETIONS and not isinstance(request.get("prompt"), str):
+        raise InvalidRequest("body.prompt: required, one string (lists of prompts or token ids are not supported)")
+
+
+def _check_same(batch: BatchFile, model: str, endpoint: str) -> None:
+    if model != batch.model:
+        raise InvalidRequest(f"body.model: {model!r} differs from the first line's {batch.model!r} (one model a file)")
+    if endpoint != batch.endpoint:
+        raise InvalidRequest(f"url: {endpoint!r} differs from the first line's {batch.endpoint!r} (one url a file)")
+
+
+def _check_unique(seen: dict[str, int], custom_id: str, number: int) -> None:
+    if custom_id in seen:
+        raise InvalidRequest(f"custom_id: {custom_id!r} is already used on line {seen[custom_id]}")
+    seen[custom_id] = number
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def output_line(result: Result, *, model: str, endpoint: str, batch_id: str) -> dict[str, Any]:
+    """One line of the OpenAI Batch output format for a result."""
+    line: dict[str, Any] = {"id": f"batch_req_{result.request_id}", "custom_id": result.custom_id}
+    if result.error is not None:
+        code = "cancelled" if result.cancelled else "request_failed"
+        return line | {"response": None, "error": {"code": code, "message": result.error}}
+    body = _response_body(result, model, endpoint)
+    return line | {"response": {"status_code": 200, "request_id": result.request_id, "body": body}, "error": None}
+
+
+def _response_body(result: Result, model: str, endpoint: str) -> dict[str, Any]:
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
+             "total_tokens": result.prompt_tokens + result.output_tokens}  # fmt: skip
+    common = {"created": int(result.finished_at), "model": model, "usage": usage}
+    if endpoint == CHAT:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                  "finish_reason": result.finish_reason}  # fmt: skip
+        return {"id": f"chatcmpl-{result.request_id}", "object": "chat.completion", "choices": [choice], **common}
+    choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+    return {"id": f"cmpl-{result.request_id}", "object": "text_completion", "choices": [choice], **common}
+
+
+def write_output(path: Path, lines: Iterator[dict[str, Any]]) -> int:
+    """Write JSONL atomically: a temporary file in the same folder, renamed over ``path`` when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return count

@@ -1,0 +1,457 @@
+"""The openai backend against a real local HTTP server that answers as ``vllm serve`` does."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from gpulb.errors import BackendError, ConfigError
+from gpulb.settings import BackendName, WorkerSettings
+from tests.fake_openai_server import FakeOpenAIServer
+from worker.backends.base import BackendRequest, EngineLoad
+from worker.backends.openai_server import (
+    OpenAIServerBackend,
+    error_message,
+    parse_completion,
+    parse_engine_metrics,
+    server_root,
+)
+from worker.execution import ExecutionPolicy, IsolatingExecutor
+
+MODEL = "org/fake-7b"
+SECRET = "sk-test-5ecret-d0-not-leak"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(MODEL) as fake:
+        yield fake
+
+
+def make_backend(url: str, **kwargs: object) -> OpenAIServerBackend:
+    options: dict[str, object] = {"request_timeout_s": 5.0, "startup_timeout_s": 5.0, **kwargs}
+    return OpenAIServerBackend(url, MODEL, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def backend(server: FakeOpenAIServer) -> Iterator[OpenAIServerBackend]:
+    b = make_backend(server.url)
+    yield b
+    b.shutdown()
+
+
+def prompt(text: str, max_tokens: int = 4, **sampling: object) -> BackendRequest:
+    return BackendRequest(prompt=text, max_tokens=max_tokens, sampling=dict(sampling))
+
+
+def chat(content: str, max_tokens: int = 4) -> BackendRequest:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]
+    return BackendRequest(prompt=None, max_tokens=max_tokens, messages=messages)
+
+
+def executor(backend: OpenAIServerBackend) -> IsolatingExecutor:
+    return IsolatingExecutor(backend, ExecutionPolicy(max_attempts=3, retry_backoff_s=0.01), threading.Event())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class TestGenerate:
+    def test_completion_maps_text_tokens_and_finish_reason(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        [out] = backend.generate([prompt("alpha beta gamma", 5, temperature=0.5, top_k=20, seed=7, ignore_eos=True)])
+        assert (out.text, out.output_tokens, out.prompt_tokens, out.finish_reason) == (
+            "alpha beta gamma alpha beta", 5, 3, "length",
+        )  # fmt: skip
+        assert (out.error, out.retryable) == (None, False)
+        [body] = server.completion_bodies()
+        assert body == {"model": MODEL, "max_tokens": 5, "prompt": "alpha beta gamma", "temperature": 0.5,
+                        "top_k": 20, "seed": 7, "ignore_eos": True}  # fmt: skip
+        assert server.paths() == ["/v1/completions"]
+
+    def test_chat_goes_to_chat_completions(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        [out] = backend.generate([chat("hello there", 3)])
+        assert (out.text, out.output_tokens, out.prompt_tokens, out.finish_reason) == (
+            "be brief hello", 3, 4, "length",
+        )  # fmt: skip
+        [body] = server.completion_bodies()
+        assert body == {"model": MODEL, "max_tokens": 3, "messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]}  # fmt: skip
+        assert server.paths() == ["/v1/chat/completions"]
+
+    def test_stop_string_gives_finish_reason_stop(self, backend: OpenAIServerBackend) -> None:
+        [out] = backend.generate([prompt("one two three four", 8, stop=["three"])])
+        assert (out.text, out.output_tokens, out.finish_reason) == ("one two", 2, "stop")
+
+    def test_sampling_cannot_override_model_or_budget(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        sampling = {"model": "other", "max_tokens": 99, "prompt": "other", "top_p": 0.9}
+        backend.generate([BackendRequest(prompt="a", max_tokens=2, sampling=sampling)])
+        [body] = server.completion_bodies()
+        assert body == {"model": MODEL, "max_tokens": 2, "prompt": "a", "top_p": 0.9}
+
+    def test_outputs_keep_request_order(self, backend: OpenAIServerBackend) -> None:
+        requests = [prompt(f"word{i}", 1) if i % 2 else chat(f"word{i}", 3) for i in range(10)]
+        outputs = backend.generate(requests)
+        assert [o.text for o in outputs] == [f"word{i}" if i % 2 else f"be brief word{i}" for i in range(10)]
+
+    def test_batch_is_sent_concurrently(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        server.delay_s = 0.05
+        started = time.monotonic()
+        outputs = backend.generate([prompt(f"p{i}", 2) for i in range(32)])
+        elapsed = time.monotonic() - started
+        assert [o.text for o in outputs] == [f"p{i} p{i}" for i in range(32)]
+        assert server.max_in_flight > 1
+        assert elapsed < 32 * 0.05 / 2
+
+    def test_base_url_may_end_in_v1(self, server: FakeOpenAIServer) -> None:
+        for url in (f"{server.url}/v1", f"{server.url}/v1/", f"{server.url}/"):
+            b = make_backend(url)
+            assert b.base_url == server.url
+            assert b.generate([prompt("x", 1)])[0].text == "x"
+            b.shutdown()
+
+    def test_server_root_rejects_non_http(self) -> None:
+        assert server_root(" https://h:8000/v1/ ") == "https://h:8000"
+        with pytest.raises(ConfigError, match="http"):
+            server_root("localhost:8000")
+
+
+class TestErrors:
+    def test_503_is_retryable_then_succeeds_through_the_executor(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.fail_next(1)
+        [out] = backend.generate([prompt("a b", 2)])
+        assert (out.retryable, out.text) == (True, "")
+        assert out.error is not None and out.error.startswith("HTTP 503 from /v1/completions: Service unavailable")
+        server.fail_next(1)
+        [outcome] = executor(backend).run([prompt("a b", 2)], tokens_per_s=1e6)
+        assert (outcome.output.text, outcome.output.error, outcome.tries) == ("a b", None, 2)
+
+    @pytest.mark.parametrize("status", [429, 502, 504])
+    def test_overload_statuses_are_retryable(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend, status: int
+    ) -> None:
+        server.fail_next(1, status)
+        [out] = backend.generate([prompt("a", 1)])
+        assert out.retryable and out.error is not None and out.error.startswith(f"HTTP {status} ")
+
+    def test_500_is_not_retryable(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        server.fail_next(1, 500)
+        [out] = backend.generate([prompt("a", 1)])
+        assert (out.retryable, out.error) == (
+            False,
+            "HTTP 500 from /v1/completions: Service unavailable (injected 500)",
+        )
+
+    def test_dropped_connection_is_retryable_then_succeeds(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.drop_next(1)
+        [out] = backend.generate([prompt("a", 1)])
+        assert out.retryable and out.error is not None and "RemoteProtocolError" in out.error
+        server.drop_next(1)
+        [outcome] = executor(backend).run([prompt("c d", 3)], tokens_per_s=1e6)
+        assert (outcome.output.text, outcome.tries) == ("c d c", 2)
+
+    def test_refused_connection_is_retryable(self) -> None:
+        b = make_backend(f"http://127.0.0.1:{free_port()}")
+        [out] = b.generate([prompt("a", 1)])
+        assert out.retryable and out.error is not None and "ConnectError" in out.error
+        b.shutdown()
+
+    def test_read_timeout_is_retryable(self, server: FakeOpenAIServer) -> None:
+        server.delay_s = 0.5
+        b = make_backend(server.url, request_timeout_s=0.1)
+        [out] = b.generate([prompt("a", 1)])
+        assert out.retryable and out.error is not None and "ReadTimeout" in out.error
+        b.shutdown()
+
+    def test_400_fails_only_its_request_with_the_servers_message(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.reject_containing("TOO-LONG", "This model's maximum context length is 4096 tokens.")
+        outputs = backend.generate([prompt("ok one", 2), prompt("TOO-LONG here", 2), chat("ok two", 2)])
+        assert [(o.text, o.error) for o in (outputs[0], outputs[2])] == [("ok one", None), ("be brief", None)]
+        bad = outputs[1]
+        assert (bad.retryable, bad.error) == (
+            False, "HTTP 400 from /v1/completions: This model's maximum context length is 4096 tokens.",
+        )  # fmt: skip
+        [outcome] = executor(backend).run([prompt("TOO-LONG", 1)], tokens_per_s=1e6)
+        assert outcome.tries == 1 and outcome.output.error is not None
+
+    def test_long_server_messages_are_truncated(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        server.reject_containing("X", "y" * 5000)
+        [out] = backend.generate([prompt("X", 1)])
+        assert out.error is not None and out.error.endswith("y...")
+        assert len(out.error) == len("HTTP 400 from /v1/completions: ") + 300
+
+    def test_unknown_model_is_not_retryable(self, server: FakeOpenAIServer) -> None:
+        b = OpenAIServerBackend(server.url, "no-such-model")
+        [out] = b.generate([prompt("a", 1)])
+        assert (out.retryable, out.error) == (
+            False,
+            "HTTP 404 from /v1/completions: The model `no-such-model` does not exist.",
+        )
+        b.shutdown()
+
+    def test_malformed_bodies_fail_without_retry(self) -> None:
+        payloads: list[object] = [{"choices": []}, {"object": "error"}, {"choices": [{"text": 3}]}, [1, 2]]
+        for payload in payloads:
+            out = parse_completion(httpx.Response(200, json=payload))
+            assert (out.retryable, out.error is not None) == (False, True)
+            assert out.error is not None and out.error.startswith("malformed response from the engine server")
+        out = parse_completion(httpx.Response(200, text="<html>oops</html>"))
+        assert out.error is not None and "<html>oops</html>" in out.error
+
+    def test_chat_without_content_or_usage_is_empty_not_failed(self) -> None:
+        message = {"role": "assistant", "content": None}
+        payload = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        out = parse_completion(httpx.Response(200, json=payload))
+        got = (out.text, out.output_tokens, out.prompt_tokens, out.finish_reason, out.error)
+        assert got == ("", 0, 0, "stop", None)
+
+    def test_error_message_reads_every_known_shape(self) -> None:
+        shapes = [
+            ({"error": {"message": "new vllm", "code": 400}}, "new vllm"),
+            ({"object": "error", "message": "old vllm", "code": 400}, "old vllm"),
+            ({"error": "Unauthorized"}, "Unauthorized"),
+            ({"detail": "Not Found"}, "Not Found"),
+        ]
+        for payload, expected in shapes:
+            assert error_message(httpx.Response(400, json=payload)) == expected
+        assert error_message(httpx.Response(502, text="bad gateway")) == "bad gateway"
+        assert error_message(httpx.Response(503)) == "Service Unavailable"
+
+
+class TestSecrets:
+    def test_bearer_token_is_sent_and_required(self) -> None:
+        with FakeOpenAIServer(MODEL, api_key=SECRET) as fake:
+            keyed = make_backend(fake.url, api_key=SECRET)
+            assert keyed.generate([prompt("a", 1)])[0].text == "a"
+            assert fake.requests[-1].headers["Authorization"] == f"Bearer {SECRET}"
+            keyless = make_backend(fake.url)
+            [out] = keyless.generate([prompt("a", 1)])
+            assert (out.error, out.retryable) == ("HTTP 401 from /v1/completions: Unauthorized", False)
+            keyed.shutdown()
+            keyless.shutdown()
+
+    def test_the_key_never_shows(self) -> None:
+        url = f"http://127.0.0.1:{free_port()}/v1"
+        settings = WorkerSettings(backend=BackendName.OPENAI, model=MODEL, base_url=url, api_key=SecretStr(SECRET),
+                                  startup_timeout_s=0.2)  # fmt: skip
+        b = OpenAIServerBackend.from_settings(settings)
+        texts = [repr(b), str(b)]
+        with capture_logs() as logs, pytest.raises(BackendError) as excinfo:
+            b.start()
+        texts += [str(excinfo.value), repr(excinfo.value), repr(logs)]
+        texts += [o.error or "" for o in b.generate([prompt("a", 1), chat("b", 1)])]
+        texts += [repr(b.engine_load()), repr(b.__dict__)]
+        b.shutdown()
+        assert not [t for t in texts if SECRET in t]
+
+
+class TestSettings:
+    def test_from_settings(self, server: FakeOpenAIServer) -> None:
+        settings = WorkerSettings(backend=BackendName.OPENAI, model="gpulb-name", served_model=MODEL,
+                                  base_url=server.url, max_concurrency=8, request_timeout_s=3.0)  # fmt: skip
+        b = OpenAIServerBackend.from_settings(settings)
+        assert (b.name, b.model, b.base_url, b.max_concurrency) == ("openai", MODEL, server.url, 8)
+        assert b.generate([prompt("z", 1)])[0].text == "z"
+        b.shutdown()
+
+    def test_base_url_is_required(self) -> None:
+        with pytest.raises(ConfigError, match=r"needs --base-url \(e.g. http://localhost:8000\)"):
+            OpenAIServerBackend.from_settings(WorkerSettings(model=MODEL))
+
+
+class TestLifecycle:
+    def test_start_waits_for_health(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        server.healthy = False
+        threading.Timer(0.3, lambda: setattr(server, "healthy", True)).start()
+        started = time.monotonic()
+        with capture_logs() as logs:
+            backend.start()
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert server.paths().count("/health") >= 2 and server.paths()[-1] == "/v1/models"
+        assert [e["event"] for e in logs] == ["waiting for the engine server", "engine server is up"]
+
+    def test_start_times_out_naming_the_url(self, server: FakeOpenAIServer) -> None:
+        server.healthy = False
+        b = make_backend(server.url, startup_timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=rf"{server.url}/health was not healthy within 0.3 s"):
+            b.start()
+        assert time.monotonic() - started < 1.5
+        b.shutdown()
+
+    def test_start_warns_when_the_model_is_not_listed(self, server: FakeOpenAIServer) -> None:
+        b = OpenAIServerBackend(server.url, "other-model")
+        with capture_logs() as logs:
+            b.start()
+        [warning] = [e for e in logs if e["log_level"] == "warning"]
+        assert (warning["model"], warning["served"]) == ("other-model", [MODEL])
+        b.shutdown()
+
+    def test_healthy(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        assert backend.healthy()
+        server.healthy = False
+        assert not backend.healthy()
+        server.healthy = True
+        assert backend.healthy()
+        server.stop()
+        assert not backend.healthy()
+
+    def test_healthy_after_shutdown_is_false(self, backend: OpenAIServerBackend) -> None:
+        backend.shutdown()
+        assert not backend.healthy()
+        assert backend.engine_load() == EngineLoad()
+
+
+class TestEngineLoad:
+    def test_reads_vllm_metrics_from_the_server(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        assert backend.engine_load() == EngineLoad(running=0, waiting=0, kv_cache_usage=0.0, generated_tokens=0)
+        backend.generate([prompt("a b c", 4), chat("x", 2)])
+        server.waiting, server.kv_cache_usage = 3, 0.25
+        assert backend.engine_load() == EngineLoad(running=0, waiting=3, kv_cache_usage=0.25, generated_tokens=6)
+
+    def test_counts_running_requests(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        server.delay_s = 0.5
+        thread = threading.Thread(target=backend.generate, args=([prompt(f"p{i}", 1) for i in range(3)],))
+        thread.start()
+        deadline = time.monotonic() + 2
+        while server.in_flight < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.engine_load().running == 3
+        thread.join()
+
+    def test_falls_back_to_trtllm_path_and_remembers_it(self) -> None:
+        with FakeOpenAIServer(MODEL, metrics_path="/prometheus/metrics") as fake:
+            b = make_backend(fake.url)
+            assert b.engine_load().generated_tokens == 0
+            assert b.engine_load().generated_tokens == 0
+            assert [p for p in fake.paths() if "metrics" in p] == ["/metrics", "/prometheus/metrics",
+                                                                   "/prometheus/metrics"]  # fmt: skip
+            b.shutdown()
+
+    def test_explicit_metrics_path(self, server: FakeOpenAIServer) -> None:
+        b = make_backend(server.url, metrics_path="/nowhere")
+        with capture_logs() as logs:
+            assert b.engine_load() == EngineLoad()
+            assert b.engine_load() == EngineLoad()
+        assert [e["event"] for e in logs] == ["engine metrics unavailable"]
+        assert server.paths() == ["/nowhere", "/nowhere"]
+        b.shutdown()
+
+    def test_unreachable_server_gives_empty_load(self) -> None:
+        b = make_backend(f"http://127.0.0.1:{free_port()}")
+        assert b.engine_load() == EngineLoad()
+        b.shutdown()
+
+
+TRTLLM = """\
+# HELP trtllm_num_requests_running Number of running requests
+# TYPE trtllm_num_requests_running gauge
+trtllm_num_requests_running{model_name="llama-8b",engine_type="trtllm"} 5.0
+# TYPE trtllm_num_requests_waiting gauge
+trtllm_num_requests_waiting{model_name="llama-8b",engine_type="trtllm"} 2.0
+# TYPE trtllm_kv_cache_utilization gauge
+trtllm_kv_cache_utilization{model_name="llama-8b",engine_type="trtllm"} 0.62
+# TYPE trtllm_generation_tokens_total counter
+trtllm_generation_tokens_total{model_name="llama-8b",engine_type="trtllm"} 12345.0
+"""
+
+SGLANG = """\
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="qwen",dp_rank="0"} 4.0
+sglang:num_running_reqs{model_name="qwen",dp_rank="1"} 3.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="qwen",dp_rank="0"} 1.0
+sglang:num_queue_reqs{model_name="qwen",dp_rank="1"} 0.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="qwen",dp_rank="0"} 0.5
+sglang:token_usage{model_name="qwen",dp_rank="1"} 0.3
+# TYPE sglang:gen_throughput gauge
+sglang:gen_throughput{model_name="qwen",dp_rank="0"} 812.5
+"""
+
+OLD_VLLM = """\
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="m"} 0.4
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 1.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{model_name="m"} 99.0
+vllm:generation_tokens_created{model_name="m"} 1.7e9
+"""
+
+
+class TestParseEngineMetrics:
+    def test_tensorrt_llm(self) -> None:
+        assert parse_engine_metrics(TRTLLM) == EngineLoad(running=5, waiting=2, kv_cache_usage=0.62,
+                                                          generated_tokens=12345)  # fmt: skip
+
+    def test_sglang_sums_counts_and_averages_usage_over_ranks(self) -> None:
+        assert parse_engine_metrics(SGLANG) == EngineLoad(running=7, waiting=1, kv_cache_usage=0.4)
+
+    def test_old_vllm_cache_name_and_created_samples(self) -> None:
+        assert parse_engine_metrics(OLD_VLLM) == EngineLoad(running=1, kv_cache_usage=0.4, generated_tokens=99)
+
+    def test_current_vllm_name_wins_over_the_old_one(self) -> None:
+        text = OLD_VLLM + '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.9\n'
+        assert parse_engine_metrics(text).kv_cache_usage == 0.9
+
+    def test_the_fake_servers_text_parses_as_vllm(self) -> None:
+        fake = FakeOpenAIServer(MODEL)
+        fake.waiting, fake.kv_cache_usage, fake.generation_tokens = 2, 0.5, 40
+        assert parse_engine_metrics(fake.metrics_text()) == EngineLoad(running=0, waiting=2, kv_cache_usage=0.5,
+                                                                       generated_tokens=40)  # fmt: skip
+
+    def test_untyped_counter_and_nan(self) -> None:
+        text = "trtllm_generation_tokens_total 7\ntrtllm_kv_cache_utilization NaN\ntrtllm_num_requests_running 2\n"
+        assert parse_engine_metrics(text) == EngineLoad(running=2, generated_tokens=7)
+
+    def test_unknown_or_broken_text(self) -> None:
+        assert parse_engine_metrics("") == EngineLoad()
+        assert parse_engine_metrics("tgi_queue_size 3\n") == EngineLoad()
+        assert parse_engine_metrics("this is {not prometheus\n") == EngineLoad()
+
+
+class TestFakeServerProcess:
+    def test_runs_as_a_module_and_takes_faults_over_http(self) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fake_openai_server", "--port", "0", "--model", MODEL],
+                                cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            httpx.post(f"{url}/_fake/faults", json={"fail_next": 1}).raise_for_status()
+            b = make_backend(url)
+            [outcome] = executor(b).run([prompt("hi", 2)], tokens_per_s=1e6)
+            assert (outcome.output.text, outcome.tries) == ("hi hi", 2)
+            assert httpx.get(f"{url}/_fake/stats").json() == {"requests": 4, "max_in_flight": 1,
+                                                              "generation_tokens": 2}  # fmt: skip
+            b.shutdown()
+        finally:
+            proc.terminate()
+            assert proc.wait(5) == 0

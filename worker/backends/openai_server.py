@@ -1,0 +1,270 @@
+"""A worker in front of a local OpenAI-compatible server: ``vllm serve``, ``trtllm-serve``, SGLang.
+
+The server batches continuously on its own, so a micro-batch's requests are sent concurrently, one
+HTTP call each. An unreachable or overloaded server (connection errors, 429/502/503/504) gives
+retryable outputs, which the executor retries with backoff; any other error status fails only its
+request. Load comes from the server's Prometheus metrics, whichever engine it is.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpulb.connection import redact_url
+from gpulb.errors import BackendError, ConfigError
+from gpulb.logs import get_logger
+from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineLoad, failed
+
+if TYPE_CHECKING:
+    from gpulb.settings import WorkerSettings
+
+log = get_logger("gpulb.worker.openai")
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+HEALTH_PATH = "/health"
+MODELS_PATH = "/v1/models"
+METRICS_PATHS = ("/metrics", "/prometheus/metrics")  # vLLM and SGLang; trtllm-serve
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# The server did not (fully) answer: nothing is known about the request itself.
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+ERROR_CHARS = 300
+CONTROL_TIMEOUT_S = 2.0
+POLL_S = 0.5
+PROGRESS_LOG_S = 10.0
+
+# Prometheus sample names, per engine, in order of preference. Counters keep their ``_total`` suffix
+# here: the parser strips it from family names, never from sample names.
+RUNNING = ("vllm:num_requests_running", "trtllm_num_requests_running", "sglang:num_running_reqs")
+WAITING = ("vllm:num_requests_waiting", "trtllm_num_requests_waiting", "sglang:num_queue_reqs")
+KV_CACHE_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "trtllm_kv_cache_utilization",
+                  "sglang:token_usage")  # fmt: skip
+GENERATED_TOKENS = ("vllm:generation_tokens_total", "trtllm_generation_tokens_total")
+
+
+class OpenAIServerBackend(Backend):
+    """Sends each request of a micro-batch to ``{base_url}/v1/completions`` or ``/v1/chat/completions``."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        request_timeout_s: float = 600,
+        startup_timeout_s: float = 900,
+        max_concurrency: int = 256,
+        metrics_path: str | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ConfigError("max_concurrency must be >= 1")
+        self.base_url = server_root(base_url)
+        self.model = model
+        self.startup_timeout_s = startup_timeout_s
+        self.max_concurrency = max_concurrency
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        timeout = httpx.Timeout(request_timeout_s, connect=min(request_timeout_s, 30.0))
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, limits=limits, timeout=timeout)
+        # Health and metrics get their own connections: a batch that fills the pool must not make a busy
+        # server look dead to the heartbeat.
+        self._control = httpx.Client(base_url=self.base_url, headers=headers, timeout=CONTROL_TIMEOUT_S,
+                                     limits=httpx.Limits(max_connections=4))  # fmt: skip
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="gpulb-openai")
+        self._metrics_paths = (metrics_path,) if metrics_path else METRICS_PATHS
+        self._metrics_warned = False
+        self._closed = threading.Event()
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> OpenAIServerBackend:
+        if not settings.base_url:
+            raise ConfigError("the openai backend needs --base-url (e.g. http://localhost:8000)")
+        model = settings.served_model or settings.model
+        if not model:
+            raise ConfigError("the openai backend needs --model (or --served-model): the name the server serves")
+        api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        return cls(settings.base_url, model, api_key=api_key, request_timeout_s=settings.request_timeout_s,
+                   startup_timeout_s=settings.startup_timeout_s, max_concurrency=settings.max_concurrency,
+                   metrics_path=settings.metrics_path)  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"OpenAIServerBackend(base_url={redact_url(self.base_url)!r}, model={self.model!r})"
+
+    def start(self) -> None:
+        """Wait for the server's /health to answer 200, then check that it serves the model."""
+        url = f"{redact_url(self.base_url)}{HEALTH_PATH}"
+        started = last_log = time.monotonic()
+        log.info("waiting for the engine server", url=url, timeout_s=self.startup_timeout_s)
+        while not self.healthy():
+            now = time.monotonic()
+            if now - started >= self.startup_timeout_s:
+                raise BackendError(f"the engine server at {url} was not healthy within {self.startup_timeout_s:g} s")
+            if now - last_log >= PROGRESS_LOG_S:
+                log.info("still waiting for the engine server", url=url, waited_s=round(now - started, 1))
+                last_log = now
+            if self._closed.wait(min(POLL_S, max(0.0, started + self.startup_timeout_s - now))):
+                raise BackendError(f"shut down while waiting for the engine server at {url}")
+        log.info("engine server is up", url=url, waited_s=round(time.monotonic() - started, 1))
+        self._check_model()
+
+    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
+        if len(requests) == 1:
+            return [self._send(requests[0])]
+        return list(self._pool.map(self._send, requests))
+
+    def healthy(self) -> bool:
+        try:
+            return self._control.get(HEALTH_PATH).status_code == 200
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: the client is closed
+            return False
+
+    def engine_load(self) -> EngineLoad:
+        text = self._scrape_metrics()
+        return EngineLoad() if text is None else parse_engine_metrics(text)
+
+    def shutdown(self) -> None:
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+        self._control.close()
+
+    def _send(self, request: BackendRequest) -> BackendOutput:
+        path, body = request_body(self.model, request)
+        try:
+            response = self._client.post(path, json=body)
+        except RETRYABLE_ERRORS as exc:
+            return failed(f"engine server unreachable ({path}): {type(exc).__name__}: {exc}", retryable=True)
+        except httpx.HTTPError as exc:
+            return failed(f"engine server request failed ({path}): {type(exc).__name__}: {exc}")
+        if response.status_code != 200:
+            return failed(f"HTTP {response.status_code} from {path}: {error_message(response)}",
+                          retryable=response.status_code in RETRYABLE_STATUSES)  # fmt: skip
+        return parse_completion(response)
+
+    def _check_model(self) -> None:
+        try:
+            response = self._control.get(MODELS_PATH)
+            served = [m["id"] for m in response.json()["data"]] if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("could not list the server's models", error=f"{type(exc).__name__}: {exc}")
+            return
+        if served is not None and self.model not in served:
+            log.warning("the engine server does not list the model", model=self.model, served=served)
+
+    def _scrape_metrics(self) -> str | None:
+        text, why = self._fetch_metrics()
+        if why is not None and not self._metrics_warned:  # the heartbeat asks every second: say it once
+            log.warning("engine metrics unavailable", url=redact_url(self.base_url), error=why)
+            self._metrics_warned = True
+        return text
+
+    def _fetch_metrics(self) -> tuple[str | None, str | None]:
+        """(the metrics text, None) from the first path that exists (remembered), or (None, why not)."""
+        for path in self._metrics_paths:
+            try:
+                response = self._control.get(path)
+            except (httpx.HTTPError, RuntimeError) as exc:
+                return None, f"{path}: {type(exc).__name__}: {exc}"
+            if response.status_code == 200:
+                self._metrics_paths = (path,)
+                return response.text, None
+            if response.status_code != 404:
+                return None, f"{path}: HTTP {response.status_code}"
+        return None, f"none of {', '.join(self._metrics_paths)} exists"
+
+
+def server_root(base_url: str) -> str:
+    """``http://host:8000/v1/`` -> ``http://host:8000``: the API paths are added to the server's root."""
+    url = base_url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--base-url must be an http:// or https:// URL, not {redact_url(url)!r}")
+    return url.removesuffix("/v1").rstrip("/")
+
+
+def request_body(model: str, request: BackendRequest) -> tuple[str, dict[str, Any]]:
+    """The path and JSON body for one request; sampling fields go in as they are (vLLM and SGLang
+    take the ones OpenAI does not define)."""
+    body: dict[str, Any] = {**request.sampling, "model": model, "max_tokens": request.max_tokens}
+    if request.messages is not None:
+        return CHAT_PATH, {**body, "messages": request.messages}
+    return COMPLETIONS_PATH, {**body, "prompt": request.prompt}
+
+
+def parse_completion(response: httpx.Response) -> BackendOutput:
+    """A completion or chat completion response body as an output; a malformed body fails the request."""
+    try:
+        payload = response.json()
+        choice = payload["choices"][0]
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        usage = payload.get("usage") or {}
+        finish = choice.get("finish_reason")
+        if not isinstance(text, str | None) or not isinstance(finish, str | None):
+            raise TypeError("text and finish_reason must be strings")
+        return BackendOutput(text=text or "", output_tokens=int(usage.get("completion_tokens", 0)),
+                             prompt_tokens=int(usage.get("prompt_tokens", 0)), finish_reason=finish)  # fmt: skip
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        return failed(f"malformed response from the engine server: {type(exc).__name__}: {exc}; "
+                      f"body: {response.text[:ERROR_CHARS]!r}")  # fmt: skip
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own words about an error, whichever shape its body has, truncated."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    message: Any = response.text or response.reason_phrase
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        # OpenAI and current vLLM: {"error": {"message"}}; older vLLM: {"message"}; FastAPI: {"detail"}
+        found = error.get("message") if isinstance(error, dict) else error
+        message = found or payload.get("message") or payload.get("detail") or message
+    text = str(message)
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+def parse_engine_metrics(text: str) -> EngineLoad:
+    """Load from an engine server's Prometheus text (vLLM, TensorRT-LLM or SGLang names).
+
+    Counts are summed over label sets (several engines behind one server); the KV cache usage is
+    their mean. A metric the text lacks stays None; text that does not parse gives ``EngineLoad()``.
+    """
+    try:
+        samples = sample_values(text)
+    except ValueError:
+        return EngineLoad()
+    running, waiting, generated = (first_present(samples, names) for names in (RUNNING, WAITING, GENERATED_TOKENS))
+    kv_values = first_present(samples, KV_CACHE_USAGE)
+    kv_usage = None if kv_values is None else min(1.0, max(0.0, sum(kv_values) / len(kv_values)))
+    return EngineLoad(running=int_sum(running), waiting=int_sum(waiting), kv_cache_usage=kv_usage,
+                      generated_tokens=int_sum(generated))  # fmt: skip
+
+
+def sample_values(text: str) -> dict[str, list[float]]:
+    """Every finite sample value, by sample name."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if math.isfinite(sample.value):
+                values[sample.name].append(sample.value)
+    return values
+
+
+def first_present(samples: dict[str, list[float]], names: Iterable[str]) -> list[float] | None:
+    return next((samples[name] for name in names if samples.get(name)), None)
+
+
+def int_sum(values: list[float] | None) -> int | None:
+    return None if values is None else round(sum(values))
