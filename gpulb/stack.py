@@ -21,8 +21,10 @@ from gpulb.errors import GpulbError
 class WorkerSpec:
     id: str
     model: str
-    tokens_per_s: float
+    tokens_per_s: float = 1000.0
     max_batch: int = 64
+    backend: str = "simulated"
+    args: tuple[str, ...] = ()  # more worker options, e.g. ("--base-url", URL) or ("--model-path", DIR)
 
 
 class LocalStack:
@@ -65,8 +67,8 @@ class LocalStack:
 
     def spawn_worker(self, spec: WorkerSpec) -> subprocess.Popen[bytes]:
         return self.spawn(spec.id, [
-            "worker", "--id", spec.id, "--model", spec.model, "--backend", "simulated",
-            "--tokens-per-s", str(spec.tokens_per_s), "--max-batch", str(spec.max_batch),
+            "worker", "--id", spec.id, "--model", spec.model, "--backend", spec.backend,
+            "--tokens-per-s", str(spec.tokens_per_s), "--max-batch", str(spec.max_batch), *spec.args,
         ])  # fmt: skip
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:

@@ -8,9 +8,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 from gpulb.errors import ConfigError
 from tests.tiny_model import build_tiny_model
 from worker.backends.base import LENGTH, STOP, BackendRequest
