@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gpulb import batch_cli
+from gpulb import batch_cli, local
 from gpulb.connection import broker_errors, connect, redact_url
 from gpulb.errors import ConfigError, GpulbError
 from gpulb.logs import configure_logging
@@ -194,6 +194,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     sup.add_argument("--gpus", required=True, help="GPU indices, comma-separated (0,1,2,3), or 'all'")
     _add(sup, [o for o in WORKER if o.name != "gpu"], defaults)
     batch_cli.add_parsers(sub)
+    local.add_parsers(sub)
     st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -246,6 +247,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from worker.main import run_worker
 
         run_worker(settings, burst=args.burst)
+    elif args.command == "up":
+        return local.run_up(args, settings)
+    elif args.command == "demo":
+        return local.run_demo(args, settings)
     elif args.command == "submit":
         return batch_cli.run_submit(args, settings)
     elif args.command == "batch":

@@ -1,0 +1,189 @@
+"""``gpulb up`` and ``gpulb demo``: a complete stack on this machine with one command.
+
+``up`` uses the Redis at the configured URL, or starts a private ``redis-server`` there when
+nothing answers on a local address; then a balancer and N workers (simulated by default, at mixed
+speeds). Ctrl-C stops them all; a worker or balancer that dies meanwhile is started again.
+``demo`` does the same, submits a sample batch and shows how the work was shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from gpulb.connection import connect, redact_url
+from gpulb.errors import ConfigError
+from gpulb.redis_server import RedisServer
+from gpulb.settings import Settings
+from gpulb.stack import LocalStack, WorkerSpec
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
+DEFAULT_SPEEDS = "2000,2000,4000,8000"
+
+
+def add_parsers(sub: Any) -> None:
+    up = sub.add_parser(
+        "up",
+        help="start a complete local stack: Redis (if none answers), a balancer and workers; Ctrl-C stops it",
+        description="Start Redis (a private redis-server when nothing answers at a local --redis-url), a balancer "
+        "and N workers, and keep them running until Ctrl-C. Simulated workers by default, at --speeds.",
+        epilog="Then, in another terminal: gpulb submit FILE.jsonl -o OUT.jsonl    gpulb status --watch",
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="start a local stack, run a sample batch on a fleet of mixed speeds, show each GPU's share",
+        description="Run `gpulb up`, submit a heavy-tailed sample batch with a progress bar, then print each "
+        "worker's share of the work next to its share of the fleet's speed, and stop the stack.",
+    )
+    for parser in (up, demo):
+        parser.add_argument("--model", default="demo", help="model the workers serve (default demo)")
+        parser.add_argument(
+            "--speeds", default=DEFAULT_SPEEDS, help=f"simulated tokens/s per worker ({DEFAULT_SPEEDS})"
+        )
+        parser.add_argument("--workers", type=int, help="worker count (default: one per --speeds entry)")
+        parser.add_argument("--backend", default="simulated", help="backend of every worker (default simulated)")
+        parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                            help="extra worker option, repeatable: --worker-arg=--model-path=/models/x")  # fmt: skip
+        parser.add_argument("--policy", help="balancer policy (default least-time)")
+    demo.add_argument("--requests", type=int, default=2000, help="sample batch size (default 2000)")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPlan:
+    model: str
+    workers: list[WorkerSpec]
+    policy: str | None
+
+
+def plan_from_args(args: argparse.Namespace) -> FleetPlan:
+    try:
+        speeds = [float(s) for s in args.speeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--speeds {args.speeds!r}: expected numbers like 1000,2000") from None
+    count = args.workers or len(speeds)
+    if count < 1 or not speeds or any(s <= 0 for s in speeds):
+        raise ConfigError("need at least one worker and positive --speeds")
+    workers = [WorkerSpec(f"gpu{i}", args.model, speeds[i % len(speeds)], backend=args.backend,
+                          args=tuple(args.worker_arg)) for i in range(count)]  # fmt: skip
+    return FleetPlan(args.model, workers, args.policy)
+
+
+@contextmanager
+def ensure_redis(settings: Settings) -> Iterator[RedisServer | None]:
+    """Yield None if Redis answers at the configured URL; else start a private one there (local URLs only)."""
+    try:
+        connect(settings, retries=0).ping()
+        yield None
+        return
+    except redis.RedisError:
+        pass
+    parts = urlsplit(settings.redis_url)
+    if parts.hostname not in LOCAL_HOSTS:
+        raise ConfigError(f"no Redis answers at {redact_url(settings.redis_url)}, and it is not local: start it there")
+    with tempfile.TemporaryDirectory(prefix="gpulb-redis-") as workdir:
+        server = RedisServer(Path(workdir), appendonly=True, port=parts.port or 6379)
+        print(f"gpulb: no Redis at {redact_url(settings.redis_url)}; started a private redis-server "
+              f"(AOF in {workdir})", file=sys.stderr)  # fmt: skip
+        with server:
+            yield server
+
+
+@contextmanager
+def local_stack(settings: Settings, plan: FleetPlan) -> Iterator[LocalStack]:
+    env = {"GPULB_BALANCER__POLICY": plan.policy} if plan.policy else {}
+    with ensure_redis(settings) as server:
+        url = server.url if server else settings.redis_url
+        logs = Path(tempfile.mkdtemp(prefix="gpulb-up-"))
+        print(f"gpulb: starting a balancer and {len(plan.workers)} {plan.workers[0].backend} workers; logs in {logs}",
+              file=sys.stderr)  # fmt: skip
+        stack = LocalStack(url, plan.workers, logs, env=env)
+        try:
+            yield stack.start(timeout_s=120)
+        finally:
+            stack.stop(timeout_s=60)
+
+
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    plan = plan_from_args(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with local_stack(settings, plan) as stack:
+        print(f"gpulb: up. Redis {redact_url(stack.redis_url)}, model {plan.model!r}, workers "
+              + ", ".join(f"{w.id} ({w.tokens_per_s:g} tok/s)" for w in plan.workers)
+              + f"\n  try:  gpulb --redis-url {redact_url(stack.redis_url)} status --watch"
+              + "\n  stop: Ctrl-C", file=sys.stderr, flush=True)  # fmt: skip
+        while not stop.wait(1.0):
+            _restart_dead(stack)
+        print("gpulb: stopping (workers drain first)", file=sys.stderr)
+    return 0
+
+
+def _restart_dead(stack: LocalStack) -> None:
+    for name, proc in list(stack.procs.items()):
+        if proc.poll() is not None:
+            print(f"gpulb: {name} exited with {proc.returncode}; starting it again", file=sys.stderr)
+            stack.restart(name)
+
+
+def sample_requests(count: int, *, seed: int = 7) -> list[dict[str, Any]]:
+    """A heavy-tailed mix: most answers short, a few long (lognormal tokens, median about 40)."""
+    rng = random.Random(seed)
+    topics = ["GPUs", "queues", "Redis", "batching", "KV caches", "tail latency", "schedulers", "prefill"]
+    return [{"prompt": f"Explain {rng.choice(topics)} to a new engineer, part {i}.",
+             "max_tokens": max(1, min(1024, round(rng.lognormvariate(3.7, 0.9))))} for i in range(count)]  # fmt: skip
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from gpulb.batch_cli import follow
+    from gpulb.progress import ProgressReporter
+    from producer import Client
+
+    plan = plan_from_args(args)
+    requests = sample_requests(args.requests)
+    with local_stack(settings, plan) as stack, Client(stack.redis_url) as client:
+        print(f"gpulb: submitting {len(requests):,} requests to {len(plan.workers)} workers", file=sys.stderr)
+        started = time.time()
+        batch = client.submit_batch(requests, model=plan.model)
+        follow(batch, ProgressReporter(), timeout=None)
+        results = batch.results(timeout=60)
+    makespan = max(r.finished_at for r in results) - started
+    print(share_table(plan, results, makespan))
+    return 0
+
+
+def share_table(plan: FleetPlan, results: list[Any], makespan_s: float) -> str:
+    """Each worker's share of the tokens served next to its share of the fleet's speed."""
+    tokens, counts = Counter[str](), Counter[str]()
+    for r in results:
+        tokens[r.worker] += r.output_tokens
+        counts[r.worker] += 1
+    total_tokens, total_speed = sum(tokens.values()), sum(w.tokens_per_s for w in plan.workers)
+    lines = [f"{'WORKER':<8} {'TOK/S':>7} {'SPEED SHARE':>12} {'REQUESTS':>9} {'TOKENS':>9} {'WORK SHARE':>11}"]
+    for w in plan.workers:
+        lines.append(f"{w.id:<8} {w.tokens_per_s:>7g} {w.tokens_per_s / total_speed:>12.1%} {counts[w.id]:>9,} "
+                     f"{tokens[w.id]:>9,} {tokens[w.id] / max(1, total_tokens):>11.1%}")  # fmt: skip
+    bound = total_tokens / total_speed
+    failed = sum(1 for r in results if not r.ok)
+    lines.append(f"\n{len(results):,} requests ({failed} failed), {total_tokens:,} tokens in {makespan_s:.2f} s. "
+                 f"the fluid bound (all busy to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip
+    return "\n".join(lines)
