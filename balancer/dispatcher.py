@@ -18,6 +18,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from balancer.fleet import Backlog, Fleet, ModelTotals, read_backlogs, read_fleet, refresh_workers
+from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
@@ -55,6 +56,7 @@ class Balancer:
         *,
         rng: random.Random | None = None,
         policy: Policy | None = None,
+        metrics: BalancerMetrics | None = None,
     ) -> None:
         self.conn, self.rq_conn = conn, rq_conn
         self.max_attempts = settings.max_attempts
@@ -72,6 +74,7 @@ class Balancer:
         self.fleet: Fleet | None = None
         self._fleet_read_at = 0.0
         self._changed: set[str] = set()
+        self.metrics = metrics
         self.dispatched_requests = 0
         self.dispatched_batches = 0
         self._last_beat = 0.0
@@ -157,6 +160,9 @@ class Balancer:
             reaped = reap_dead_workers(
                 self.conn, self.rq_conn, self.scripts, fleet.dead, max_attempts=self.max_attempts
             )
+            if self.metrics is not None:
+                self.metrics.reaped.inc(len(fleet.dead))
+                self.metrics.recovered.inc(reaped.requests)
             if reaped.requests:
                 fleet = read_fleet(
                     self.conn, prior, self.ctx.max_outstanding, with_owners=self._uses_affinity
@@ -171,11 +177,14 @@ class Balancer:
             head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity, backlog.head_owner,
                         totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
             self.ctx.available = list(fleet.available.get(workers[0].model, {}).values())
+            started = time.perf_counter()
             choice = self.policy.choose(workers, head, self.ctx)
             if choice is None:
                 break
             result = self.dispatch(choice.worker, choice.token_budget, respect_affinity=choice.respect_affinity,
                                    free_owners=choice.free_owners)  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - started)
             if result.status in (EMPTY, OTHER_AFFINITY):
                 break
             if result.status in (NOT_ACCEPTING, NO_CREDIT):  # our snapshot was stale: fix it, choose again
@@ -222,6 +231,8 @@ class Balancer:
         if result.status == DISPATCHED:
             self.dispatched_requests += result.requests
             self.dispatched_batches += 1
+            if self.metrics is not None:
+                self.metrics.dispatched(worker.worker_id, worker.model, result.requests, result.tokens)
         return result
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:

@@ -6,7 +6,9 @@ import signal
 from types import FrameType
 
 from balancer.dispatcher import Balancer
+from balancer.metrics import BalancerMetrics
 from gpulb.connection import broker_errors, connect
+from gpulb.metrics import serve_metrics
 from gpulb.settings import Settings
 
 
@@ -14,7 +16,11 @@ def run_balancer(settings: Settings) -> None:
     with broker_errors(settings.redis_url):
         conn = connect(settings)
         conn.ping()
-        balancer = Balancer(conn, connect(settings, decode=False), settings)
+        metrics = None
+        if settings.metrics_port is not None:
+            metrics = BalancerMetrics(settings.balancer.policy, connect(settings))
+            serve_metrics(metrics.registry, settings.metrics_port)
+        balancer = Balancer(conn, connect(settings, decode=False), settings, metrics=metrics)
 
         def _stop(signum: int, frame: FrameType | None) -> None:
             balancer.stop()

@@ -68,7 +68,9 @@ COMMON = [
         int,
     ),
 ]
+METRICS = Option("--metrics-port", None, "metrics_port", "serve Prometheus metrics at :PORT/metrics", int)
 BALANCER = [
+    METRICS,
     Option(
         "--policy",
         "balancer",
@@ -92,6 +94,7 @@ BALANCER = [
     ),
 ]
 WORKER = [
+    METRICS,
     Option("--id", "worker", "id", "worker id, also its RQ queue name (default HOST-gpuN)"),
     Option("--model", "worker", "model", "model this worker serves (requests for it are routed here)"),
     Option("--backend", "worker", "backend", "inference backend: simulated, transformers, openai, vllm, tensorrt-llm"),
@@ -266,6 +269,8 @@ def _given_options_as_env(args: argparse.Namespace) -> dict[str, str]:
     """The options given on this command line, as the environment variables a child reads them from."""
     env: dict[str, str] = {}
     for opt in [*COMMON, *WORKER]:
+        if opt is METRICS:
+            continue  # each supervised worker gets a port of its own
         value = getattr(args, f"{opt.section or ''}.{opt.name}", None)
         if value is not None:
             env[opt.env] = json.dumps(value) if isinstance(value, dict) else str(value)
@@ -288,6 +293,8 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
         env = {**base_env, "GPULB_WORKER__GPU": str(gpu), "CUDA_VISIBLE_DEVICES": str(gpu)}
         if settings.worker.id:
             env["GPULB_WORKER__ID"] = f"{settings.worker.id}-gpu{gpu}"
+        if settings.metrics_port is not None:
+            env["GPULB_METRICS_PORT"] = str(settings.metrics_port + gpus.index(gpu))
         # A session of its own: a Ctrl-C on the terminal reaches only the supervisor, which forwards it once.
         return subprocess.Popen([sys.executable, "-m", "gpulb.cli", "worker"], env=env, start_new_session=True)
 

@@ -15,7 +15,7 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 |   fields model, total, priority, submitted_at, running, completed, failed, cancelled, state, finished_at, |
 |   ttl_s, cancelled_at, metadata (JSON object of strings)                                                     |
 | gpulb:batches                        | zset   | none (pruned)        | producer (ZADD)            | status, batch list |
-|   member batch id, score submitted_at; readers drop ids whose batch hash has expired                         |
+|   member batch id, score submitted_at; the newest 10,000; readers drop ids whose batch hash has expired       |
 | gpulb:batch:B:requests               | hash   | result TTL once done | producer (HSET), worker    | worker             |
 |   field INDEX -> request JSON; a field is deleted once its result is recorded                               |
 | gpulb:batch:B:results                | hash   | result TTL once done | worker (HSETNX)            | producer           |
@@ -57,6 +57,9 @@ WAKEUP_KEEP = 64  # the wake-up list never holds more than this many tokens
 
 def seq_key() -> str:
     return f"{PREFIX}:seq"
+
+
+BATCH_INDEX_KEEP = 10_000  # batches listed by `gpulb batch list`; older ids drop out of the index
 
 
 def batches_key() -> str:

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.AUTO
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # Prometheus /metrics of a balancer or worker
     redis: RedisSettings = RedisSettings()
     producer: ProducerSettings = ProducerSettings()
     balancer: BalancerSettings = BalancerSettings()

@@ -79,6 +79,7 @@ def _publish(
         record["metadata"] = json.dumps(dict(metadata))
     pipe.hset(keys.batch_key(batch_id), mapping=record)  # type: ignore[arg-type]
     pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
+    pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
     total_cost = 0
     for start in range(0, len(specs), limits.chunk_size):
         members: dict[str, int] = {}

@@ -17,11 +17,13 @@ from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect
 from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
+from gpulb.metrics import serve_metrics
 from gpulb.recovery import retire_rq_worker
 from gpulb.settings import BackendName, Settings
 from worker.backends import create_backend
 from worker.gpu import GpuMonitor, pin_to_gpu
 from worker.heartbeat import Heartbeat
+from worker.metrics import WorkerMetrics
 from worker.rq_worker import GpulbWorker
 from worker.runtime import WorkerRuntime
 
@@ -38,7 +40,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
         pin_to_gpu(cfg.gpu)  # before any backend imports CUDA
     monitor = GpuMonitor() if cfg.gpu is not None or cfg.backend in GPU_BACKENDS else None
     backend = create_backend(cfg)
-    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings, backend, monitor)
+    metrics = WorkerMetrics(cfg.resolved_id(), cfg.model) if settings.metrics_port is not None else None
+    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings, backend, monitor, metrics)
+    if metrics is not None and settings.metrics_port is not None:
+        serve_metrics(metrics.registry, settings.metrics_port)
     with broker_errors(settings.redis_url):
         runtime.conn.ping()
         runtime.backend.start()

@@ -23,6 +23,7 @@ from gpulb.settings import Settings
 from worker.backends.base import Backend, BackendRequest, EngineLoad, failed
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.gpu import GpuMonitor, GpuSample
+from worker.metrics import WorkerMetrics
 from worker.microbatch import Item, load_items, mark_started, record_arguments
 
 log = get_logger("gpulb.worker")
@@ -52,7 +53,7 @@ class WorkerRuntime:
 
     def __init__(
         self, conn: redis.Redis, rq_conn: redis.Redis, settings: Settings, backend: Backend,
-        gpu_monitor: GpuMonitor | None = None,
+        gpu_monitor: GpuMonitor | None = None, metrics: WorkerMetrics | None = None,
     ) -> None:  # fmt: skip
         cfg = settings.worker
         if not cfg.model:
@@ -73,6 +74,7 @@ class WorkerRuntime:
         self.engine = EngineLoad()
         self.gpu_monitor = gpu_monitor
         self.gpu = GpuSample(None, None, None)
+        self.metrics = metrics
         self.running = 0
         self.queued = 0
         self.current_microbatch: str | None = None
@@ -110,7 +112,10 @@ class WorkerRuntime:
 
     def publish_load(self, pipe: redis.client.Pipeline | None = None) -> None:
         target = self.conn.pipeline(transaction=False) if pipe is None else pipe
-        target.hset(keys.load_key(self.worker_id), mapping=self.load_report().to_hash())  # type: ignore[arg-type]
+        report = self.load_report()
+        target.hset(keys.load_key(self.worker_id), mapping=report.to_hash())  # type: ignore[arg-type]
+        if self.metrics is not None:
+            self.metrics.observe_load(report)
         target.pexpire(keys.load_key(self.worker_id), int(self.cfg.load_ttl_s * 1000))
         target.sadd(keys.workers_key(), self.worker_id)  # a worker declared dead that resumes comes back
         if pipe is None:
@@ -262,9 +267,11 @@ class WorkerRuntime:
         outcomes = self._execute(items)
         finished_at = time.time()
         results = self._results(items, outcomes, started_at, finished_at)
-        recorded = self._with_redis_retry(lambda: self._record(microbatch_id, items, results, finished_at))
         work = sum(i.cost for i in items if i.runnable)
-        self.meter.observe(work, finished_at - started_at)
+        self.meter.observe(work, finished_at - started_at)  # before recording: the load key then carries it
+        recorded = self._with_redis_retry(lambda: self._record(microbatch_id, items, results, finished_at))
+        if self.metrics is not None:
+            self.metrics.observe_results(results.values(), [items[p].attempt for p in results])
         failed = sum(1 for r in results.values() if r.error and not r.cancelled)
         log.info(
             "micro-batch done", microbatch_id=microbatch_id, requests=len(items), recorded=recorded, failed=failed,

@@ -71,7 +71,8 @@ class TestRoundTrip:
         batch.wait(timeout=5)
         gpulb_keys = sorted(k for k in conn.keys("gpulb:*"))
         assert gpulb_keys == sorted([
-            "gpulb:seq", "gpulb:models", "gpulb:workers", "gpulb:{m}:ingress_tokens", "gpulb:balancer:wakeup",
+            "gpulb:seq", "gpulb:models", "gpulb:workers", "gpulb:batches", "gpulb:{m}:ingress_tokens",
+            "gpulb:balancer:wakeup",
             f"gpulb:batch:{batch.id}", f"gpulb:batch:{batch.id}:results",
             "gpulb:worker:w1:load", "gpulb:worker:w1:credit",
         ])  # fmt: skip

@@ -18,6 +18,7 @@ class TestKeySchema:
         assert keys.ingress_key("llama-3") == "gpulb:{llama-3}:ingress"
         assert keys.ingress_tokens_key("llama-3") == "gpulb:{llama-3}:ingress_tokens"
         assert keys.batch_key("b1") == "gpulb:batch:b1"
+        assert keys.batches_key() == "gpulb:batches"
         assert keys.batch_requests_key("b1") == "gpulb:batch:b1:requests"
         assert keys.batch_results_key("b1") == "gpulb:batch:b1:results"
         assert keys.batch_events_channel("b1") == "gpulb:batch:b1:events"
