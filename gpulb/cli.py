@@ -199,7 +199,9 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     batch_cli.add_parsers(sub)
     local.add_parsers(sub)
     st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one object a line)")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     return parser
 
 
@@ -261,7 +263,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "workers":
         return _workers(args, settings)
     elif args.command == "status":
-        return _status(settings, as_json=args.json)
+        return _status(settings, as_json=args.json, watch=args.watch, interval_s=args.interval)
     return 0
 
 
@@ -301,17 +303,31 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     return Supervisor(gpus, spawn).run()
 
 
-def _status(settings: Settings, *, as_json: bool) -> int:
+def _status(settings: Settings, *, as_json: bool, watch: bool = False, interval_s: float = 2.0) -> int:
+    import time
+
     from gpulb.status import read_fleet_status, render_table
 
-    with broker_errors(settings.redis_url):
-        status = read_fleet_status(connect(settings))
-    if as_json:
-        print(json.dumps({"redis_url": redact_url(settings.redis_url), **status.as_dict()}, indent=2))
-    else:
-        print(f"redis: {redact_url(settings.redis_url)}\n")
-        print(render_table(status))
-    return 0
+    conn = connect(settings)
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            with broker_errors(settings.redis_url):
+                status = read_fleet_status(conn)
+            if as_json:
+                doc = {"redis_url": redact_url(settings.redis_url), "ts": time.time(), **status.as_dict()}
+                print(json.dumps(doc, indent=None if watch else 2), flush=True)
+            else:
+                clear = "\x1b[H\x1b[2J" if watch and tty else ""
+                stamp = time.strftime("%H:%M:%S")
+                print(
+                    f"{clear}redis: {redact_url(settings.redis_url)}    {stamp}\n\n{render_table(status)}", flush=True
+                )
+            if not watch:
+                return 0
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,18 @@ class ModelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchRow:
+    batch_id: str
+    model: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    running: int
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerRow:
     host: str
     pid: int
@@ -56,6 +68,7 @@ class FleetStatus:
     balancer: BalancerRow | None = None
     workers: list[WorkerRow] = field(default_factory=list)
     models: list[ModelRow] = field(default_factory=list)
+    batches: list[BatchRow] = field(default_factory=list)  # not finished yet, newest first
     bad_data: dict[str, int] = field(default_factory=dict)  # malformed things seen in Redis and skipped
 
     def as_dict(self) -> dict[str, object]:
@@ -84,7 +97,33 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     for model in models:
         depth, tokens = next(replies), next(replies)
         status.models.append(ModelRow(model=model, pending_requests=int(depth), pending_tokens=int(tokens or 0)))
+    status.batches = _batches_in_flight(conn, now)
     return status
+
+
+BATCH_FIELDS = ["model", "state", "total", "completed", "failed", "cancelled", "running", "submitted_at"]
+BATCHES_SCANNED = 200
+
+
+def _batches_in_flight(conn: redis.Redis, now: float) -> list[BatchRow]:
+    """Unfinished batches among the newest ``BATCHES_SCANNED``."""
+    batch_ids: list[str] = conn.zrevrange(keys.batches_key(), 0, BATCHES_SCANNED - 1)  # type: ignore[assignment]
+    pipe = conn.pipeline(transaction=False)
+    for batch_id in batch_ids:
+        pipe.hmget(keys.batch_key(batch_id), BATCH_FIELDS)
+    rows = []
+    for batch_id, values in zip(batch_ids, pipe.execute(), strict=True):
+        raw = dict(zip(BATCH_FIELDS, values, strict=True))
+        if raw["state"] not in ("pending", "running"):
+            continue  # finished, or expired (None)
+        try:
+            done = int(raw["completed"] or 0) + int(raw["failed"] or 0) + int(raw["cancelled"] or 0)
+            rows.append(BatchRow(batch_id, raw["model"] or "?", raw["state"], int(raw["total"] or 0), done,
+                                 int(raw["failed"] or 0), int(raw["running"] or 0),
+                                 round(max(0.0, now - float(raw["submitted_at"] or now)), 1)))  # fmt: skip
+        except ValueError:
+            continue
+    return rows
 
 
 def _balancer_row(raw: dict[str, str], now: float) -> BalancerRow | None:
@@ -150,6 +189,13 @@ def render_table(status: FleetStatus) -> str:
         lines.append(f"{m.model:<32} {m.pending_requests:>9} {m.pending_tokens:>12}")
     if not status.models:
         lines.append("(no models seen yet)")
+    lines += ["", f"{'BATCH':<18} {'MODEL':<20} {'STATE':<8} {'DONE':>15} {'FAILED':>7} {'RUNNING':>8} {'AGE':>8}"]
+    for row in status.batches:
+        progress = f"{row.done:,}/{row.total:,}"
+        lines.append(f"{row.batch_id:<18} {row.model:<20} {row.state:<8} {progress:>15} {row.failed:>7,} "
+                     f"{row.running:>8,} {row.age_s:>7.0f}s")  # fmt: skip
+    if not status.batches:
+        lines.append("(no batches in flight)")
     if status.bad_data:
         lines += ["", "bad data skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(status.bad_data.items()))]
     return "\n".join(lines)

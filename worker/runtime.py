@@ -157,6 +157,7 @@ class WorkerRuntime:
         pipe = self.conn.pipeline(transaction=False)
         self.publish_load(pipe)
         pipe.sadd(keys.models_key(), self.model)
+        pipe.sadd(keys.rq_queues_key(), keys.rq_queue_key(self.worker_id))  # `rq info` lists the queue at once
         pipe.rpush(keys.wakeup_key(), keys.wake_worker_token(self.worker_id))
         pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
         pipe.execute()
@@ -233,6 +234,7 @@ class WorkerRuntime:
         pipe = self.conn.pipeline(transaction=False)
         pipe.delete(keys.load_key(self.worker_id))
         pipe.srem(keys.workers_key(), self.worker_id)
+        pipe.srem(keys.rq_queues_key(), keys.rq_queue_key(self.worker_id))
         pipe.execute()
         log.info("worker deregistered", released_requests=released)
 

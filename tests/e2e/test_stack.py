@@ -63,13 +63,38 @@ class TestMixedFleet:
             table = gpulb("status", redis_url=redis_url)
             as_json = gpulb("status", "--json", redis_url=redis_url)
         assert table.returncode == 0, table.stderr
-        assert any(line.split()[:3] == ["a", "m", "idle"] for line in table.stdout.splitlines())
+        assert any(line.split()[:4] == ["a", "m", "simulated", "idle"] for line in table.stdout.splitlines())
         data = json.loads(as_json.stdout)
         assert {(w["worker_id"], w["model"], w["capacity"]) for w in data["workers"]} == {
             ("a", "m", 64),
             ("b", "n", 64),
         }
         assert {m["model"]: m["pending_requests"] for m in data["models"]}["nobody-serves-this"] == 3
+        (in_flight,) = data["batches"]
+        assert (in_flight["model"], in_flight["state"], in_flight["done"], in_flight["total"]) == (
+            "nobody-serves-this", "pending", 0, 3,
+        )  # fmt: skip
+        assert any(line.split()[1:4] == ["nobody-serves-this", "pending", "0/3"] for line in table.stdout.splitlines())
+
+    def test_status_watch_refreshes_and_rq_info_sees_workers_and_queues(self, redis_url: str, tmp_path: Path) -> None:
+        with LocalStack(redis_url, [WorkerSpec("gpu-a", "m", 1000)], tmp_path):
+            watch = subprocess.Popen(
+                [sys.executable, "-m", "gpulb.cli", "--redis-url", redis_url, "status", "--watch", "--json",
+                 "--interval", "0.2"], stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            time.sleep(2.0)
+            watch.send_signal(signal.SIGINT)
+            out, _ = watch.communicate(timeout=10)
+            rq_info = subprocess.run([str(Path(sys.executable).parent / "rq"), "info", "--url", redis_url],
+                                     capture_output=True, text=True, timeout=30)  # fmt: skip
+        snapshots = [json.loads(line) for line in out.splitlines()]
+        assert watch.returncode == 0 and len(snapshots) >= 3
+        assert all([w["worker_id"] for w in s["workers"]] == ["gpu-a"] for s in snapshots)
+        assert snapshots[-1]["ts"] > snapshots[0]["ts"]
+        assert rq_info.returncode == 0, rq_info.stderr
+        lines = rq_info.stdout.splitlines()
+        assert lines[0].split()[:2] == ["gpu-a", "|"] and "1 queues, 0 jobs total" in lines  # its own queue
+        assert any(line.startswith("gpu-a (") and "idle gpu-a" in line for line in lines)  # the RQ worker, by its id
 
 
 class TestGracefulShutdown:
