@@ -244,21 +244,25 @@ class WorkerRuntime:
         """Run one micro-batch as one backend batch and record each result once."""
         self.current_microbatch = microbatch_id
         try:
-            members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
-            if members_raw is None:
-                log.warning("micro-batch no longer owned by this worker, skipped", microbatch_id=microbatch_id)
-                return {"requests": 0, "recorded": 0}
-            return self._run(microbatch_id, str(members_raw).split())
+            with structlog.contextvars.bound_contextvars(microbatch_id=microbatch_id):
+                return self._begin_and_run(microbatch_id)
         except BaseException:
             self._give_back(microbatch_id)
             raise
         finally:
             self.current_microbatch = None
 
+    def _begin_and_run(self, microbatch_id: str) -> dict[str, int]:
+        members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
+        if members_raw is None:
+            log.warning("micro-batch no longer owned by this worker, skipped")
+            return {"requests": 0, "recorded": 0}
+        return self._run(microbatch_id, str(members_raw).split())
+
     def _run(self, microbatch_id: str, members: list[str]) -> dict[str, int]:
         items = load_items(self.conn, members)
         if not mark_started(self.scripts, microbatch_id, items, members):
-            log.warning("micro-batch taken back before it started, skipped", microbatch_id=microbatch_id)
+            log.warning("micro-batch taken back before it started, skipped")
             return {"requests": 0, "recorded": 0}
         return self.execute_and_record(microbatch_id, items)
 
@@ -276,7 +280,7 @@ class WorkerRuntime:
             self.metrics.observe_results(results.values(), [items[p].attempt for p in results])
         failed = sum(1 for r in results.values() if r.error and not r.cancelled)
         log.info(
-            "micro-batch done", microbatch_id=microbatch_id, requests=len(items), recorded=recorded, failed=failed,
+            "micro-batch done", requests=len(items), recorded=recorded, failed=failed,
             tokens=work, elapsed_s=round(finished_at - started_at, 4), tokens_per_s=round(self.meter.tokens_per_s, 1),
         )  # fmt: skip
         return {"requests": len(items), "recorded": recorded}

@@ -65,3 +65,6 @@ class TestMixedBackends:
         logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
         assert "sk-test-secret" not in logs and "micro-batch done" in logs
         assert json.loads(next(line for line in logs.splitlines() if "worker registered" in line))["backend"]
+        summary = json.loads(next(line for line in logs.splitlines() if '"micro-batch done"' in line))
+        assert summary["microbatch_id"].startswith("mb-") and summary["worker_id"] in ("hf", "api")  # ids bound
+        assert {"requests", "recorded", "failed", "tokens", "elapsed_s", "level", "timestamp"} <= summary.keys()
