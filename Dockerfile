@@ -1,0 +1,29 @@
+# One image for every gpulb role. The engine is a build argument:
+#   docker build -t gpulb .                                  # balancer, simulated and openai workers, CLI
+#   docker build -t gpulb:vllm --build-arg EXTRAS=vllm .    # + vLLM (its wheels bring the CUDA libraries)
+#   docker build -t gpulb:trt --build-arg BASE_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:latest --build-arg EXTRAS=tensorrt .
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GPULB_LOG_FORMAT=json
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY gpulb ./gpulb
+COPY producer ./producer
+COPY balancer ./balancer
+COPY worker ./worker
+
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
+ && useradd --system --uid 10001 --create-home gpulb
+
+USER gpulb
+# Prometheus metrics, when a command passes --metrics-port 9100
+EXPOSE 9100
+ENTRYPOINT ["gpulb"]
+CMD ["--help"]
