@@ -185,5 +185,5 @@ def share_table(plan: FleetPlan, results: list[Any], makespan_s: float) -> str:
     bound = total_tokens / total_speed
     failed = sum(1 for r in results if not r.ok)
     lines.append(f"\n{len(results):,} requests ({failed} failed), {total_tokens:,} tokens in {makespan_s:.2f} s. "
-                 f"the fluid bound (all busy to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip
+                 f"The fluid bound (all busy to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip
     return "\n".join(lines)
