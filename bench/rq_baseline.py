@@ -39,11 +39,13 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--queue", required=True)
     parser.add_argument("--tokens-per-s", type=float, required=True)
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--noop", action="store_true", help="(jobs name their own function; kept for clarity)")
     args = parser.parse_args()
     os.environ[SPEED_ENV] = str(args.tokens_per_s)
     conn = redis.Redis.from_url(args.url)
     queue = Queue(args.queue, connection=conn, serializer=JSONSerializer)
-    SimpleWorker([queue], connection=conn, serializer=JSONSerializer).work(logging_level="WARNING")
+    SimpleWorker([queue], connection=conn, serializer=JSONSerializer).work(burst=args.burst, logging_level="WARNING")
 
 
 if __name__ == "__main__":
