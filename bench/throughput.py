@@ -1,7 +1,8 @@
 """gpulb's own overhead against plain RQ on the same machine, in one run (issue 7's targets).
 
     python -m bench.throughput                 # the table, every part
-    python -m bench.throughput --only e2e      # one part: e2e, submit, dispatch, latency, memory, results, rss
+    python -m bench.throughput --only e2e      # one part: e2e, submit, dispatch, latency, gateway, memory,
+                                               # results, rss
 
 Each figure is a rate or a time measured here and now, beside plain RQ measured in the same run,
 so that the ratios hold on a shared, noisy machine. Every gpulb path runs with all its guarantees
@@ -28,7 +29,7 @@ from rq.serializers import JSONSerializer
 
 from balancer.dispatcher import Balancer
 from gpulb import keys
-from gpulb.redis_server import RedisServer
+from gpulb.redis_server import RedisServer, free_port
 from gpulb.settings import Settings
 from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
@@ -140,6 +141,34 @@ def added_latency_ms(samples: int) -> float:
         return statistics.median(waits)
 
 
+def gateway_added_latency_ms(samples: int) -> tuple[float, float]:
+    """Median ms of one-token completions: through the gateway (openai client) and through producer.Client."""
+    import openai
+
+    port = free_port()
+    with fresh_redis() as url, tempfile.TemporaryDirectory() as logs:
+        workers = [WorkerSpec(f"w{i}", "m", ZERO_COST) for i in range(2)]
+        env = {**os.environ, "GPULB_REDIS_URL": url, "GPULB_LOG_LEVEL": "warning"}
+        gateway = subprocess.Popen([sys.executable, "-m", "gpulb.cli", "gateway", "--port", str(port)], env=env,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            with LocalStack(url, workers, Path(logs), env={"GPULB_LOG_LEVEL": "warning"}), Client(url) as client:
+                api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=20)
+                api.models.list()
+                direct, via_gateway = [], []
+                for i in range(samples):
+                    started = time.perf_counter()
+                    client.submit_batch([f"p{i}"], model="m", max_tokens=1, priority=100).results(timeout=30)
+                    direct.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    api.completions.create(model="m", prompt=f"p{i}", max_tokens=1)
+                    via_gateway.append(time.perf_counter() - started)
+        finally:
+            gateway.terminate()
+            gateway.wait(15)
+    return 1000 * statistics.median(via_gateway), 1000 * statistics.median(direct)
+
+
 def memory_per_request(requests: int, prompt_bytes: int = 16) -> float:
     """Redis bytes per pending request, over and above its prompt."""
     with fresh_redis() as url, Client(url) as client:
@@ -193,6 +222,11 @@ def run(parts: set[str], e2e_requests: int, rq_jobs: int, max_batch: int) -> lis
     if "latency" in parts:
         p50 = added_latency_ms(300)
         rows.append(Row("p50 submit -> worker starts, idle fleet", f"{p50:.2f} ms", "-", "-", "<= 2 ms", p50 <= 2))
+    if "gateway" in parts:
+        via, direct = gateway_added_latency_ms(300)
+        added = via - direct
+        rows.append(Row("p50 online completion: gateway (openai client) vs producer.Client", f"{via:.2f} ms",
+                        f"{direct:.2f} ms (Client)", f"+{added:.2f} ms", "a few ms", added <= 5))  # fmt: skip
     if "memory" in parts:
         per = memory_per_request(100_000)
         rows.append(Row("Redis memory per pending request (beyond prompt)", f"{per:.0f} B", "-", "-", "<= 200 B",
@@ -216,7 +250,7 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-ALL_PARTS = ("e2e", "submit", "dispatch", "latency", "memory", "results", "rss")
+ALL_PARTS = ("e2e", "submit", "dispatch", "latency", "gateway", "memory", "results", "rss")
 
 
 def main() -> None:

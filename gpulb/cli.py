@@ -56,6 +56,12 @@ class Option:
         )
 
 
+GATEWAY = [
+    Option("--host", "gateway", "host", "address to listen on (0.0.0.0: every interface)"),
+    Option("--port", "gateway", "port", "port to listen on", int),
+    Option("--max-file-bytes", "gateway", "max_file_bytes", "largest upload accepted", int),
+    Option("--online-priority", "gateway", "online_priority", "priority of online requests (batches: 0)", int),
+]
 COMMON = [
     Option("--redis-url", None, "redis_url", "Redis URL (redis://[:password@]host:port/db)"),
     Option("--log-level", None, "log_level", "debug, info, warning or error"),
@@ -196,6 +202,14 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     )
     sup.add_argument("--gpus", required=True, help="GPU indices, comma-separated (0,1,2,3), or 'all'")
     _add(sup, [o for o in WORKER if o.name != "gpu"], defaults)
+    gw = sub.add_parser(
+        "gateway",
+        help="serve the OpenAI API (files, batches, completions, chat, models) on this fleet",
+        description="An OpenAI-compatible HTTP server: point the official openai client at http://HOST:PORT/v1. "
+        "API keys come from GPULB_GATEWAY__API_KEYS (a JSON list); without keys every request is accepted.",
+        epilog="Example: GPULB_GATEWAY__API_KEYS='[\"sk-local\"]' gpulb gateway --host 0.0.0.0 --port 8000",
+    )
+    _add(gw, GATEWAY, defaults)
     batch_cli.add_parsers(sub)
     local.add_parsers(sub)
     st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
@@ -252,6 +266,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from worker.main import run_worker
 
         run_worker(settings, burst=args.burst)
+    elif args.command == "gateway":
+        _run_gateway(settings)
     elif args.command == "up":
         return local.run_up(args, settings)
     elif args.command == "demo":
@@ -265,6 +281,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "status":
         return _status(settings, as_json=args.json, watch=args.watch, interval_s=args.interval)
     return 0
+
+
+def _run_gateway(settings: Settings) -> None:
+    try:
+        from producer.gateway.app import run_gateway
+    except ImportError as exc:
+        raise ConfigError(f"the gateway needs FastAPI and uvicorn: pip install 'gpulb[gateway]' ({exc})") from exc
+    run_gateway(settings)
 
 
 def _given_options_as_env(args: argparse.Namespace) -> dict[str, str]:

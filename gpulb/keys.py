@@ -34,6 +34,14 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 |   bad data seen and skipped: malformed_load_keys, dropped_ingress_members, refused_jobs, malformed_payloads     |
 | gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
 |   fields host, pid, ts, requests, micro_batches                                                                |
+| gpulb:gw:file:F                      | hash   | none (DELETE)        | gateway                    | gateway            |
+|   fields id, bytes, created_at, filename, purpose, content (an uploaded or produced JSONL file)              |
+| gpulb:gw:files                       | zset   | none                 | gateway                    | gateway            |
+| gpulb:gw:batch:ID                    | hash   | none                 | gateway                    | gateway            |
+|   field record: the OpenAI batch object's state as JSON (with gpulb_batch, the gpulb batch id)               |
+| gpulb:gw:batch:ID:finalizing         | string | 300 s                | gateway (SET NX)           | gateway            |
+| gpulb:gw:batches, gpulb:gw:active    | zset   | none                 | gateway                    | gateway            |
+|   every gateway batch by created_at; those not final yet                                                     |
 | rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
 """
 
@@ -57,6 +65,30 @@ WAKEUP_KEEP = 64  # the wake-up list never holds more than this many tokens
 
 def seq_key() -> str:
     return f"{PREFIX}:seq"
+
+
+def gateway_file_key(file_id: str) -> str:
+    return f"{PREFIX}:gw:file:{file_id}"
+
+
+def gateway_files_key() -> str:
+    return f"{PREFIX}:gw:files"
+
+
+def gateway_batch_key(batch_id: str) -> str:
+    return f"{PREFIX}:gw:batch:{batch_id}"
+
+
+def gateway_finalize_lock_key(batch_id: str) -> str:
+    return f"{PREFIX}:gw:batch:{batch_id}:finalizing"
+
+
+def gateway_batches_key() -> str:
+    return f"{PREFIX}:gw:batches"
+
+
+def gateway_active_key() -> str:
+    return f"{PREFIX}:gw:active"
 
 
 BATCH_INDEX_KEEP = 10_000  # batches listed by `gpulb batch list`; older ids drop out of the index

@@ -135,6 +135,19 @@ class WorkerSettings(BaseModel):
         return f"{host}-{suffix}"
 
 
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible HTTP gateway (``gpulb gateway``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)  # GPULB_GATEWAY__API_KEYS='["sk-1", "sk-2"]'
+    max_file_bytes: int = Field(default=200 << 20, ge=1)
+    online_priority: int = Field(default=100, ge=-255, le=255)  # online requests go before batch traffic
+    online_timeout_s: PositiveFloat = 600.0
+    default_max_tokens: int = Field(default=1024, ge=1)  # for a request whose body has no max_tokens
+    max_waiting_online: int = Field(default=256, ge=1)  # online requests waiting for results at once
+
+
 class Settings(BaseSettings):
     """Every gpulb setting. Environment: ``GPULB_<FIELD>`` and ``GPULB_<SECTION>__<FIELD>``."""
 
@@ -154,3 +167,4 @@ class Settings(BaseSettings):
     producer: ProducerSettings = ProducerSettings()
     balancer: BalancerSettings = BalancerSettings()
     worker: WorkerSettings = WorkerSettings()
+    gateway: GatewaySettings = GatewaySettings()

@@ -37,6 +37,14 @@ DROPPED_FIELDS = frozenset({"model", "user", "metadata"})
 MAX_REPORTED_ERRORS = 20
 
 
+class BadBatchFile(InvalidRequest):
+    """Some lines of a batch file are bad: ``lines`` holds (line number, message), every one of them."""
+
+    def __init__(self, message: str, lines: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
 @dataclass(slots=True)
 class BatchFile:
     """A checked batch file: one model, one endpoint, requests in file order."""
@@ -62,38 +70,40 @@ def read_batch_file(path: Path, *, default_max_tokens: int, limits: ProducerSett
 
 
 def parse_batch_lines(
-    lines: Iterable[str], *, default_max_tokens: int, limits: ProducerSettings, source: str = "input"
-) -> BatchFile:
-    errors: list[str] = []
+    lines: Iterable[str], *, default_max_tokens: int, limits: ProducerSettings, source: str = "input",
+    endpoint: str | None = None,
+) -> BatchFile:  # fmt: skip
+    """Check every line (and, given ``endpoint``, that each line's url is it); raises :class:`BadBatchFile`."""
+    errors: list[tuple[int, str]] = []
     batch: BatchFile | None = None
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            model, endpoint, request = _parse_line(line, default_max_tokens, limits)
-            batch = batch or BatchFile(model, endpoint)
-            _check_same(batch, model, endpoint)
+            model, url, request = _parse_line(line, default_max_tokens, limits, endpoint)
+            batch = batch or BatchFile(model, url)
+            _check_same(batch, model, url)
             _check_unique(seen, request["custom_id"], number)
             batch.requests.append(request)
         except InvalidRequest as exc:
-            errors.append(f"line {number}: {exc}")
+            errors.append((number, str(exc)))
     if errors:
-        shown = errors[:MAX_REPORTED_ERRORS]
+        shown = [f"line {n}: {message}" for n, message in errors[:MAX_REPORTED_ERRORS]]
         more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         listing = "\n  ".join(shown)
-        raise InvalidRequest(f"{source}: {len(errors)} bad line(s), nothing was submitted:\n  {listing}{more}")
+        raise BadBatchFile(f"{source}: {len(errors)} bad line(s), nothing was submitted:\n  {listing}{more}", errors)
     if batch is None:
         raise InvalidRequest(f"{source}: no requests (the file is empty)")
     if len(batch.requests) > limits.max_batch_requests:
         count, most = len(batch.requests), limits.max_batch_requests
-        raise InvalidRequest(
-            f"{source}: {count} requests exceed the limit of {most} (GPULB_PRODUCER__MAX_BATCH_REQUESTS)"
-        )
+        raise InvalidRequest(f"{source}: {count} requests exceed the limit of {most} per batch")
     return batch
 
 
-def _parse_line(line: str, default_max_tokens: int, limits: ProducerSettings) -> tuple[str, str, dict[str, Any]]:
+def _parse_line(
+    line: str, default_max_tokens: int, limits: ProducerSettings, endpoint: str | None
+) -> tuple[str, str, dict[str, Any]]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -107,14 +117,16 @@ def _parse_line(line: str, default_max_tokens: int, limits: ProducerSettings) ->
         raise InvalidRequest(f"method: {obj.get('method')!r}: only POST is supported")
     if obj.get("url") not in ENDPOINTS:
         raise InvalidRequest(f"url: {obj.get('url')!r}: expected {COMPLETIONS} or {CHAT}")
+    if endpoint is not None and obj["url"] != endpoint:
+        raise InvalidRequest(f"url: {obj['url']!r} does not match the batch's endpoint {endpoint!r}")
     if not isinstance(body, dict):
         raise InvalidRequest("body: required, a JSON object")
     model = validate_model(body.get("model"))
-    return model, obj["url"], _request_from_body(obj["url"], custom_id, body, default_max_tokens, limits)
+    return model, obj["url"], request_from_body(obj["url"], custom_id, body, default_max_tokens, limits)
 
 
-def _request_from_body(
-    url: str, custom_id: str, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings
+def request_from_body(
+    url: str, custom_id: str | None, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings
 ) -> dict[str, Any]:
     request: dict[str, Any] = {"custom_id": custom_id}
     for name, value in body.items():
@@ -168,11 +180,12 @@ def output_line(result: Result, *, model: str, endpoint: str, batch_id: str) -> 
     if result.error is not None:
         code = "cancelled" if result.cancelled else "request_failed"
         return line | {"response": None, "error": {"code": code, "message": result.error}}
-    body = _response_body(result, model, endpoint)
+    body = response_body(result, model, endpoint)
     return line | {"response": {"status_code": 200, "request_id": result.request_id, "body": body}, "error": None}
 
 
-def _response_body(result: Result, model: str, endpoint: str) -> dict[str, Any]:
+def response_body(result: Result, model: str, endpoint: str) -> dict[str, Any]:
+    """The OpenAI API's response body for a successful result (``chat.completion`` or ``text_completion``)."""
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
              "total_tokens": result.prompt_tokens + result.output_tokens}  # fmt: skip
     common = {"created": int(result.finished_at), "model": model, "usage": usage}

@@ -1,0 +1,270 @@
+"""``gpulb gateway``: the OpenAI REST API on a gpulb fleet (files, batches, completions, chat, models).
+
+Point the official client at it: ``OpenAI(base_url="http://HOST:PORT/v1", api_key=KEY)``.
+Online requests are one-request gpulb batches at ``gateway.online_priority``, so they pass batch
+traffic in the ingress; waiting for their results happens in worker threads (a bounded number).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from gpulb import keys
+from gpulb.connection import connect
+from gpulb.errors import BatchNotFound, BrokerUnavailable, GpulbError, InvalidRequest, ResultTimeout
+from gpulb.logs import get_logger
+from gpulb.settings import Settings
+from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
+from producer.client import Client
+from producer.gateway.batches import BatchService
+from producer.gateway.store import BatchRecords, FileStore, FileTooLarge
+
+log = get_logger("gpulb.gateway")
+FINALIZE_EVERY_S = 1.0
+
+
+class OpenAIError(Exception):
+    """An error answered in the OpenAI shape: ``{"error": {"message", "type", "code", "param"}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+class BatchCreate(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+class Gateway:
+    """The state the routes share: one producer client, the stores, the batch service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = Client(settings.redis_url, settings=settings)
+        conn = self.client._conn
+        self.files = FileStore(connect(settings, decode=False), settings.gateway.max_file_bytes)  # contents are bytes
+        self.records = BatchRecords(conn)
+        self.batches = BatchService(self.client, self.files, self.records, settings)
+        self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
+        self.keys = [k.get_secret_value().encode() for k in settings.gateway.api_keys]
+
+    def served_models(self) -> list[str]:
+        conn = self.client._conn
+        worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
+        pipe = conn.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.hget(keys.load_key(worker_id), "model")
+        return sorted({m for m in pipe.execute() if m})
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.keys:
+            return True
+        token = (header or "").removeprefix("Bearer ").strip().encode()
+        return any(hmac.compare_digest(token, key) for key in self.keys)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not gateway.keys:
+            log.warning("NO API KEYS CONFIGURED: the gateway accepts every request. Set GPULB_GATEWAY__API_KEYS.")
+        task = asyncio.create_task(_finalize_loop(gateway))
+        yield
+        task.cancel()
+        gateway.client.close()
+
+    app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan)
+
+    async def require_key(request: Request) -> None:
+        if not gateway.authorized(request.headers.get("authorization")):
+            raise OpenAIError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+    _install_error_handlers(app)
+    _add_file_routes(app, gateway, require_key)
+    _add_batch_routes(app, gateway, require_key)
+    _add_online_routes(app, gateway, require_key)
+    return app
+
+
+async def _finalize_loop(gateway: Gateway) -> None:
+    while True:
+        await asyncio.sleep(FINALIZE_EVERY_S)
+        try:
+            await anyio.to_thread.run_sync(gateway.batches.finalize_due)
+        except Exception as exc:  # Redis away, for one: try again next round
+            log.warning("batch finalizer failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.code)
+
+    @app.exception_handler(GpulbError)
+    async def gpulb_error(request: Request, exc: GpulbError) -> JSONResponse:
+        if isinstance(exc, BatchNotFound):
+            return error_response(404, str(exc), "invalid_request_error", "not_found")
+        if isinstance(exc, FileTooLarge):
+            return error_response(413, str(exc), "invalid_request_error", "file_too_large")
+        if isinstance(exc, InvalidRequest):
+            return error_response(400, str(exc), "invalid_request_error", "invalid_request")
+        if isinstance(exc, ResultTimeout):
+            return error_response(504, str(exc), "server_error", "timeout")
+        if isinstance(exc, BrokerUnavailable):
+            return error_response(503, "the queue (Redis) is unavailable; retry shortly", "server_error", None)
+        return error_response(500, str(exc), "server_error", None)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return error_response(400, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
+
+
+def _add_file_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
+    auth = [Depends(require_key)]
+
+    @app.post("/v1/files", dependencies=auth)
+    async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+        if purpose != "batch":
+            raise OpenAIError(400, f"purpose: {purpose!r} is not supported; use 'batch'", code="invalid_purpose")
+        content = await file.read(gateway.settings.gateway.max_file_bytes + 1)
+        stored = await anyio.to_thread.run_sync(
+            lambda: gateway.files.put(content, filename=file.filename or "upload.jsonl", purpose=purpose)
+        )
+        return stored.as_openai()
+
+    @app.get("/v1/files", dependencies=auth)
+    async def list_files() -> dict[str, Any]:
+        files = await anyio.to_thread.run_sync(gateway.files.list)
+        return {"object": "list", "data": [f.as_openai() for f in files], "has_more": False}
+
+    @app.get("/v1/files/{file_id}", dependencies=auth)
+    async def get_file(file_id: str) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(gateway.files.get, file_id)).as_openai()
+
+    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    async def file_content(file_id: str) -> Response:
+        content = await anyio.to_thread.run_sync(gateway.files.content, file_id)
+        return Response(content, media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}", dependencies=auth)
+    async def delete_file(file_id: str) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(gateway.files.delete, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _add_batch_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
+    auth = [Depends(require_key)]
+    service = gateway.batches
+
+    @app.post("/v1/batches", dependencies=auth)
+    async def create_batch(body: BatchCreate) -> dict[str, Any]:
+        def create() -> dict[str, Any]:
+            record = service.create(input_file_id=body.input_file_id, endpoint=body.endpoint,
+                                    completion_window=body.completion_window, metadata=body.metadata)  # fmt: skip
+            return record.as_openai()
+
+        return await anyio.to_thread.run_sync(create)
+
+    @app.get("/v1/batches/{batch_id}", dependencies=auth)
+    async def get_batch(batch_id: str) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(service.get, batch_id)).as_openai()
+
+    @app.post("/v1/batches/{batch_id}/cancel", dependencies=auth)
+    async def cancel_batch(batch_id: str) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(service.cancel, batch_id)).as_openai()
+
+    @app.get("/v1/batches", dependencies=auth)
+    async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise OpenAIError(400, "limit: must be from 1 to 100", code="invalid_limit")
+        records, more = await anyio.to_thread.run_sync(lambda: gateway.records.page(after, limit))
+        data = [r.as_openai() for r in records]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
+
+
+def _add_online_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
+    auth = [Depends(require_key)]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        served = await anyio.to_thread.run_sync(gateway.served_models)
+        now = int(time.time())
+        data = [{"id": m, "object": "model", "created": now, "owned_by": "gpulb"} for m in served]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> dict[str, Any]:
+        return await _online(gateway, COMPLETIONS, await _json_body(request))
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request) -> dict[str, Any]:
+        return await _online(gateway, CHAT, await _json_body(request))
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise OpenAIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("stream"):
+        raise OpenAIError(400, "stream=true is not supported yet: send stream=false", code="stream_unsupported")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, "model: required", code="invalid_model")
+    cfg = gateway.settings
+    request = request_from_body(endpoint, None, {**body, "stream": False}, cfg.gateway.default_max_tokens, cfg.producer)
+    request.pop("custom_id")
+
+    def run() -> dict[str, Any]:
+        if model not in gateway.served_models():
+            raise OpenAIError(
+                404, f"The model {model!r} does not exist or no live worker serves it", code="model_not_found"
+            )
+        batch = gateway.client.submit_batch([request], model=model, priority=cfg.gateway.online_priority)
+        try:
+            (result,) = batch.results(timeout=cfg.gateway.online_timeout_s)
+        except ResultTimeout:
+            batch.cancel()  # nobody waits for it any more
+            raise
+        if not result.ok:
+            raise OpenAIError(500, f"the request failed: {result.error}", "server_error", "request_failed")
+        return response_body(result, model, endpoint)
+
+    return await anyio.to_thread.run_sync(run, limiter=gateway.online_slots)
+
+
+def run_gateway(settings: Settings) -> None:
+    import uvicorn
+
+    cfg = settings.gateway
+    log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}/v1", keys=len(cfg.api_keys))
+    uvicorn.run(create_app(settings), host=cfg.host, port=cfg.port, log_config=None, access_log=False)

@@ -1,0 +1,181 @@
+"""What the gateway keeps in Redis: files (uploaded and produced) and OpenAI batch objects.
+
+A gateway batch wraps one gpulb batch. Its OpenAI status is worked out from the gpulb batch's
+state while it runs; once every request is answered, the gateway writes the output and error
+files (``finalizing``) and stores the final status, so later reads need no gpulb batch at all.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from gpulb import keys
+from gpulb.errors import BatchNotFound, InvalidRequest
+
+FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+
+
+class FileNotFound(BatchNotFound):
+    """No file with this id (never uploaded, or deleted)."""
+
+
+class FileTooLarge(InvalidRequest):
+    """An upload over ``gateway.max_file_bytes``."""
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+@dataclass(slots=True)
+class StoredFile:
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed"}  # fmt: skip
+
+
+class FileStore:
+    FIELDS = ("id", "bytes", "created_at", "filename", "purpose")
+
+    def __init__(self, conn: redis.Redis, max_bytes: int) -> None:
+        self.conn, self.max_bytes = conn, max_bytes
+
+    def put(self, content: bytes, *, filename: str, purpose: str) -> StoredFile:
+        if len(content) > self.max_bytes:
+            raise FileTooLarge(f"file of {len(content):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
+                               "(GPULB_GATEWAY__MAX_FILE_BYTES)")  # fmt: skip
+        stored = StoredFile(new_file_id(), len(content), int(time.time()), filename, purpose)
+        pipe = self.conn.pipeline(transaction=True)
+        fields: dict[str, str | int | bytes] = {**_as_fields(stored), "content": content}
+        pipe.hset(keys.gateway_file_key(stored.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.zadd(keys.gateway_files_key(), {stored.id: stored.created_at})
+        pipe.execute()
+        return stored
+
+    def get(self, file_id: str) -> StoredFile:
+        values = self.conn.hmget(keys.gateway_file_key(file_id), list(self.FIELDS))
+        if values[0] is None:
+            raise FileNotFound(f"No such File object: {file_id}")
+        raw = [_text(v) for v in values]
+        return StoredFile(raw[0], int(raw[1]), int(raw[2]), raw[3], raw[4])
+
+    def content(self, file_id: str) -> bytes:
+        self.get(file_id)
+        data = self.conn.hget(keys.gateway_file_key(file_id), "content")
+        return data if isinstance(data, bytes) else str(data or "").encode()
+
+    def delete(self, file_id: str) -> None:
+        self.get(file_id)
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.delete(keys.gateway_file_key(file_id))
+        pipe.zrem(keys.gateway_files_key(), file_id)
+        pipe.execute()
+
+    def list(self, limit: int = 100) -> list[StoredFile]:
+        ids = self.conn.zrevrange(keys.gateway_files_key(), 0, limit - 1)
+        return [self.get(_text(i)) for i in ids]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _as_fields(stored: StoredFile) -> dict[str, str | int | bytes]:
+    return {"id": stored.id, "bytes": stored.bytes, "created_at": stored.created_at, "filename": stored.filename,
+            "purpose": stored.purpose}  # fmt: skip
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """An OpenAI batch object as stored; ``gpulb_batch`` is empty for a batch that failed validation."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    status: str = "validating"
+    gpulb_batch: str = ""
+    model: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    times: dict[str, int] = field(default_factory=dict)  # in_progress_at, finalizing_at, completed_at, ...
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+
+    @property
+    def expires_at(self) -> int:
+        return self.created_at + COMPLETION_WINDOWS.get(self.completion_window, 0)
+
+    def as_openai(self) -> dict[str, Any]:
+        names = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+                 "cancelled_at")  # fmt: skip
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint, "model": self.model or None,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window, "status": self.status,
+            "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "created_at": self.created_at, "expires_at": self.expires_at,
+            **{name: self.times.get(name) for name in names},
+            "request_counts": dict(self.counts), "metadata": self.metadata or None,
+        }  # fmt: skip
+
+
+class BatchRecords:
+    def __init__(self, conn: redis.Redis) -> None:
+        self.conn = conn
+
+    def save(self, record: BatchRecord) -> None:
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.hset(keys.gateway_batch_key(record.id), "record", json.dumps(_record_dict(record)))
+        pipe.zadd(keys.gateway_batches_key(), {record.id: time.time()}, nx=True)  # sub-second order for listing
+        if record.status in FINAL:
+            pipe.zrem(keys.gateway_active_key(), record.id)
+        else:
+            pipe.zadd(keys.gateway_active_key(), {record.id: record.created_at})
+        pipe.execute()
+
+    def get(self, batch_id: str) -> BatchRecord:
+        raw = self.conn.hget(keys.gateway_batch_key(batch_id), "record")
+        if raw is None:
+            raise BatchNotFound(f"No such Batch object: {batch_id}")
+        return BatchRecord(**json.loads(raw))
+
+    def page(self, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
+        """Newest first, starting after ``after``; and whether more follow."""
+        start = 0
+        if after is not None:
+            rank = self.conn.zrevrank(keys.gateway_batches_key(), after)
+            if rank is None:
+                raise BatchNotFound(f"No such Batch object: {after}")
+            start = int(rank) + 1  # type: ignore[arg-type]
+        ids = self.conn.zrevrange(keys.gateway_batches_key(), start, start + limit)
+        names = [_text(i) for i in ids]
+        return [self.get(i) for i in names[:limit]], len(names) > limit
+
+    def active(self) -> list[str]:
+        return [
+            i.decode() if isinstance(i, bytes) else str(i) for i in self.conn.zrange(keys.gateway_active_key(), 0, -1)
+        ]
+
+    def claim_finalize(self, batch_id: str) -> bool:
+        """One gateway process writes a batch's output files; the claim lapses if that process dies."""
+        return bool(self.conn.set(keys.gateway_finalize_lock_key(batch_id), "1", nx=True, ex=300))
+
+
+def _record_dict(record: BatchRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in BatchRecord.__dataclass_fields__}
