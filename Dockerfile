@@ -1,6 +1,6 @@
 # One image for every gpulb role. The engine is a build argument:
-#   docker build -t gpulb .                                  # balancer, simulated and openai workers, CLI
-#   docker build -t gpulb:vllm --build-arg EXTRAS=vllm .    # + vLLM (its wheels bring the CUDA libraries)
+#   docker build -t gpulb .                                  # balancer, gateway, simulated and openai workers, CLI
+#   docker build -t gpulb:vllm --build-arg EXTRAS=vllm .    # a vLLM worker (its wheels bring the CUDA libraries)
 #   docker build -t gpulb:trt --build-arg BASE_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:latest --build-arg EXTRAS=tensorrt .
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
@@ -18,12 +18,12 @@ COPY producer ./producer
 COPY balancer ./balancer
 COPY worker ./worker
 
-ARG EXTRAS=""
+ARG EXTRAS="gateway"
 RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
  && useradd --system --uid 10001 --create-home gpulb
 
 USER gpulb
-# Prometheus metrics, when a command passes --metrics-port 9100
-EXPOSE 9100
+# Prometheus metrics (--metrics-port 9100); the gateway (--port 8000)
+EXPOSE 9100 8000
 ENTRYPOINT ["gpulb"]
 CMD ["--help"]

@@ -74,7 +74,9 @@ class TestCompose:
         self, compose: dict[str, Any]
     ) -> None:
         services = gpulb_services(compose)
-        assert {"balancer", "worker-gpu0", "worker-gpu1", "worker-sim-a", "worker-sim-b", "cli"} <= services.keys()
+        assert {"balancer", "gateway", "worker-gpu0", "worker-gpu1", "worker-sim-a", "worker-sim-b", "cli"} <= set(
+            services
+        )
         for name, svc in services.items():
             assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
             assert svc["environment"]["GPULB_REDIS_URL"] == "redis://redis:6379/0", name
