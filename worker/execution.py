@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from gpulb.errors import BackendError
-from worker.backends.base import Backend, BackendOutput, BackendRequest, failed
+from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineUnavailable, failed
 
 
 class BackendTimeout(BackendError):
@@ -39,12 +39,20 @@ class IsolatingExecutor:
         self.stop = stop
 
     def run(self, requests: list[BackendRequest], tokens_per_s: float) -> list[Outcome]:
-        """One outcome per request, in order; never raises for a backend failure."""
-        return self._isolate(requests, tokens_per_s) if requests else []
+        """One outcome per request, in order; raises :class:`EngineUnavailable` only if every request still
+        failed for the engine's sake (busy, unreachable, dead) after its retries: then none of them is to blame
+        and the micro-batch goes back to the ingress for another worker."""
+        outcomes = self._isolate(requests, tokens_per_s) if requests else []
+        if outcomes and all(o.output.retryable for o in outcomes):
+            raise EngineUnavailable(f"engine unavailable after {max(o.tries for o in outcomes)} tries: "
+                                    f"{outcomes[0].output.error}")  # fmt: skip
+        return outcomes
 
     def _isolate(self, requests: list[BackendRequest], tokens_per_s: float) -> list[Outcome]:
         try:
             outputs = self._call(requests, tokens_per_s)
+        except EngineUnavailable as exc:  # no request to blame: do not split, retry them all
+            outputs = [failed(f"{type(exc).__name__}: {exc}", retryable=True)] * len(requests)
         except Exception as exc:
             if len(requests) == 1:
                 return [self._retry_alone(requests[0], tokens_per_s, exc)]

@@ -20,7 +20,7 @@ from gpulb.models import Result, WorkerLoad, WorkerState
 from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
-from worker.backends.base import Backend, BackendRequest, EngineLoad, failed
+from worker.backends.base import Backend, BackendRequest, EngineLoad, EngineUnavailable, failed
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.gpu import GpuMonitor, GpuSample
 from worker.metrics import WorkerMetrics
@@ -131,11 +131,12 @@ class WorkerRuntime:
         if self.state is WorkerState.STARTING:
             return
         self.refresh_engine_status()
-        became_unhealthy = self._update_health()
+        if self._update_health():
+            log.warning("engine unhealthy: taking no new work")
         self.publish_load()
-        if became_unhealthy:
+        if self.state is WorkerState.UNHEALTHY and self.queued:  # every beat: the state may have changed elsewhere
             released = self.release_queued()
-            log.warning("engine unhealthy: taking no new work", released_requests=released)
+            log.warning("engine unhealthy: queued work handed back", released_requests=released)
         self._beats += 1
         if self._beats % ORPHAN_SWEEP_BEATS == 0 and self.state is not WorkerState.DRAINING:
             current = self.current_microbatch
@@ -246,6 +247,10 @@ class WorkerRuntime:
         try:
             with structlog.contextvars.bound_contextvars(microbatch_id=microbatch_id):
                 return self._begin_and_run(microbatch_id)
+        except EngineUnavailable as exc:
+            log.warning("engine unavailable: micro-batch handed back", microbatch_id=microbatch_id, error=str(exc))
+            self._give_back(microbatch_id)
+            return {"requests": 0, "recorded": 0}
         except BaseException:
             self._give_back(microbatch_id)
             raise

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import redis
 
 from gpulb import keys
 from gpulb.models import WorkerState
 from producer import Client
 from tests.integration.conftest import StartWorker, balancer, work
-from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, failed
+from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, EngineUnavailable, failed
 from worker.backends.simulated import SimulatedBackend
 from worker.execution import ExecutionPolicy, IsolatingExecutor
 
@@ -60,11 +61,28 @@ class TestTransientErrors:
         assert [(o.output.text, o.output.error, o.tries) for o in outcomes] == [("a b", None, 3), ("c", None, 3)]
         assert engine.calls == 3  # one call per try for the pair, never split: the engine was busy, not them
 
-    def test_still_busy_after_max_attempts_is_a_failure_naming_the_cause(self) -> None:
+    def test_still_busy_after_its_tries_raises_engine_unavailable(self) -> None:
         engine = FlakyEngine(busy_calls=10)
         executor = IsolatingExecutor(engine, ExecutionPolicy(max_attempts=2, retry_backoff_s=0.01), threading.Event())
-        (outcome,) = executor.run([BackendRequest("a", 1)], 1e6)
-        assert (outcome.output.error, outcome.tries) == ("HTTP 503 Service Unavailable", 2)
+        with pytest.raises(EngineUnavailable, match="after 2 tries: HTTP 503 Service Unavailable"):
+            executor.run([BackendRequest("a", 1)], 1e6)
+        assert engine.calls == 2
+
+    def test_a_busy_engine_hands_the_micro_batch_back_for_another_worker(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        busy = start_worker("busy", max_batch=8, retry_backoff_s=0.01)
+        busy.backend = busy.executor.backend = FlakyEngine(busy_calls=100)
+        batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
+        assert balancer(conn).dispatch_round() == 8
+        work(busy, redis_url)  # three tries, all 503: handed back, one attempt charged, nothing recorded
+        assert conn.zcard(keys.ingress_key("m")) == 8 and batch.status().completed == 0
+        busy.deregister()
+        healthy = start_worker("healthy")
+        while balancer(conn).dispatch_round():
+            work(healthy, redis_url)
+        results = batch.results(timeout=5)
+        assert [(r.worker, r.attempts, r.ok) for r in results] == [("healthy", 2, True)] * 8
 
 
 class TestEngineHealth:

@@ -43,6 +43,10 @@ class BackendOutput:
     retryable: bool = False
 
 
+class EngineUnavailable(BackendError):
+    """The engine cannot serve anything now (dead, restarting, overloaded): not the requests' fault."""
+
+
 def failed(error: str, *, retryable: bool = False) -> BackendOutput:
     return BackendOutput(text="", output_tokens=0, error=error, retryable=retryable)
 

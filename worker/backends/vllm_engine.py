@@ -17,7 +17,16 @@ from typing import Any
 
 from gpulb.errors import BackendError, ConfigError
 from gpulb.logs import get_logger
-from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineLoad, failed, import_engine, one_output
+from worker.backends.base import (
+    Backend,
+    BackendOutput,
+    BackendRequest,
+    EngineLoad,
+    EngineUnavailable,
+    failed,
+    import_engine,
+    one_output,
+)
 
 log = get_logger("gpulb.worker.vllm")
 ABORTED = "abort"
@@ -143,7 +152,7 @@ class VllmBackend(Backend):
                 final = output
         except Exception as exc:
             if getattr(self._engine, "errored", False):
-                raise BackendError(f"vLLM engine died: {type(exc).__name__}: {exc}") from exc
+                raise EngineUnavailable(f"vLLM engine died: {type(exc).__name__}: {exc}") from exc
             return failed(f"vLLM failed the request: {type(exc).__name__}: {exc}")
         if final is None:
             return failed("vLLM returned no output", retryable=True)
