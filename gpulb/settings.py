@@ -142,6 +142,8 @@ class GatewaySettings(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys: list[SecretStr] = Field(default_factory=list)  # GPULB_GATEWAY__API_KEYS='["sk-1", "sk-2"]'
     max_file_bytes: int = Field(default=200 << 20, ge=1)
+    file_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)  # uploads and output files, as OpenAI keeps them
+    online_result_ttl_s: int = Field(default=60, ge=1)  # an online request's result, once answered
     online_priority: int = Field(default=100, ge=-255, le=255)  # online requests go before batch traffic
     online_timeout_s: PositiveFloat = 600.0
     default_max_tokens: int = Field(default=1024, ge=1)  # for a request whose body has no max_tokens

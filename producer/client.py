@@ -67,10 +67,14 @@ class Client:
         max_tokens: int = 16,
         priority: int = 0,
         metadata: Mapping[str, str] | None = None,
+        result_ttl_s: int | None = None,
+        listed: bool = True,
     ) -> BatchHandle:
         """Validate every request, then enqueue them all; a bad request refuses the whole batch.
 
         ``metadata`` (up to 16 string pairs) is kept with the batch and shown by ``gpulb batch``.
+        ``result_ttl_s`` overrides how long results stay once the batch is done; ``listed=False``
+        keeps the batch out of ``gpulb batch list`` (short-lived batches, such as online requests).
         """
         model = validate_model(model)
         priority = validate_priority(priority)
@@ -85,9 +89,11 @@ class Client:
                 model=model,
                 priority=priority,
                 specs=specs,
-                limits=self.settings.producer,
+                limits=self.settings.producer if result_ttl_s is None
+                else self.settings.producer.model_copy(update={"result_ttl_s": result_ttl_s}),
                 metadata=metadata,
-            )
+                listed=listed,
+            )  # fmt: skip
         return BatchHandle(self, batch_id, total=len(specs))
 
     def list_batches(self, limit: int = 20) -> list[BatchStatus]:

@@ -34,6 +34,7 @@ def write_batch(
     specs: Sequence[RequestSpec],
     limits: ProducerSettings,
     metadata: Mapping[str, str] | None = None,
+    listed: bool = True,
 ) -> None:
     """Stage the payloads in chunks, then make the batch visible in one MULTI/EXEC.
 
@@ -51,7 +52,7 @@ def write_batch(
     seq_end = int(conn.incrby(keys.seq_key(), len(specs)))
     publish = functools.partial(
         _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
-        seq0=seq_end - len(specs), limits=limits, metadata=metadata or {},
+        seq0=seq_end - len(specs), limits=limits, metadata=metadata or {}, listed=listed,
     )  # fmt: skip
     try:
         publish()
@@ -71,6 +72,7 @@ def _publish(
     seq0: int,
     limits: ProducerSettings,
     metadata: Mapping[str, str],
+    listed: bool,
 ) -> None:
     pipe = conn.pipeline(transaction=True)
     pipe.persist(keys.batch_requests_key(batch_id))
@@ -78,8 +80,9 @@ def _publish(
     if metadata:
         record["metadata"] = json.dumps(dict(metadata))
     pipe.hset(keys.batch_key(batch_id), mapping=record)  # type: ignore[arg-type]
-    pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
-    pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
+    if listed:
+        pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
+        pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
     total_cost = 0
     for start in range(0, len(specs), limits.chunk_size):
         members: dict[str, int] = {}

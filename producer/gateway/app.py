@@ -37,13 +37,20 @@ FINALIZE_EVERY_S = 1.0
 class OpenAIError(Exception):
     """An error answered in the OpenAI shape: ``{"error": {"message", "type", "code", "param"}}``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+        *, retry: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.retry = status, message, kind, code, retry
 
 
-def error_response(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, *, retry: bool = True
+) -> JSONResponse:
+    """The OpenAI error shape; ``retry=False`` tells the openai client not to send the request again."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers={} if retry else {"x-should-retry": "false"})
 
 
 class BatchCreate(BaseModel):
@@ -60,7 +67,8 @@ class Gateway:
         self.settings = settings
         self.client = Client(settings.redis_url, settings=settings)
         conn = self.client._conn
-        self.files = FileStore(connect(settings, decode=False), settings.gateway.max_file_bytes)  # contents are bytes
+        gw = settings.gateway
+        self.files = FileStore(connect(settings, decode=False), gw.max_file_bytes, gw.file_ttl_s)  # bytes in and out
         self.records = BatchRecords(conn)
         self.batches = BatchService(self.client, self.files, self.records, settings)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
@@ -81,6 +89,38 @@ class Gateway:
         return any(hmac.compare_digest(token, key) for key in self.keys)
 
 
+class GuardMiddleware:
+    """Refuse, before a byte of the body is read: a missing or wrong key (401), an upload too large (413)."""
+
+    MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        refusal = self._refusal(headers)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
+        if not self.gateway.authorized(headers.get("authorization")):
+            return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        most = self.gateway.settings.gateway.max_file_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > most + self.MULTIPART_SLACK:
+            message = (
+                f"request of {int(length):,} bytes exceeds the limit of {most:,} bytes (GPULB_GATEWAY__MAX_FILE_BYTES)"
+            )
+            return error_response(413, message, "invalid_request_error", "file_too_large", retry=False)
+        return None
+
+
 def create_app(settings: Settings) -> FastAPI:
     gateway = Gateway(settings)
 
@@ -94,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
         gateway.client.close()
 
     app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan)
+    app.add_middleware(GuardMiddleware, gateway=gateway)
 
     async def require_key(request: Request) -> None:
         if not gateway.authorized(request.headers.get("authorization")):
@@ -118,18 +159,18 @@ async def _finalize_loop(gateway: Gateway) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.kind, exc.code)
+        return error_response(exc.status, exc.message, exc.kind, exc.code, retry=exc.retry)
 
     @app.exception_handler(GpulbError)
     async def gpulb_error(request: Request, exc: GpulbError) -> JSONResponse:
         if isinstance(exc, BatchNotFound):
             return error_response(404, str(exc), "invalid_request_error", "not_found")
         if isinstance(exc, FileTooLarge):
-            return error_response(413, str(exc), "invalid_request_error", "file_too_large")
+            return error_response(413, str(exc), "invalid_request_error", "file_too_large", retry=False)
         if isinstance(exc, InvalidRequest):
             return error_response(400, str(exc), "invalid_request_error", "invalid_request")
-        if isinstance(exc, ResultTimeout):
-            return error_response(504, str(exc), "server_error", "timeout")
+        if isinstance(exc, ResultTimeout):  # it was cancelled: a retry would wait as long again
+            return error_response(504, str(exc), "server_error", "timeout", retry=False)
         if isinstance(exc, BrokerUnavailable):
             return error_response(503, "the queue (Redis) is unavailable; retry shortly", "server_error", None)
         return error_response(500, str(exc), "server_error", None)
@@ -249,14 +290,16 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
             raise OpenAIError(
                 404, f"The model {model!r} does not exist or no live worker serves it", code="model_not_found"
             )
-        batch = gateway.client.submit_batch([request], model=model, priority=cfg.gateway.online_priority)
+        batch = gateway.client.submit_batch([request], model=model, priority=cfg.gateway.online_priority,
+                                            result_ttl_s=cfg.gateway.online_result_ttl_s, listed=False)  # fmt: skip
         try:
             (result,) = batch.results(timeout=cfg.gateway.online_timeout_s)
         except ResultTimeout:
             batch.cancel()  # nobody waits for it any more
             raise
         if not result.ok:
-            raise OpenAIError(500, f"the request failed: {result.error}", "server_error", "request_failed")
+            # it already had its tries on the fleet: the client must not send it again
+            raise OpenAIError(500, f"the request failed: {result.error}", "server_error", "request_failed", retry=False)
         return response_body(result, model, endpoint)
 
     return await anyio.to_thread.run_sync(run, limiter=gateway.online_slots)

@@ -34,7 +34,7 @@ class BatchService:
                              int(time.time()), metadata=dict(metadata or {}))  # fmt: skip
         try:
             batch_file = parse_batch_lines(
-                content.splitlines(), default_max_tokens=self.settings.gateway.default_max_tokens,
+                content.split("\n"), default_max_tokens=self.settings.gateway.default_max_tokens,
                 limits=self.settings.producer, source=input_file_id, endpoint=endpoint,
             )  # fmt: skip
         except BadBatchFile as exc:
@@ -70,24 +70,35 @@ class BatchService:
         }
         if not status.finished and time.time() > record.expires_at and "expired_at" not in record.times:
             record.times["expired_at"] = int(time.time())  # the window closed: stop what has not started
+            if not self.records.save(record, unless_final=True):
+                return self.records.get(batch_id)
             self.client.get_batch(record.gpulb_batch).cancel()
-            self.records.save(record)
             status = self.client.batch_status(record.gpulb_batch)
         if status.finished and self.records.claim_finalize(batch_id):
-            return self._finalize(record, status)
+            try:
+                return self._finalize(batch_id, status)
+            except BaseException:
+                self.records.release_finalize(batch_id)  # let the next read try again at once
+                raise
         return record
 
     def cancel(self, batch_id: str) -> BatchRecord:
         record = self.records.get(batch_id)
-        if record.status in FINAL:
-            raise InvalidRequest(f"Cannot cancel a batch with status {record.status!r}")
-        record.status = "cancelling"
-        record.times.setdefault("cancelling_at", int(time.time()))
-        self.records.save(record)
+        if record.status not in FINAL:
+            record.status = "cancelling"
+            record.times.setdefault("cancelling_at", int(time.time()))
+        if record.status in FINAL or not self.records.save(record, unless_final=True):
+            final = self.records.get(batch_id)  # it finished meanwhile
+            raise InvalidRequest(f"Cannot cancel a batch with status {final.status!r}")
         self.client.get_batch(record.gpulb_batch).cancel()
         return self.get(batch_id)
 
-    def _finalize(self, record: BatchRecord, status: BatchStatus) -> BatchRecord:
+    def _finalize(self, batch_id: str, status: BatchStatus) -> BatchRecord:
+        record = self.records.get(batch_id)  # re-read under the claim: a cancel may have landed meanwhile
+        if record.status in FINAL:
+            return record
+        record.counts = {"total": status.total, "completed": status.completed,
+                         "failed": status.failed + status.cancelled}  # fmt: skip
         record.times["finalizing_at"] = int(time.time())
         results = self.client.get_batch(record.gpulb_batch).results(timeout=0)
         record.output_file_id = self._write(record, [r for r in results if r.ok], "output")
@@ -103,7 +114,7 @@ class BatchService:
             return None
         lines = (output_line(r, model=record.model, endpoint=record.endpoint, batch_id=record.id) for r in results)
         content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-        stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE)
+        stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE, limited=False)
         return stored.id
 
     def finalize_due(self) -> int:

@@ -50,17 +50,19 @@ class StoredFile:
 class FileStore:
     FIELDS = ("id", "bytes", "created_at", "filename", "purpose")
 
-    def __init__(self, conn: redis.Redis, max_bytes: int) -> None:
-        self.conn, self.max_bytes = conn, max_bytes
+    def __init__(self, conn: redis.Redis, max_bytes: int, ttl_s: int) -> None:
+        self.conn, self.max_bytes, self.ttl_s = conn, max_bytes, ttl_s
 
-    def put(self, content: bytes, *, filename: str, purpose: str) -> StoredFile:
-        if len(content) > self.max_bytes:
+    def put(self, content: bytes, *, filename: str, purpose: str, limited: bool = True) -> StoredFile:
+        """Store a file for ``ttl_s``; ``limited``: refuse one over ``max_bytes`` (uploads, not our own outputs)."""
+        if limited and len(content) > self.max_bytes:
             raise FileTooLarge(f"file of {len(content):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
                                "(GPULB_GATEWAY__MAX_FILE_BYTES)")  # fmt: skip
         stored = StoredFile(new_file_id(), len(content), int(time.time()), filename, purpose)
         pipe = self.conn.pipeline(transaction=True)
         fields: dict[str, str | int | bytes] = {**_as_fields(stored), "content": content}
         pipe.hset(keys.gateway_file_key(stored.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(keys.gateway_file_key(stored.id), self.ttl_s)
         pipe.zadd(keys.gateway_files_key(), {stored.id: stored.created_at})
         pipe.execute()
         return stored
@@ -85,8 +87,13 @@ class FileStore:
         pipe.execute()
 
     def list(self, limit: int = 100) -> list[StoredFile]:
-        ids = self.conn.zrevrange(keys.gateway_files_key(), 0, limit - 1)
-        return [self.get(_text(i)) for i in ids]
+        files = []
+        for file_id in (_text(i) for i in self.conn.zrevrange(keys.gateway_files_key(), 0, limit - 1)):
+            try:
+                files.append(self.get(file_id))
+            except FileNotFound:  # expired: drop it from the index
+                self.conn.zrem(keys.gateway_files_key(), file_id)
+        return files
 
 
 def _text(value: object) -> str:
@@ -139,15 +146,29 @@ class BatchRecords:
     def __init__(self, conn: redis.Redis) -> None:
         self.conn = conn
 
-    def save(self, record: BatchRecord) -> None:
-        pipe = self.conn.pipeline(transaction=True)
+    def save(self, record: BatchRecord, *, unless_final: bool = False) -> bool:
+        """Store the record; with ``unless_final``, not over one that has become final meanwhile (False then)."""
+        key = keys.gateway_batch_key(record.id)
+        with self.conn.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                stored = pipe.hget(key, "record")
+                if unless_final and stored is not None and json.loads(stored)["status"] in FINAL:
+                    return False
+                pipe.multi()
+                self._write(pipe, record)
+                pipe.execute()
+            except redis.WatchError:
+                return False if unless_final else self.save(record)
+        return True
+
+    def _write(self, pipe: redis.client.Pipeline, record: BatchRecord) -> None:
         pipe.hset(keys.gateway_batch_key(record.id), "record", json.dumps(_record_dict(record)))
         pipe.zadd(keys.gateway_batches_key(), {record.id: time.time()}, nx=True)  # sub-second order for listing
         if record.status in FINAL:
             pipe.zrem(keys.gateway_active_key(), record.id)
         else:
             pipe.zadd(keys.gateway_active_key(), {record.id: record.created_at})
-        pipe.execute()
 
     def get(self, batch_id: str) -> BatchRecord:
         raw = self.conn.hget(keys.gateway_batch_key(batch_id), "record")
@@ -175,6 +196,9 @@ class BatchRecords:
     def claim_finalize(self, batch_id: str) -> bool:
         """One gateway process writes a batch's output files; the claim lapses if that process dies."""
         return bool(self.conn.set(keys.gateway_finalize_lock_key(batch_id), "1", nx=True, ex=300))
+
+    def release_finalize(self, batch_id: str) -> None:
+        self.conn.delete(keys.gateway_finalize_lock_key(batch_id))
 
 
 def _record_dict(record: BatchRecord) -> dict[str, Any]:

@@ -37,9 +37,10 @@ def gateway(redis_url: str, tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", "gateway", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    workers = [WorkerSpec("g0", "m", 50_000), WorkerSpec("g1", "m", 50_000)]
+    faults = ("--simulate-faults", "yes")  # a prompt with @@fail fails
+    workers = [WorkerSpec("g0", "m", 50_000, args=faults), WorkerSpec("g1", "m", 50_000, args=faults)]
     try:
-        with LocalStack(redis_url, workers, tmp_path / "stack"):
+        with LocalStack(redis_url, workers, tmp_path / "stack", env={"GPULB_WORKER__RETRY_BACKOFF_S": "0.05"}):
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -132,11 +133,13 @@ class TestBatchAPI:
         assert "does not match the batch's endpoint" in (batch.errors.data[1].message or "")
 
     def test_documented_errors(self, client: openai.OpenAI, gateway: str, tmp_path: Path) -> None:
-        big = tmp_path / "big.jsonl"
-        big.write_text(chat_line(0) * 1000)
-        with pytest.raises(openai.APIStatusError) as too_big:
-            client.files.create(file=big.open("rb"), purpose="batch")
-        assert too_big.value.status_code == 413 and "exceeds the limit of 20,000 bytes" in str(too_big.value)
+        for lines, refused_by in ((1000, "request of"), (200, "file of")):  # before reading the body; after
+            big = tmp_path / "big.jsonl"
+            big.write_text(chat_line(0) * lines)
+            with pytest.raises(openai.APIStatusError) as too_big:
+                client.files.create(file=big.open("rb"), purpose="batch")
+            assert too_big.value.status_code == 413 and "exceeds the limit of 20,000 bytes" in str(too_big.value)
+            assert refused_by in str(too_big.value)
         with pytest.raises(openai.BadRequestError, match="endpoint"):
             client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
         with pytest.raises(openai.NotFoundError):
@@ -156,6 +159,18 @@ class TestOnline:
         chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi there"}],
                                               max_tokens=2, temperature=0)  # fmt: skip
         assert chat.choices[0].message.content == "user: hi" and chat.choices[0].finish_reason == "length"
+
+    def test_a_failed_request_is_answered_once_and_not_resent(self, gateway: str, redis_url: str) -> None:
+        import redis
+
+        retrying = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=2)  # the client's default
+        with pytest.raises(openai.InternalServerError, match="the request failed: SimulatedFault"):
+            retrying.completions.create(model="m", prompt="boom @@fail", max_tokens=1)
+        conn = redis.Redis.from_url(redis_url, decode_responses=True)
+        batches = [k for k in conn.keys("gpulb:batch:*") if k.count(":") == 2]
+        assert len(batches) == 1  # x-should-retry: false kept the client from sending it again
+        assert conn.zcard("gpulb:batches") == 0  # online requests stay out of `gpulb batch list`
+        assert 0 < conn.ttl(batches[0]) <= 60  # and their results go soon
 
     def test_refusals(self, client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
