@@ -316,7 +316,7 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
     base_env = {**os.environ, **_given_options_as_env(args)}
 
     def spawn(gpu: int) -> subprocess.Popen[bytes]:
-        env = {**base_env, "GPULB_WORKER__GPU": str(gpu), "CUDA_VISIBLE_DEVICES": str(gpu)}
+        env = {**base_env, "GPULB_WORKER__GPU": str(gpu)}  # the worker pins itself, within what we may see
         if settings.worker.id:
             env["GPULB_WORKER__ID"] = f"{settings.worker.id}-gpu{gpu}"
         if settings.metrics_port is not None:

@@ -83,15 +83,25 @@ def plan_from_args(args: argparse.Namespace) -> FleetPlan:
     return FleetPlan(args.model, workers, args.policy)
 
 
+def _redis_answers(settings: Settings) -> bool:
+    """True if a Redis answers; an error other than "nobody there" (a wrong password) is raised as it is."""
+    try:
+        connect(settings, retries=0).ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if isinstance(exc, redis.AuthenticationError):
+            raise ConfigError(f"Redis at {redact_url(settings.redis_url)} refused our password: {exc}") from exc
+        return False
+    except redis.RedisError as exc:
+        raise ConfigError(f"something answers at {redact_url(settings.redis_url)}, but not as Redis: {exc}") from exc
+    return True
+
+
 @contextmanager
 def ensure_redis(settings: Settings) -> Iterator[RedisServer | None]:
     """Yield None if Redis answers at the configured URL; else start a private one there (local URLs only)."""
-    try:
-        connect(settings, retries=0).ping()
+    if _redis_answers(settings):
         yield None
         return
-    except redis.RedisError:
-        pass
     parts = urlsplit(settings.redis_url)
     if parts.hostname not in LOCAL_HOSTS:
         raise ConfigError(f"no Redis answers at {redact_url(settings.redis_url)}, and it is not local: start it there")
@@ -182,7 +192,7 @@ def share_table(plan: FleetPlan, results: list[Any], makespan_s: float) -> str:
     for w in plan.workers:
         lines.append(f"{w.id:<8} {w.tokens_per_s:>7g} {w.tokens_per_s / total_speed:>12.1%} {counts[w.id]:>9,} "
                      f"{tokens[w.id]:>9,} {tokens[w.id] / max(1, total_tokens):>11.1%}")  # fmt: skip
-    bound = total_tokens / total_speed
+    bound = max(total_tokens / total_speed, 1e-9)
     failed = sum(1 for r in results if not r.ok)
     lines.append(f"\n{len(results):,} requests ({failed} failed), {total_tokens:,} tokens in {makespan_s:.2f} s. "
                  f"The fluid bound (all busy to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip

@@ -91,8 +91,13 @@ class LocalStack:
             conn.close()
 
     def _client_options(self) -> dict[str, str]:
-        ca = self.env.get("GPULB_REDIS__SSL_CA_CERTS")
-        return {"ssl_ca_certs": ca} if ca else {}
+        options = {}
+        env = {**os.environ, **self.env}
+        if env.get("GPULB_REDIS__SSL_CA_CERTS"):
+            options["ssl_ca_certs"] = env["GPULB_REDIS__SSL_CA_CERTS"]
+        if env.get("GPULB_REDIS__PASSWORD"):
+            options["password"] = env["GPULB_REDIS__PASSWORD"]
+        return options
 
     def stop(self, timeout_s: float = 15.0) -> dict[str, int | None]:
         """SIGTERM every process (workers drain), then wait; returns exit codes (None: was killed)."""

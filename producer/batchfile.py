@@ -32,8 +32,8 @@ COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)
 # Body fields taken only with their default meaning (or none), then dropped; model is checked apart.
-DEFAULT_ONLY_FIELDS: dict[str, object] = {"stream": False, "n": 1, "logprobs": None, "echo": False, "store": False}
-DROPPED_FIELDS = frozenset({"model", "user", "metadata"})
+DEFAULT_ONLY_FIELDS: dict[str, object] = {"stream": False, "n": 1, "logprobs": False, "echo": False, "store": False}
+DROPPED_FIELDS = frozenset({"model", "user", "metadata", "custom_id"})  # custom_id: the line's own, not the body's
 MAX_REPORTED_ERRORS = 20
 
 
@@ -207,6 +207,9 @@ def write_output(path: Path, lines: Iterator[dict[str, Any]]) -> int:
             for line in lines:
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
                 count += 1
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it 0600; the output is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -28,9 +28,28 @@ class GpuSample:
     mem_total_mb: float | None
 
 
-def pin_to_gpu(gpu: int | str) -> None:
-    """Make only this GPU visible to the process; call before anything imports CUDA."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+def visible_list(env: dict[str, str] | None = None) -> list[str] | None:
+    """The entries of CUDA_VISIBLE_DEVICES, or None when it is unset (every GPU visible)."""
+    value = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+def pin_to_gpu(gpu: int) -> str:
+    """Make only GPU ``gpu`` visible to this process (call before anything imports CUDA); returns its entry.
+
+    ``gpu`` counts in PCI bus order, as NVML and nvidia-smi do (CUDA's own default is fastest first), and
+    within what this process may already see: under CUDA_VISIBLE_DEVICES=4,5 (a scheduler's share of the
+    host), GPU 1 is physical GPU 5.
+    """
+    allowed = visible_list()
+    if allowed is not None and gpu >= len(allowed):
+        raise ConfigError(
+            f"--gpu {gpu}: only {len(allowed)} GPU(s) visible here (CUDA_VISIBLE_DEVICES={','.join(allowed)})"
+        )
+    entry = allowed[gpu] if allowed is not None else str(gpu)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    os.environ["CUDA_VISIBLE_DEVICES"] = entry
+    return entry
 
 
 def visible_device(env: dict[str, str] | None = None) -> str | None:
@@ -107,7 +126,8 @@ def count_gpus(nvml: ModuleType | None = None) -> int:
 def parse_gpu_list(spec: str, *, count: int | None = None) -> list[int]:
     """``"0,1,3"`` -> [0, 1, 3]; ``"all"`` -> every GPU of this host (``count`` for tests)."""
     if spec.strip().lower() == "all":
-        found = count_gpus() if count is None else count
+        allowed = visible_list()
+        found = count if count is not None else len(allowed) if allowed is not None else count_gpus()
         if found == 0:
             raise ConfigError("--gpus all: no GPU found (neither NVML nor nvidia-smi sees one); list them: --gpus 0,1")
         return list(range(found))

@@ -64,7 +64,7 @@ class TestUp:
 
     def test_a_remote_redis_that_does_not_answer_is_not_replaced(self) -> None:
         done = subprocess.run(
-            cli("--redis-url", "redis://10.255.255.1:6379/0", "up"),
+            cli("--redis-url", "redis://no-such-host.invalid:6379/0", "up"),
             capture_output=True,
             text=True,
             env={**os.environ, "GPULB_REDIS__CONNECT_TIMEOUT_S": "0.3"},

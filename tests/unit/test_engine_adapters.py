@@ -9,6 +9,7 @@ take fails these tests. The adapters run on the real engines on a GPU (see the R
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import types
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,7 @@ from worker.backends import create_backend
 from worker.backends.base import BackendOutput, BackendRequest, EngineLoad
 from worker.backends.trtllm import TensorRTLLMBackend, load_from_iteration_stats, trtllm_sampling_kwargs
 from worker.backends.vllm_engine import EngineStats, VllmBackend, output_from_vllm, vllm_sampling_kwargs
-from worker.gpu import GpuMonitor, count_gpus, parse_gpu_list, visible_device
+from worker.gpu import GpuMonitor, count_gpus, parse_gpu_list, pin_to_gpu, visible_device
 
 SAMPLING = {"temperature": 0.0, "top_p": 0.9, "top_k": -1, "seed": 7, "stop": ["\n"], "min_tokens": 2,
             "presence_penalty": 0.5, "frequency_penalty": 0.1, "repetition_penalty": 1.1, "min_p": 0.05,
@@ -60,6 +61,18 @@ class VllmSamplingParams:  # vLLM's SamplingParams field names (ENGINES.md)
     output_kind: str = "CUMULATIVE"
 
 
+class FakeTokenizer:
+    """A chat template that joins role=content; token ids are character codes, with no BOS added."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
+        assert tokenize is False and add_generation_prompt is True
+        return "|".join(f"{m['role']}={m['content']}" for m in messages)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        assert add_special_tokens is False  # the template's text carries its own BOS, if any
+        return [ord(c) for c in text]
+
+
 class FakeAsyncLLM:
     """``AsyncLLM``'s surface: from_engine_args(args, stat_loggers), async-generator generate, check_health."""
 
@@ -78,7 +91,9 @@ class FakeAsyncLLM:
     def from_engine_args(cls, args: dict[str, Any], stat_loggers: list[Any]) -> FakeAsyncLLM:
         return cls(args, stat_loggers)
 
-    async def generate(self, prompt: str, params: VllmSamplingParams, request_id: str) -> AsyncIterator[Any]:
+    async def generate(self, prompt: Any, params: VllmSamplingParams, request_id: str) -> AsyncIterator[Any]:
+        if isinstance(prompt, dict):  # a TokensPrompt: our fake tokenizer's ids are character codes
+            prompt = "".join(chr(i) for i in prompt["prompt_token_ids"])
         self.seen.append((prompt, params))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -91,8 +106,7 @@ class FakeAsyncLLM:
 
     def get_tokenizer(self) -> Any:
         async def tokenizer() -> Any:  # a coroutine, as in vLLM releases before 0.11
-            return SimpleNamespace(apply_chat_template=lambda m, tokenize, add_generation_prompt: "|".join(
-                f"{x['role']}={x['content']}" for x in m))  # fmt: skip
+            return FakeTokenizer()
 
         return tokenizer()
 
@@ -202,12 +216,14 @@ class FakeTrtLLM:
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.model, self.kwargs = model, kwargs
-        self.tokenizer = SimpleNamespace(apply_chat_template=lambda m, tokenize, add_generation_prompt: "chat")
+        self.tokenizer = FakeTokenizer()
         self.stats: list[Any] = []
         self.closed = False
 
-    def generate_async(self, prompt: str, params: TrtSamplingParams) -> Future[Any]:
+    def generate_async(self, prompt: str | list[int], params: TrtSamplingParams) -> Future[Any]:
         future: Future[Any] = Future()
+        if isinstance(prompt, list):  # token ids
+            prompt = "".join(chr(i) for i in prompt)
         if "@@boom" in prompt:
             future.set_exception(RuntimeError("executor error"))
         else:
@@ -254,7 +270,7 @@ class TestTensorRTLLM:
                                 BackendRequest(None, 2, messages=CHAT)])  # fmt: skip
         assert outputs[0] == BackendOutput("AB", 4, prompt_tokens=2, finish_reason="length")
         assert outputs[1].error == "TensorRT-LLM failed the request: RuntimeError: executor error"
-        assert outputs[2].text == "CHAT" and outputs[2].output_tokens == 2
+        assert outputs[2].text == "SYSTEM=BE BRIEF|USER=HI" and outputs[2].output_tokens == 2
         assert trt._llm.kwargs == {"dtype": "auto", "enable_iter_perf_stats": True, "tensor_parallel_size": 1}
 
     def test_load_uses_the_newest_iteration_then_idles(self, trt: TensorRTLLMBackend) -> None:
@@ -321,6 +337,19 @@ class TestNvml:
         assert (mig.util_percent, mig.mem_used_mb) == (None, 2048.0)
         missing = GpuMonitor(nvml, "9")
         assert not missing.available and missing.sample().util_percent is None
+
+    def test_pinning_counts_within_what_the_process_may_see(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES"):  # set, then unset: both restored afterwards
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+        assert pin_to_gpu(2) == "2" and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+        assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # the order NVML and nvidia-smi number GPUs in
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,GPU-5e1f")  # a scheduler's share of the host
+        assert pin_to_gpu(1) == "GPU-5e1f" and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-5e1f"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+        with pytest.raises(ConfigError, match="only 2 GPU"):
+            pin_to_gpu(2)
+        assert parse_gpu_list("all") == [0, 1]
 
     def test_gpu_lists(self) -> None:
         assert count_gpus(FakeNvml()) == 4  # type: ignore[arg-type]

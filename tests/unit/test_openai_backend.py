@@ -303,12 +303,10 @@ class TestLifecycle:
         assert time.monotonic() - started < 1.5
         b.shutdown()
 
-    def test_start_warns_when_the_model_is_not_listed(self, server: FakeOpenAIServer) -> None:
+    def test_start_refuses_a_model_the_server_does_not_serve(self, server: FakeOpenAIServer) -> None:
         b = OpenAIServerBackend(server.url, "other-model")
-        with capture_logs() as logs:
+        with pytest.raises(ConfigError, match=rf"serves \['{MODEL}'\], not 'other-model': set --served-model"):
             b.start()
-        [warning] = [e for e in logs if e["log_level"] == "warning"]
-        assert (warning["model"], warning["served"]) == ("other-model", [MODEL])
         b.shutdown()
 
     def test_healthy(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:

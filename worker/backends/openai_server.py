@@ -160,8 +160,9 @@ class OpenAIServerBackend(Backend):
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             log.warning("could not list the server's models", error=f"{type(exc).__name__}: {exc}")
             return
-        if served is not None and self.model not in served:
-            log.warning("the engine server does not list the model", model=self.model, served=served)
+        if served and self.model not in served:  # every request would fail with a 404: do not take work
+            raise ConfigError(f"the server at {redact_url(self.base_url)} serves {served}, not {self.model!r}: "
+                              "set --served-model to one of them")  # fmt: skip
 
     def _scrape_metrics(self) -> str | None:
         text, why = self._fetch_metrics()

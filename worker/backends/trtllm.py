@@ -110,9 +110,11 @@ class TensorRTLLMBackend(Backend):
         except Exception as exc:
             return failed(f"TensorRT-LLM failed the request: {type(exc).__name__}: {exc}")
 
-    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        prompt: str = self._llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the chat template's text (as text, the engine would add a second BOS)."""
+        tokenizer = self._llm.tokenizer
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
     def engine_load(self) -> EngineLoad:
         if self._llm is None:

@@ -158,12 +158,13 @@ class VllmBackend(Backend):
             return failed("vLLM returned no output", retryable=True)
         return output_from_vllm(final)
 
-    async def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    async def _chat_prompt(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+        """Token ids of the chat template's text: as text, vLLM would add a second BOS to the template's own."""
         tokenizer = self._engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM: a coroutine
             tokenizer = await tokenizer
-        prompt: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return {"prompt_token_ids": list(tokenizer.encode(text, add_special_tokens=False))}  # a TokensPrompt
 
     def engine_load(self) -> EngineLoad:
         return self.stats.load()

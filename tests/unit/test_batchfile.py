@@ -1,0 +1,90 @@
+"""OpenAI Batch files: what a line may say, how bad lines are reported, and the output format."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpulb.models import Result
+from gpulb.settings import ProducerSettings
+from producer.batchfile import BadBatchFile, output_line, parse_batch_lines, write_output
+
+LIMITS = ProducerSettings()
+
+
+def line(cid: str = "a", url: str = "/v1/chat/completions", **body: Any) -> str:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}, ensure_ascii=False)
+
+
+def parse(*lines: str, endpoint: str | None = None) -> Any:
+    return parse_batch_lines("\n".join(lines).split("\n"), default_max_tokens=7, limits=LIMITS, endpoint=endpoint)
+
+
+class TestLines:
+    def test_body_fields_map_onto_a_request(self) -> None:
+        batch = parse(line(max_completion_tokens=5, stop="END", logprobs=False, stream=False, n=1, user="u",
+                           custom_id="ignored", temperature=0.2))  # fmt: skip
+        assert (batch.model, batch.endpoint) == ("m", "/v1/chat/completions")
+        assert batch.requests == [{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 5, "stop": ["END"], "temperature": 0.2}]  # fmt: skip
+        assert parse(line()).requests[0]["max_tokens"] == 7  # the default, when the body has none
+
+    def test_a_line_separator_inside_a_string_is_text_not_a_new_line(self) -> None:
+        batch = parse(line(messages=[{"role": "user", "content": "a\u2028b"}]))
+        assert batch.requests[0]["messages"][0]["content"] == "a\u2028b"
+
+    def test_every_bad_line_is_reported_with_its_number(self) -> None:
+        with pytest.raises(BadBatchFile) as info:
+            parse(line("a"), "[1]", line("b", n=2), line("a"), line("c", url="/v1/completions", prompt="x"),
+                  endpoint="/v1/chat/completions")  # fmt: skip
+        assert [n for n, _ in info.value.lines] == [2, 3, 4, 5]
+        messages = dict(info.value.lines)
+        assert messages[2] == "expected a JSON object with custom_id, method, url and body"
+        assert messages[3] == "body.n: 2 is not supported (only 1)"
+        assert messages[4] == "custom_id: 'a' is already used on line 1"
+        assert "does not match the batch's endpoint" in messages[5]
+
+
+class TestOutput:
+    def result(self, **kw: Any) -> Result:
+        base = {"request_id": "b-0", "index": 0, "custom_id": "q", "text": "hello", "output_tokens": 2,
+                "prompt_tokens": 3, "finish_reason": "length", "worker": "w", "submitted_at": 1.0,
+                "started_at": 2.0, "finished_at": 3.0}  # fmt: skip
+        return Result(**{**base, **kw})
+
+    def test_completion_and_error_lines(self) -> None:
+        ok = output_line(self.result(), model="m", endpoint="/v1/completions", batch_id="b")
+        assert ok["custom_id"] == "q" and ok["error"] is None and ok["response"]["status_code"] == 200
+        body = ok["response"]["body"]
+        assert (body["object"], body["choices"][0]["text"], body["usage"]["total_tokens"]) == (
+            "text_completion",
+            "hello",
+            5,
+        )
+        bad = output_line(self.result(error="boom", finish_reason=None), model="m", endpoint="/v1/completions",
+                          batch_id="b")  # fmt: skip
+        assert bad["response"] is None and bad["error"] == {"code": "request_failed", "message": "boom"}
+
+    def test_written_whole_or_not_at_all_with_ordinary_permissions(self, tmp_path: Path) -> None:
+        target = tmp_path / "out.jsonl"
+        assert write_output(target, iter([{"a": 1}, {"b": 2}])) == 2
+        assert target.read_text() == '{"a": 1}\n{"b": 2}\n'
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+        def broken() -> Any:
+            yield {"c": 3}
+            raise RuntimeError("disk gone")
+
+        with pytest.raises(RuntimeError):
+            write_output(target, broken())
+        assert target.read_text() == '{"a": 1}\n{"b": 2}\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+            "out.jsonl"
+        ]
