@@ -174,8 +174,9 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpulb",
         description="Distribute GPU inference over a fleet of mixed-speed GPUs through Redis and RQ.",
-        epilog="Quick start: gpulb balancer & gpulb worker --id w1 --model demo --tokens-per-s 2000 &  "
-        "then submit from Python with producer.Client().",
+        epilog="Quick start: gpulb demo (everything local, one command). Then: gpulb up in one terminal, "
+        "gpulb submit FILE.jsonl -o OUT.jsonl and gpulb status --watch in another. "
+        "On GPU hosts: gpulb balancer, and gpulb workers --gpus all --backend vllm --model M --model-path PATH.",
     )
     _add(parser, COMMON, defaults)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,7 +213,9 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     _add(gw, GATEWAY, defaults)
     batch_cli.add_parsers(sub)
     local.add_parsers(sub)
-    st = sub.add_parser("status", help="show workers with their load, and pending requests per model")
+    st = sub.add_parser(
+        "status", help="show workers with their load, pending requests per model, and batches in flight"
+    )
     st.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one object a line)")
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
