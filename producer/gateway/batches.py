@@ -112,7 +112,11 @@ class BatchService:
     def _write(self, record: BatchRecord, results: list[Result], kind: str) -> str | None:
         if not results:
             return None
-        lines = (output_line(r, model=record.model, endpoint=record.endpoint, batch_id=record.id) for r in results)
+        lines = [output_line(r, model=record.model, endpoint=record.endpoint, batch_id=record.id) for r in results]
+        if "expired_at" in record.times:  # cut by the completion window, as the hosted API names it
+            for line in lines:
+                if line["error"] and line["error"]["code"] == "cancelled":
+                    line["error"]["code"] = "batch_expired"
         content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
         stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE, limited=False)
         return stored.id
