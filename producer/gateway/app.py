@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -32,6 +32,7 @@ from producer.gateway.store import BatchRecords, FileStore, FileTooLarge
 
 log = get_logger("gpulb.gateway")
 FINALIZE_EVERY_S = 1.0
+SERVED_MODELS_FRESH_S = 1.0
 
 
 class OpenAIError(Exception):
@@ -73,6 +74,15 @@ class Gateway:
         self.batches = BatchService(self.client, self.files, self.records, settings)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
         self.keys = [k.get_secret_value().encode() for k in settings.gateway.api_keys]
+        self._served: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+    def serves(self, model: str) -> bool:
+        """Whether a live worker serves ``model``, read at most once a second (online requests ask each time)."""
+        read_at, served = self._served
+        if time.monotonic() - read_at > SERVED_MODELS_FRESH_S or model not in served:
+            served = frozenset(self.served_models())
+            self._served = (time.monotonic(), served)
+        return model in served
 
     def served_models(self) -> list[str]:
         conn = self.client._conn
@@ -136,14 +146,10 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan)
     app.add_middleware(GuardMiddleware, gateway=gateway)
 
-    async def require_key(request: Request) -> None:
-        if not gateway.authorized(request.headers.get("authorization")):
-            raise OpenAIError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-
     _install_error_handlers(app)
-    _add_file_routes(app, gateway, require_key)
-    _add_batch_routes(app, gateway, require_key)
-    _add_online_routes(app, gateway, require_key)
+    _add_file_routes(app, gateway)  # every route is behind GuardMiddleware's key check
+    _add_batch_routes(app, gateway)
+    _add_online_routes(app, gateway)
     return app
 
 
@@ -182,10 +188,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(400, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
 
 
-def _add_file_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
-    auth = [Depends(require_key)]
+def _add_file_routes(app: FastAPI, gateway: Gateway) -> None:
 
-    @app.post("/v1/files", dependencies=auth)
+    @app.post("/v1/files")
     async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
         if purpose != "batch":
             raise OpenAIError(400, f"purpose: {purpose!r} is not supported; use 'batch'", code="invalid_purpose")
@@ -195,31 +200,30 @@ def _add_file_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
         )
         return stored.as_openai()
 
-    @app.get("/v1/files", dependencies=auth)
+    @app.get("/v1/files")
     async def list_files() -> dict[str, Any]:
         files = await anyio.to_thread.run_sync(gateway.files.list)
         return {"object": "list", "data": [f.as_openai() for f in files], "has_more": False}
 
-    @app.get("/v1/files/{file_id}", dependencies=auth)
+    @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str) -> dict[str, Any]:
         return (await anyio.to_thread.run_sync(gateway.files.get, file_id)).as_openai()
 
-    @app.get("/v1/files/{file_id}/content", dependencies=auth)
+    @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str) -> Response:
         content = await anyio.to_thread.run_sync(gateway.files.content, file_id)
         return Response(content, media_type="application/jsonl")
 
-    @app.delete("/v1/files/{file_id}", dependencies=auth)
+    @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str) -> dict[str, Any]:
         await anyio.to_thread.run_sync(gateway.files.delete, file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
 
-def _add_batch_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
-    auth = [Depends(require_key)]
+def _add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
     service = gateway.batches
 
-    @app.post("/v1/batches", dependencies=auth)
+    @app.post("/v1/batches")
     async def create_batch(body: BatchCreate) -> dict[str, Any]:
         def create() -> dict[str, Any]:
             record = service.create(input_file_id=body.input_file_id, endpoint=body.endpoint,
@@ -228,15 +232,15 @@ def _add_batch_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
 
         return await anyio.to_thread.run_sync(create)
 
-    @app.get("/v1/batches/{batch_id}", dependencies=auth)
+    @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str) -> dict[str, Any]:
         return (await anyio.to_thread.run_sync(service.get, batch_id)).as_openai()
 
-    @app.post("/v1/batches/{batch_id}/cancel", dependencies=auth)
+    @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str) -> dict[str, Any]:
         return (await anyio.to_thread.run_sync(service.cancel, batch_id)).as_openai()
 
-    @app.get("/v1/batches", dependencies=auth)
+    @app.get("/v1/batches")
     async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise OpenAIError(400, "limit: must be from 1 to 100", code="invalid_limit")
@@ -246,21 +250,20 @@ def _add_batch_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
                 "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
 
 
-def _add_online_routes(app: FastAPI, gateway: Gateway, require_key: Any) -> None:
-    auth = [Depends(require_key)]
+def _add_online_routes(app: FastAPI, gateway: Gateway) -> None:
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         served = await anyio.to_thread.run_sync(gateway.served_models)
         now = int(time.time())
         data = [{"id": m, "object": "model", "created": now, "owned_by": "gpulb"} for m in served]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(request: Request) -> dict[str, Any]:
         return await _online(gateway, COMPLETIONS, await _json_body(request))
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict[str, Any]:
         return await _online(gateway, CHAT, await _json_body(request))
 
@@ -286,7 +289,7 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
     request.pop("custom_id")
 
     def run() -> dict[str, Any]:
-        if model not in gateway.served_models():
+        if not gateway.serves(model):
             raise OpenAIError(
                 404, f"The model {model!r} does not exist or no live worker serves it", code="model_not_found"
             )
