@@ -215,6 +215,7 @@ class Balancer:
                 keys.credit_key(worker.worker_id), keys.inflight_key(worker.worker_id),
                 keys.microbatch_key(microbatch_id), keys.rq_job_key(microbatch_id),
                 keys.rq_queue_key(worker.worker_id), keys.rq_queues_key(), keys.affinity_key(worker.model),
+                keys.ingress_requests_key(worker.model),
             ],
             args=[
                 microbatch_id, worker.worker_id, worker.model, worker.capacity, token_budget,

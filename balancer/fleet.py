@@ -173,4 +173,4 @@ def _head(member: str) -> tuple[int, str]:
         parsed = keys.parse_ingress_member(member)
     except ValueError:
         return 0, ""  # a foreign member: the dispatch script drops it
-    return parsed.cost, parsed.affinity
+    return parsed.costs[0], parsed.affinity

@@ -26,13 +26,13 @@ class IngressCollector(Collector):
             models: list[str] = sorted(self.conn.smembers(keys.models_key()))  # type: ignore[arg-type]
             pipe = self.conn.pipeline(transaction=False)
             for model in models:
-                pipe.zcard(keys.ingress_key(model))
+                pipe.get(keys.ingress_requests_key(model))
                 pipe.get(keys.ingress_tokens_key(model))
             replies = pipe.execute()
         except redis.RedisError:
             return  # Redis is away: no figures rather than a failed scrape
         for i, model in enumerate(models):
-            depth.add_metric([model], float(replies[2 * i]))
+            depth.add_metric([model], float(replies[2 * i] or 0))
             tokens.add_metric([model], float(replies[2 * i + 1] or 0))
         yield depth
         yield tokens

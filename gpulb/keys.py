@@ -1,14 +1,16 @@
 """Every Redis key gpulb uses, built here and nowhere else.
 
-Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress keys share a slot.
+Schema version 2 (1 had one ingress member per request). ``{model}`` is a Redis Cluster hash tag so one model's ingress keys share a slot.
 
 | key                                  | type   | TTL                  | written by                 | read by            |
 |--------------------------------------|--------|----------------------|----------------------------|--------------------|
 | gpulb:seq                            | string | none                 | producer (INCRBY)          | producer           |
 | gpulb:models                         | set    | none                 | producer, worker           | status             |
 | gpulb:{M}:ingress                    | zset   | none                 | producer (ZADD), balancer  | balancer           |
-|   member ``BATCH:INDEX:COST:ATTEMPT:AFFINITY``, score ``-priority * 2**44 + seq`` (lowest pops first)       |
+|   member ``BATCH:START:ATTEMPT:AFFINITY:COST,COST,...`` (a run of up to 128 consecutive requests),       |
+|   score ``-priority * 2**44 + seq`` of its first request (lowest pops first)                                |
 | gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
+| gpulb:{M}:ingress_requests           | string | none                 | producer (+), balancer (-) | status, metrics    |
 | gpulb:{M}:affinity                   | hash   | 1 h after last write | balancer (dispatch script) | balancer           |
 |   field affinity key -> worker id that served it last (prefix-affinity policy)                                 |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
@@ -27,7 +29,8 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 |   fields batches, tokens, requests: handed to W and not yet finished                                          |
 | gpulb:worker:W:inflight              | set    | none                 | balancer (+), worker (-)   | recovery           |
 | gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
-|   fields worker, model, tokens, count, entries, scores (space-separated), created_at, started                |
+|   fields worker, model, tokens, count, entries (one ingress member per request), scores (runs            |
+|   ``SCORExCOUNT``: COUNT consecutive scores from SCORE), created_at, ran (members handed to the backend)     |
 | gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
 |   tokens ``w:WORKER`` (its load or credit changed) and ``b:BATCH`` (submitted)                                 |
 | gpulb:stats                          | hash   | none                 | balancer, worker (HINCRBY) | status             |
@@ -47,12 +50,13 @@ Schema version 1. ``{model}`` is a Redis Cluster hash tag so one model's ingress
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from rq.job import Job
 from rq.queue import Queue
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PREFIX = "gpulb"
 
 # The one function gpulb workers will run; the balancer names it as a string, never imports it.
@@ -108,6 +112,10 @@ def ingress_key(model: str) -> str:
 
 def ingress_tokens_key(model: str) -> str:
     return f"{PREFIX}:{{{model}}}:ingress_tokens"
+
+
+def ingress_requests_key(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:ingress_requests"
 
 
 def affinity_key(model: str) -> str:
@@ -195,31 +203,43 @@ def rq_job_key(job_id: str) -> str:
     return f"{Job.redis_job_namespace_prefix}{job_id}"
 
 
-# Ingress members pack what the balancer needs to cut a micro-batch without another read.
+# Ingress members pack what the balancer needs to cut a micro-batch without another read. One
+# member holds a run of consecutive requests of one batch that share attempt and affinity key, so
+# that a pending request costs a few bytes of a member instead of a sorted-set entry of its own.
+
+INGRESS_RUN_MAX = 128  # requests per ingress member at most (the member carries one cost per request)
 
 
 class IngressMember(NamedTuple):
     batch_id: str
-    request_index: int
-    cost: int  # tokens of work (see gpulb.models.request_cost)
+    start: int  # index of its first request in the batch; the others follow in order
     attempt: int  # runs started so far
     affinity: str  # prefix/session affinity key, "" if none
+    costs: tuple[int, ...]  # tokens of work of each request (see gpulb.models.request_cost)
+
+    def requests(self) -> list[IngressMember]:
+        """One member per request (a micro-batch lists its requests so)."""
+        return [self._replace(start=self.start + i, costs=(cost,)) for i, cost in enumerate(self.costs)]
+
+    def __str__(self) -> str:
+        return ingress_member(self.batch_id, self.start, self.costs, self.attempt, self.affinity)
 
 
 def request_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index}"
 
 
-def ingress_member(batch_id: str, index: int, cost_tokens: int, attempt: int = 0, affinity: str = "") -> str:
-    return f"{batch_id}:{index}:{cost_tokens}:{attempt}:{affinity}"
+def ingress_member(batch_id: str, start: int, costs: Sequence[int], attempt: int = 0, affinity: str = "") -> str:
+    """``BATCH:START:ATTEMPT:AFFINITY:COST,COST,...``: requests START, START+1, ... of BATCH."""
+    return f"{batch_id}:{start}:{attempt}:{affinity}:{','.join(map(str, costs))}"
 
 
 def parse_ingress_member(member: str) -> IngressMember:
     """Raises ValueError on a foreign member."""
-    batch_id, index, cost, attempt, affinity = member.split(":")
+    batch_id, start, attempt, affinity, costs = member.split(":")
     if not batch_id.isalnum() or not (affinity == "" or affinity.isalnum()):
         raise ValueError(f"not a gpulb ingress member: {member!r}")
-    return IngressMember(batch_id, int(index), int(cost), int(attempt), affinity)
+    return IngressMember(batch_id, int(start), int(attempt), affinity, tuple(int(c) for c in costs.split(",")))
 
 
 def ingress_member_pattern(batch_id: str) -> str:

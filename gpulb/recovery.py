@@ -56,7 +56,7 @@ def requeue_microbatch(
     script_keys = [
         keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
         keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),
-        keys.ingress_tokens_key(model), keys.wakeup_key(),
+        keys.ingress_tokens_key(model), keys.wakeup_key(), keys.ingress_requests_key(model),
     ]  # fmt: skip
     args: list[str | int | float] = [
         microbatch_id, mode.value, time.time(), max_attempts, keys.WAKEUP_KEEP, worker_id, reason,

@@ -12,32 +12,52 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-# Shared Lua: parse an ingress member "BATCH:INDEX:COST:ATTEMPT:AFFINITY" -> cost, affinity
-# (nil if the member is foreign).
-_PARSE_MEMBER = """
+# Shared Lua: ingress members "BATCH:START:ATTEMPT:AFFINITY:COST,COST,..." (gpulb.keys.ingress_member).
+# split_member -> batch, start, attempt, affinity, the costs' text; nil if the member is foreign.
+# parse_member -> the same with the costs as a list of numbers.
+# Scores are integers below 2**53: '%.17g' writes them back exactly (Lua's own tostring would not).
+_MEMBERS = """
+local function split_member(member)
+  local bid, start, attempt, affinity, text = string.match(member, '^(%w+):(%d+):(%d+):(%w*):([%d,]+)$')
+  if not bid then return nil end
+  return bid, tonumber(start), attempt, affinity, text
+end
+
 local function parse_member(member)
-  local cost, affinity = string.match(member, '^%w+:%d+:(%d+):%d+:(%w*)$')
-  if cost then return tonumber(cost), affinity end
-  return nil, nil
+  local bid, start, attempt, affinity, text = split_member(member)
+  if not bid then return nil end
+  local costs = {}
+  for c in string.gmatch(text, '%d+') do costs[#costs + 1] = tonumber(c) end
+  return bid, start, attempt, affinity, costs
+end
+
+local function member_of(bid, start, attempt, affinity, costs_text)
+  return bid .. ':' .. start .. ':' .. attempt .. ':' .. affinity .. ':' .. costs_text
+end
+
+local function score_text(score)
+  return string.format('%.17g', score)
 end
 """
 
 DISPATCH = (
-    _PARSE_MEMBER
+    _MEMBERS
     + """
 -- Cut one micro-batch from a model's ingress and enqueue it as ONE RQ job on a worker's queue.
 -- KEYS[1] ingress zset        KEYS[2] ingress_tokens     KEYS[3] worker load hash
 -- KEYS[4] worker credit hash  KEYS[5] worker inflight    KEYS[6] micro-batch hash
 -- KEYS[7] rq job hash         KEYS[8] rq queue list      KEYS[9] rq:queues set
--- KEYS[10] affinity owners hash (affinity key -> worker id)
+-- KEYS[10] affinity owners hash (affinity key -> worker id)  KEYS[11] ingress_requests
 -- ARGV[1] micro-batch id (= RQ job id)  ARGV[2] worker id  ARGV[3] model
 -- ARGV[4] max requests  ARGV[5] token budget  ARGV[6] max outstanding micro-batches
 -- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] '1' to respect affinity owners
 -- ARGV[10] members to scan with affinity  ARGV[11] owners whose keys may be taken over (space-separated)
 -- ARGV[12] owners-hash TTL (s)  ARGV[13..] RQ job hash field, value, ...
--- Takes requests from the front while they fit the budget (always at least one). With affinity,
--- it skips requests whose key another worker owns (unless that owner is listed as free), and
--- records this worker as the owner of the keys it takes.
+-- Takes requests from the front while they fit the budget (always at least one), splitting the
+-- member it stops in: the rest of that run goes back with the score of its first request. With
+-- affinity, it skips members whose key another worker owns (unless that owner is listed as free),
+-- and records this worker as the owner of the keys it takes. The micro-batch lists one member per
+-- request, and their scores as runs 'SCORExCOUNT' (COUNT consecutive scores from SCORE).
 -- Idempotent per micro-batch id (a retried call changes nothing and reports status 1 again).
 -- Returns {status, taken, tokens, next_cost, dropped, next_affinity, next_owner}: status 1
 -- dispatched, 0 ingress empty, -1 worker not accepting (gone, draining, other model), -2 no
@@ -66,22 +86,39 @@ end
 local scan = max_count
 if affinity_on then scan = math.max(max_count, tonumber(ARGV[10])) end
 local head = redis.call('ZRANGE', KEYS[1], 0, scan - 1, 'WITHSCORES')
-local members, scores, remove, tokens, dropped, claimed = {}, {}, {}, 0, 0, {}
+local members, scores, remove, tokens, dropped, claimed, full = {}, {}, {}, 0, 0, {}, false
+local rest, rest_score = nil, nil
 for i = 1, #head, 2 do
-  local cost, key = parse_member(head[i])
-  if cost == nil then
+  local bid, start, attempt, key, text = split_member(head[i])
+  if bid == nil then
     dropped = dropped + 1
     remove[#remove + 1] = head[i]
   elseif may_take(key) then
-    if #members > 0 and (tokens + cost > budget or #members >= max_count) then break end
-    members[#members + 1] = head[i]
-    scores[#scores + 1] = head[i + 1]
-    remove[#remove + 1] = head[i]
-    tokens = tokens + cost
-    if affinity_on and key ~= '' then owners[key] = me; claimed[#claimed + 1] = key end
+    local prefix, suffix, took = bid .. ':', ':' .. attempt .. ':' .. key .. ':', 0
+    for at, cost in string.gmatch(text, '()(%d+)') do
+      local c = tonumber(cost)
+      if #members > 0 and (tokens + c > budget or #members >= max_count) then
+        full = true
+        if took > 0 then
+          rest = prefix .. (start + took) .. suffix .. string.sub(text, at)
+          rest_score = score_text(tonumber(head[i + 1]) + took)
+        end
+        break
+      end
+      members[#members + 1] = prefix .. (start + took) .. suffix .. cost
+      tokens = tokens + c
+      took = took + 1
+    end
+    if took > 0 then
+      remove[#remove + 1] = head[i]
+      scores[#scores + 1] = head[i + 1] .. 'x' .. took  -- its requests' scores: this one and the next took - 1
+      if affinity_on and key ~= '' then owners[key] = me; claimed[#claimed + 1] = key end
+    end
+    if full then break end
   end
 end
 if #remove > 0 then redis.call('ZREM', KEYS[1], unpack(remove)) end
+if rest then redis.call('ZADD', KEYS[1], rest_score, rest) end
 if #members == 0 then
   local status = 0
   if redis.call('ZCARD', KEYS[1]) > 0 then status = -3 end
@@ -90,6 +127,7 @@ end
 for _, key in ipairs(claimed) do redis.call('HSET', KEYS[10], key, me) end
 if #claimed > 0 then redis.call('EXPIRE', KEYS[10], tonumber(ARGV[12])) end
 redis.call('DECRBY', KEYS[2], tokens)
+redis.call('DECRBY', KEYS[11], #members)
 redis.call('HSET', KEYS[6], 'worker', me, 'model', ARGV[3], 'tokens', tokens, 'count', #members,
   'entries', table.concat(members, ' '), 'scores', table.concat(scores, ' '), 'created_at', ARGV[7])
 redis.call('SADD', KEYS[5], ARGV[1])
@@ -102,8 +140,9 @@ redis.call('SADD', KEYS[9], ARGV[8])
 local next_cost, next_key, next_owner = -1, '', ''
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0)
 if #nxt > 0 then
-  next_cost, next_key = parse_member(nxt[1])
-  next_cost, next_key = next_cost or 0, next_key or ''
+  local bid, _, _, key, costs = parse_member(nxt[1])
+  next_cost, next_key = 0, ''
+  if bid then next_cost, next_key = costs[1], key end
   if affinity_on and next_key ~= '' then next_owner = redis.call('HGET', KEYS[10], next_key) or '' end
 end
 return {1, #members, tokens, next_cost, dropped, next_key, next_owner}
@@ -221,7 +260,8 @@ return recorded
 )
 
 REQUEUE = (
-    _SETTLE_BATCH
+    _MEMBERS
+    + _SETTLE_BATCH
     + """
 -- Take a micro-batch back from a worker and put its unfinished requests at the front of the
 -- ingress (their original scores). Mode 'release': only if still queued (a draining worker hands
@@ -230,7 +270,7 @@ REQUEUE = (
 -- recorded as failed with the reason instead (dead letter). Recorded requests are not re-run.
 -- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] rq queue list
 -- KEYS[5] rq job hash  KEYS[6] ingress zset  KEYS[7] ingress_tokens  KEYS[8] wakeup list
--- KEYS[9+3(b-1)..] for batch b: batch hash, results hash, requests hash
+-- KEYS[9] ingress_requests  KEYS[10+3(b-1)..] for batch b: batch hash, results hash, requests hash
 -- ARGV[1] micro-batch id  ARGV[2] mode  ARGV[3] now  ARGV[4] max attempts  ARGV[5] wakeup keep
 -- ARGV[6] worker id  ARGV[7] reason  ARGV[8..] per batch b: batch id, events channel
 -- Returns {requeued, dead_lettered, was_queued}.
@@ -245,13 +285,15 @@ local now, max_attempts = ARGV[3], tonumber(ARGV[4])
 local slot = {}
 for b = 0, (#ARGV - 9) / 2 do slot[ARGV[8 + 2 * b]] = b end
 local scores = {}
-for sc in string.gmatch(mb[2], '%S+') do scores[#scores + 1] = sc end
+for first, count in string.gmatch(mb[2], '(%S+)x(%d+)') do
+  for k = 0, tonumber(count) - 1 do scores[#scores + 1] = score_text(tonumber(first) + k) end
+end
 local running, dead, tokens, requeued, i = {}, {}, 0, 0, 0
 for member in string.gmatch(mb[1], '%S+') do
   i = i + 1
-  local bid, idx, cost, attempt, affinity = string.match(member, '^(%w+):(%d+):(%d+):(%d+):(%w*)$')
+  local bid, idx, attempt, affinity, costs = parse_member(member)  -- one request
   local b = slot[bid]
-  local rkey = KEYS[10 + 3 * b]
+  local rkey = KEYS[11 + 3 * b]
   if redis.call('HEXISTS', rkey, idx) == 0 then
     local next_attempt = tonumber(attempt)
     if ran[member] then
@@ -259,30 +301,31 @@ for member in string.gmatch(mb[1], '%S+') do
       running[b] = (running[b] or 0) + 1
     end
     if next_attempt >= max_attempts then
-      local submitted = tonumber(redis.call('HGET', KEYS[9 + 3 * b], 'submitted_at') or now)
+      local submitted = tonumber(redis.call('HGET', KEYS[10 + 3 * b], 'submitted_at') or now)
       redis.call('HSET', rkey, idx, cjson.encode({request_id = bid .. '-' .. idx, index = tonumber(idx),
         text = '', output_tokens = 0, worker = ARGV[6], error = ARGV[7], attempts = next_attempt,
         submitted_at = submitted, started_at = tonumber(now), finished_at = tonumber(now),
-        custom_id = custom_id_of(KEYS[11 + 3 * b], idx)}))
-      redis.call('HDEL', KEYS[11 + 3 * b], idx)
+        custom_id = custom_id_of(KEYS[12 + 3 * b], idx)}))
+      redis.call('HDEL', KEYS[12 + 3 * b], idx)
       dead[b] = (dead[b] or 0) + 1
     else
-      redis.call('ZADD', KEYS[6], scores[i], bid .. ':' .. idx .. ':' .. cost .. ':' .. next_attempt .. ':' .. affinity)
-      tokens = tokens + tonumber(cost)
+      redis.call('ZADD', KEYS[6], scores[i], member_of(bid, idx, next_attempt, affinity, costs[1]))
+      tokens = tokens + costs[1]
       requeued = requeued + 1
     end
   end
 end
 local dead_total = 0
 for b = 0, (#ARGV - 9) / 2 do
-  local bkey = KEYS[9 + 3 * b]
+  local bkey = KEYS[10 + 3 * b]
   if running[b] then redis.call('HINCRBY', bkey, 'running', -running[b]) end
   if dead[b] then
     dead_total = dead_total + dead[b]
-    settle_batch(bkey, KEYS[10 + 3 * b], KEYS[11 + 3 * b], ARGV[9 + 2 * b], now, 0, dead[b], 0)
+    settle_batch(bkey, KEYS[11 + 3 * b], KEYS[12 + 3 * b], ARGV[9 + 2 * b], now, 0, dead[b], 0)
   end
 end
 redis.call('INCRBY', KEYS[7], tokens)
+redis.call('INCRBY', KEYS[9], requeued)
 release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[8], ARGV[5], ARGV[6])
 return {requeued, dead_total, queued}
 """
@@ -290,26 +333,35 @@ return {requeued, dead_total, queued}
 
 
 CANCEL = (
-    _SETTLE_BATCH
+    _MEMBERS
+    + _SETTLE_BATCH
     + """
 -- Cancel what of a batch still waits in the ingress: remove it and record it as cancelled.
 -- (Requests already in a worker's queue are cancelled by that worker when it reaches them.)
 -- KEYS[1] ingress zset  KEYS[2] ingress_tokens  KEYS[3] batch hash  KEYS[4] results hash
--- KEYS[5] requests hash
--- ARGV[1] now  ARGV[2] events channel  ARGV[3..] triples: ingress member, field, cancelled result JSON
+-- KEYS[5] requests hash  KEYS[6] ingress_requests
+-- ARGV[1] now  ARGV[2] events channel  ARGV[3..] per ingress member: the member, then the cancelled
+-- result JSON of each of its requests in order
 -- Returns the number of requests cancelled here.
 if not redis.call('HGET', KEYS[3], 'cancelled_at') then redis.call('HSET', KEYS[3], 'cancelled_at', ARGV[1]) end
-local n, tokens = 0, 0
-for pos = 3, #ARGV, 3 do
+local n, removed, tokens, pos = 0, 0, 0, 3
+while pos <= #ARGV do
+  local _, start, _, _, costs = parse_member(ARGV[pos])
   if redis.call('ZREM', KEYS[1], ARGV[pos]) == 1 then
-    tokens = tokens + tonumber(string.match(ARGV[pos], ':(%d+):%d+:%w*$'))
-    local result = cjson.decode(ARGV[pos + 2])
-    result['custom_id'] = custom_id_of(KEYS[5], ARGV[pos + 1])
-    if redis.call('HSETNX', KEYS[4], ARGV[pos + 1], cjson.encode(result)) == 1 then n = n + 1 end
-    redis.call('HDEL', KEYS[5], ARGV[pos + 1])
+    for k = 1, #costs do
+      local field = tostring(start + k - 1)
+      local result = cjson.decode(ARGV[pos + k])
+      result['custom_id'] = custom_id_of(KEYS[5], field)
+      if redis.call('HSETNX', KEYS[4], field, cjson.encode(result)) == 1 then n = n + 1 end
+      redis.call('HDEL', KEYS[5], field)
+      tokens = tokens + costs[k]
+    end
+    removed = removed + #costs
   end
+  pos = pos + 1 + #costs
 end
 redis.call('DECRBY', KEYS[2], tokens)
+redis.call('DECRBY', KEYS[6], removed)
 settle_batch(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[1], 0, 0, n)
 return n
 """

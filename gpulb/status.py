@@ -85,7 +85,7 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
         pipe.hgetall(keys.load_key(worker_id))
         pipe.hget(keys.credit_key(worker_id), "batches")
     for model in models:
-        pipe.zcard(keys.ingress_key(model))
+        pipe.get(keys.ingress_requests_key(model))
         pipe.get(keys.ingress_tokens_key(model))
     replies = iter(pipe.execute())
     now = time.time()
@@ -96,7 +96,9 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
         status.workers.append(_row(worker_id, load_raw, int(batches or 0), now))
     for model in models:
         depth, tokens = next(replies), next(replies)
-        status.models.append(ModelRow(model=model, pending_requests=int(depth), pending_tokens=int(tokens or 0)))
+        status.models.append(
+            ModelRow(model=model, pending_requests=max(0, int(depth or 0)), pending_tokens=int(tokens or 0))
+        )
     status.batches = _batches_in_flight(conn, now)
     return status
 

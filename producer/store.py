@@ -83,21 +83,30 @@ def _publish(
     if listed:
         pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
         pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
-    total_cost = 0
-    for start in range(0, len(specs), limits.chunk_size):
-        members: dict[str, int] = {}
-        for index in range(start, min(start + limits.chunk_size, len(specs))):
-            spec = specs[index]
-            cost = spec.cost_tokens()
-            total_cost += cost
-            member = keys.ingress_member(batch_id, index, cost, affinity=spec.affinity_key())
-            members[member] = keys.ingress_score(priority, seq0 + index)
-        pipe.zadd(keys.ingress_key(model), members)
-    pipe.incrby(keys.ingress_tokens_key(model), total_cost)
+    costs = [spec.cost_tokens() for spec in specs]
+    runs = ingress_runs(batch_id, costs, [spec.affinity_key() for spec in specs], priority, seq0)
+    for start in range(0, len(runs), limits.chunk_size):
+        pipe.zadd(keys.ingress_key(model), dict(runs[start : start + limits.chunk_size]))
+    pipe.incrby(keys.ingress_tokens_key(model), sum(costs))
+    pipe.incrby(keys.ingress_requests_key(model), len(specs))
     pipe.sadd(keys.models_key(), model)
     pipe.rpush(keys.wakeup_key(), keys.wake_batch_token(batch_id))
     pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
     pipe.execute()
+
+
+def ingress_runs(
+    batch_id: str, costs: Sequence[int], affinities: Sequence[str], priority: int, seq0: int
+) -> list[tuple[str, int]]:
+    """The batch's ingress members with their scores: runs of consecutive requests with one affinity key."""
+    runs: list[tuple[str, int]] = []
+    start = 0
+    for end in range(1, len(costs) + 1):
+        if end == len(costs) or affinities[end] != affinities[start] or end - start == keys.INGRESS_RUN_MAX:
+            member = keys.ingress_member(batch_id, start, costs[start:end], affinity=affinities[start])
+            runs.append((member, keys.ingress_score(priority, seq0 + start)))
+            start = end
+    return runs
 
 
 def _payload_json(spec: RequestSpec) -> str:
@@ -185,26 +194,26 @@ def read_result(conn: redis.Redis, batch_id: str, index: int) -> Result | None:
     return None if raw is None else Result.model_validate_json(raw)
 
 
-def cancel_batch(conn: redis.Redis, scripts: Scripts, batch_id: str, model: str, chunk: int = 1000) -> int:
+def cancel_batch(conn: redis.Redis, scripts: Scripts, batch_id: str, model: str, chunk: int = 64) -> int:
     """Cancel what of the batch still waits in the ingress; flag it so workers cancel the rest."""
     now = time.time()
     submitted_at = float(conn.hget(keys.batch_key(batch_id), "submitted_at") or now)
     members = [m for m, _ in conn.zscan_iter(keys.ingress_key(model), match=keys.ingress_member_pattern(batch_id))]
+    script_keys = [
+        keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
+        keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id), keys.ingress_requests_key(model),
+    ]  # fmt: skip
     cancelled = 0
     for start in range(0, max(1, len(members)), chunk):
         args: list[str | float] = [now, keys.batch_events_channel(batch_id)]
         for member in members[start : start + chunk]:
-            parsed = keys.parse_ingress_member(member)
-            index, attempt = parsed.request_index, parsed.attempt
-            result = Result(
-                request_id=keys.request_id(batch_id, index), index=index, text="", output_tokens=0, worker="",
-                error="cancelled", cancelled=True, attempts=attempt, submitted_at=submitted_at,
-                started_at=now, finished_at=now,
-            )  # fmt: skip
-            args += [member, str(index), result.model_dump_json()]
-        script_keys = [
-            keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
-            keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id),
-        ]  # fmt: skip
+            args.append(member)
+            for request in keys.parse_ingress_member(member).requests():
+                result = Result(
+                    request_id=keys.request_id(batch_id, request.start), index=request.start, text="", output_tokens=0,
+                    worker="", error="cancelled", cancelled=True, attempts=request.attempt, submitted_at=submitted_at,
+                    started_at=now, finished_at=now,
+                )  # fmt: skip
+                args.append(result.model_dump_json())
         cancelled += int(scripts.cancel(keys=script_keys, args=args))
     return cancelled

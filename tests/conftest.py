@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from gpulb import keys
 from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 
@@ -39,3 +40,17 @@ def make_settings(redis_url: str, **overrides: object) -> Settings:
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
     return make_settings(redis_url)
+
+
+def waiting(conn: redis.Redis, model: str = "m") -> list[tuple[keys.IngressMember, float]]:
+    """Every request waiting in the model's ingress, one per request with its own score, in pop order.
+
+    Also checks the ingress counters against what is really there.
+    """
+    requests = []
+    for member, score in conn.zrange(keys.ingress_key(model), 0, -1, withscores=True):
+        for offset, request in enumerate(keys.parse_ingress_member(member).requests()):
+            requests.append((request, score + offset))
+    assert int(conn.get(keys.ingress_requests_key(model)) or 0) == len(requests)
+    assert int(conn.get(keys.ingress_tokens_key(model)) or 0) == sum(r.costs[0] for r, _ in requests)
+    return requests

@@ -34,7 +34,7 @@ class Item:
 
 def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
     """The micro-batch's requests with payloads, skipping none: one pipelined round trip."""
-    items = [Item(*keys.parse_ingress_member(m)[:4]) for m in members]
+    items = [_item(keys.parse_ingress_member(m)) for m in members]
     by_batch: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_batch[item.batch_id].append(item)
@@ -53,6 +53,10 @@ def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
             item.cancelled = cancelled_at is not None
             _attach_payload(item, payload)
     return items
+
+
+def _item(request: keys.IngressMember) -> Item:
+    return Item(request.batch_id, request.start, request.costs[0], request.attempt)
 
 
 def _attach_payload(item: Item, raw: str | None) -> None:

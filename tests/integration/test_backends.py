@@ -10,6 +10,7 @@ import redis
 from gpulb import keys
 from gpulb.models import WorkerState
 from producer import Client
+from tests.conftest import waiting
 from tests.integration.conftest import StartWorker, balancer, work
 from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, EngineUnavailable, failed
 from worker.backends.simulated import SimulatedBackend
@@ -76,7 +77,7 @@ class TestTransientErrors:
         batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
         assert balancer(conn).dispatch_round() == 8
         work(busy, redis_url)  # three tries, all 503: handed back, one attempt charged, nothing recorded
-        assert conn.zcard(keys.ingress_key("m")) == 8 and batch.status().completed == 0
+        assert len(waiting(conn, "m")) == 8 and batch.status().completed == 0
         busy.deregister()
         healthy = start_worker("healthy")
         while balancer(conn).dispatch_round():
@@ -99,7 +100,7 @@ class TestEngineHealth:
         load = conn.hgetall(keys.load_key("sick"))
         assert load["state"] == WorkerState.UNHEALTHY.value
         assert (load["engine_running"], load["engine_waiting"], load["kv_cache_usage"]) == ("3", "4", "0.625")
-        assert conn.llen(keys.rq_queue_key("sick")) == 0 and conn.zcard(keys.ingress_key("m")) == 8
+        assert conn.llen(keys.rq_queue_key("sick")) == 0 and len(waiting(conn, "m")) == 8
         assert balancer(conn).dispatch_round() == 0  # nothing goes to an unhealthy worker
         engine.ok = True
         sick.heartbeat()

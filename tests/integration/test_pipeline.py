@@ -19,14 +19,14 @@ from gpulb import keys
 from gpulb.errors import BatchNotFound, WorkerIdInUse
 from gpulb.models import BatchState
 from producer import Client
+from tests.conftest import waiting
 from tests.integration.conftest import StartWorker, balancer, work
 from worker.heartbeat import Heartbeat
 
 
 def assert_settled(conn: redis.Redis, worker_ids: list[str], model: str = "m") -> None:
     """No request is left anywhere but in its batch's results."""
-    assert conn.zcard(keys.ingress_key(model)) == 0
-    assert int(conn.get(keys.ingress_tokens_key(model)) or 0) == 0
+    assert waiting(conn, model) == []
     assert conn.keys("gpulb:mb:*") == []
     for w in worker_ids:
         assert conn.hgetall(keys.credit_key(w)) in ({}, {"batches": "0", "tokens": "0", "requests": "0"})
@@ -72,6 +72,7 @@ class TestRoundTrip:
         gpulb_keys = sorted(k for k in conn.keys("gpulb:*"))
         assert gpulb_keys == sorted([
             "gpulb:seq", "gpulb:models", "gpulb:workers", "gpulb:batches", "gpulb:{m}:ingress_tokens",
+            "gpulb:{m}:ingress_requests",
             "gpulb:balancer:wakeup",
             f"gpulb:batch:{batch.id}", f"gpulb:batch:{batch.id}:results",
             "gpulb:worker:w1:load", "gpulb:worker:w1:credit",
@@ -110,7 +111,7 @@ class TestDispatch:
         client.submit_batch([f"p{i}" for i in range(30)], model="m")
         placed = balancer(conn, max_outstanding_batches=2).dispatch_round()
         assert placed == 10  # 2 micro-batches of 5: the other 20 wait in the ingress (late binding)
-        assert conn.zcard(keys.ingress_key("m")) == 20
+        assert len(waiting(conn, "m")) == 20
         rq_conn = redis.Redis.from_url(redis_url)
         queue = Queue("w1", connection=rq_conn, serializer=JSONSerializer)
         job_ids = queue.job_ids
@@ -140,7 +141,7 @@ class TestDispatch:
         view = WorkerView("w1", model, capacity=8, tokens_per_s=1000)
         result = balancer(conn).dispatch(view, 10_000)
         assert result.status == NOT_ACCEPTING
-        assert conn.zcard(keys.ingress_key(model)) == 2
+        assert len(waiting(conn, model)) == 2
         assert conn.llen(keys.rq_queue_key("w1")) == 0
 
     def test_higher_priority_goes_first(self, client: Client, conn: redis.Redis, start_worker: StartWorker) -> None:
@@ -161,6 +162,35 @@ class TestDispatch:
         result = balancer(conn).dispatch(view, 350)
         assert (result.requests, result.tokens, result.next_cost) == (3, 300, 100)
         assert int(conn.get(keys.ingress_tokens_key("m"))) == 700  # type: ignore[arg-type]
+
+    def test_runs_of_requests_are_cut_in_order_and_split_exactly(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        """300 requests wait as 3 members (runs of 128); micro-batches of 50 cut across them in order."""
+        start_worker("w1", max_batch=50)
+        prompts = [{"prompt": "p", "max_tokens": 1 + i % 7} for i in range(300)]
+        batch = client.submit_batch(prompts, model="m")
+        assert conn.zcard(keys.ingress_key("m")) == 3
+        before = waiting(conn)
+        assert [r.start for r, _ in before] == list(range(300))
+        assert balancer(conn, max_outstanding_batches=100).dispatch_round() == 300
+        cut = []
+        for job_id in conn.lrange(keys.rq_queue_key("w1"), 0, -1):
+            mb = conn.hgetall(keys.microbatch_key(job_id))
+            scores = [float(s) + k for run in mb["scores"].split() for s, n in [run.split("x")] for k in range(int(n))]
+            cut += zip(mb["entries"].split(), scores, strict=True)
+        assert len(cut) == 300 and waiting(conn) == []
+        assert cut == [(str(r), score) for r, score in before]  # every request once, in order, its own score
+        assert [keys.parse_ingress_member(m).costs[0] for m, _ in cut] == [1 + i % 7 for i in range(300)]
+        assert batch.status().pending == 300  # dispatched is not started
+
+    def test_a_run_holds_one_affinity_key(self, client: Client, conn: redis.Redis) -> None:
+        sessions = ["a", "a", "b", "b", "b", None, None, "a"]
+        client.submit_batch([{"prompt": "p", "session": s} if s else "p" for s in sessions], model="m")
+        runs = [keys.parse_ingress_member(m) for m in conn.zrange(keys.ingress_key("m"), 0, -1)]
+        assert [len(r.costs) for r in runs] == [2, 3, 2, 1]
+        assert [r.affinity == "" for r in runs] == [False, False, True, False]
+        assert len({r.affinity for r in runs}) == 3
 
 
 class TestExactlyOnce:
@@ -189,12 +219,10 @@ class TestWorkerLifecycle:
     ) -> None:
         leaving = start_worker("leaving", max_batch=4)
         batch = client.submit_batch([f"p{i}" for i in range(12)], model="m")
-        before = conn.zrange(keys.ingress_key("m"), 0, -1, withscores=True)
-        tokens_before = conn.get(keys.ingress_tokens_key("m"))
+        before = waiting(conn)
         assert balancer(conn).dispatch_round() == 8
         leaving.deregister()
-        assert conn.zrange(keys.ingress_key("m"), 0, -1, withscores=True) == before
-        assert conn.get(keys.ingress_tokens_key("m")) == tokens_before
+        assert waiting(conn) == before  # each request at its own place again
         assert conn.llen(keys.rq_queue_key("leaving")) == 0 and conn.keys("rq:job:*") == []
         assert not conn.exists(keys.load_key("leaving")) and not conn.sismember(keys.workers_key(), "leaving")
         assert_settled_credit = conn.hgetall(keys.credit_key("leaving"))
@@ -223,7 +251,7 @@ class TestWorkerLifecycle:
         assert balancer(conn).dispatch_round() == 8  # two micro-batches now belong to w1, which "dies"
         conn.hset(keys.load_key("w1"), "host", "elsewhere")  # not our host: its pid cannot be checked
         successor = start_worker("w1", load_ttl_s=1.0)  # waits for the stale key to expire, then recovers
-        assert conn.zcard(keys.ingress_key("m")) == 8 and conn.llen(keys.rq_queue_key("w1")) == 0
+        assert len(waiting(conn, "m")) == 8 and conn.llen(keys.rq_queue_key("w1")) == 0
         while balancer(conn).dispatch_round():
             work(successor, redis_url)
         assert [r.attempts for r in batch.results(timeout=5)] == [1] * 8  # queued, never started: no attempt

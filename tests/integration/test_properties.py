@@ -18,6 +18,7 @@ from gpulb.recovery import RequeueMode, recover_worker, requeue_microbatch
 from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 from producer import Client
+from tests.conftest import waiting
 from tests.integration.conftest import balancer, start_running
 from worker.backends import create_backend
 from worker.microbatch import Item, load_items
@@ -42,7 +43,7 @@ class TestValidationProperty:
         except InvalidRequest:
             assert fake.keys("*") == []
             return
-        assert batch.status().pending == len(requests) == fake.zcard(keys.ingress_key("m"))
+        assert batch.status().pending == len(requests) == len(waiting(fake))
         assert fake.hlen(keys.batch_requests_key(batch.id)) == len(requests)
 
 
@@ -125,13 +126,13 @@ class ClaimCommitMachine(RuleBasedStateMachine):
     @invariant()
     def every_request_is_somewhere_and_claimed_at_most_once(self) -> None:
         claims: dict[tuple[str, int], list[str]] = {}
-        for member in self.conn.zrange(keys.ingress_key("m"), 0, -1):
-            batch_id, index = keys.parse_ingress_member(member)[:2]
-            claims.setdefault((batch_id, index), []).append("ingress")
+        for request, _ in waiting(self.conn):
+            claims.setdefault((request.batch_id, request.start), []).append("ingress")
         for mb_key in self.conn.keys("gpulb:mb:*"):
             for member in (self.conn.hget(mb_key, "entries") or "").split():
-                batch_id, index = keys.parse_ingress_member(member)[:2]
-                claims.setdefault((batch_id, index), []).append(mb_key)
+                request = keys.parse_ingress_member(member)
+                assert len(request.costs) == 1  # a micro-batch lists one member per request
+                claims.setdefault((request.batch_id, request.start), []).append(mb_key)
         for batch_id, total in self.submitted.items():
             recorded = {int(f) for f in self.conn.hkeys(keys.batch_results_key(batch_id))}
             for index in range(total):
@@ -141,8 +142,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
 
     @invariant()
     def counters_match_contents(self) -> None:
-        costs = [keys.parse_ingress_member(m)[2] for m in self.conn.zrange(keys.ingress_key("m"), 0, -1)]
-        assert int(self.conn.get(keys.ingress_tokens_key("m")) or 0) == sum(costs)
+        waiting(self.conn)  # checks the ingress counters against its members
         for worker in self.workers:
             mbs = self.conn.smembers(keys.inflight_key(worker))
             credit = self.conn.hgetall(keys.credit_key(worker))

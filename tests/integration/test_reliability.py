@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from gpulb import keys
 from gpulb.models import BatchState
 from producer import Client
+from tests.conftest import waiting
 from tests.integration.conftest import StartWorker, balancer, start_running, work
 from tests.integration.test_pipeline import assert_settled
 from worker.backends.base import BackendOutput, BackendRequest
@@ -42,8 +43,7 @@ class TestDeadWorker:
         start_running(dead, running_mb)  # ...the worker started it...
         kill(conn, "dead")  # ...and died
         assert balancer(conn).dispatch_round() == 0  # reaps (no live worker to dispatch to)
-        members = conn.zrange(keys.ingress_key("m"), 0, -1)
-        assert sorted(int(m.split(":")[3]) for m in members) == [0, 0, 0, 1, 1, 1]  # attempts: started ones +1
+        assert sorted(r.attempt for r, _ in waiting(conn)) == [0, 0, 0, 1, 1, 1]  # attempts: started ones +1
         assert queued_ids(conn, "dead") == [] and not conn.sismember(keys.workers_key(), "dead")
         assert batch.status().running == 0 and batch.status().pending == 6
         rq_conn = redis.Redis.from_url(redis_url)
@@ -232,7 +232,7 @@ class TestReviewedEdgeCases:
         view = WorkerView("w", "m", capacity=2, tokens_per_s=1000)
         first, again = bal.dispatch(view, 10_000), bal.dispatch(view, 10_000)
         assert (first.status, first.requests, again.status, again.requests) == (1, 2, 1, 2)
-        assert conn.zcard(keys.ingress_key("m")) == 4
+        assert len(waiting(conn, "m")) == 4
         assert conn.lrange(keys.rq_queue_key("w"), 0, -1) == ["mb-0123456789abcdef"]
         assert conn.hgetall(keys.credit_key("w")) == {"batches": "1", "tokens": "32", "requests": "2"}
 
@@ -244,7 +244,7 @@ class TestReviewedEdgeCases:
         w.publish_load()
         client.submit_batch(["a", "b"], model="m")
         assert balancer(conn).dispatch_round() == 0
-        assert conn.zcard(keys.ingress_key("m")) == 2
+        assert len(waiting(conn, "m")) == 2
 
     def test_a_live_worker_sweeps_up_its_orphans(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
@@ -258,7 +258,7 @@ class TestReviewedEdgeCases:
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # RQ took it; nothing ran it
         for _ in range(ORPHAN_SWEEP_BEATS):
             w.heartbeat()
-        assert conn.zcard(keys.ingress_key("m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
+        assert len(waiting(conn, "m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
         while balancer(conn).dispatch_round():
             work(w, redis_url)
         assert batch.status().completed == 3
@@ -273,8 +273,7 @@ class TestReviewedEdgeCases:
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))
         start_running(w, started)  # then SIGTERM during a Redis outage: the run never finished
         w.deregister()
-        members = conn.zrange(keys.ingress_key("m"), 0, -1)
-        assert len(members) == 4 and sorted(int(m.split(":")[3]) for m in members) == [0, 0, 1, 1]
+        assert sorted(r.attempt for r, _ in waiting(conn)) == [0, 0, 1, 1]
         assert_settled_credit = conn.hgetall(keys.credit_key("w"))
         assert assert_settled_credit == {"batches": "0", "tokens": "0", "requests": "0"}
 
@@ -297,6 +296,6 @@ class TestReviewedEdgeCases:
         monkeypatch.setattr(store, "_publish", flaky_publish)
         batch = client.submit_batch(["a", "b", "c"], model="m", max_tokens=5)
         assert len(calls) == (1 if ran_before_the_error else 2)
-        assert conn.zcard(keys.ingress_key("m")) == 3
+        assert len(waiting(conn, "m")) == 3
         assert conn.get(keys.ingress_tokens_key("m")) == "15"
         assert batch.status().pending == 3

@@ -34,11 +34,13 @@ class TestKeySchema:
         assert keys.JOB_FUNC == "worker.jobs.run_microbatch"
 
     def test_ingress_member_round_trip(self) -> None:
-        member = keys.ingress_member("ab12", 7, 300, attempt=2, affinity="f00d")
-        assert member == "ab12:7:300:2:f00d"
-        assert keys.parse_ingress_member(member) == ("ab12", 7, 300, 2, "f00d")
-        assert keys.parse_ingress_member("ab12:7:300:0:").affinity == ""
-        for garbage in ("garbage", "a:1:2:3", "a:b:2:3:", "a b:1:2:3:", "a:1:2:3:x y"):
+        member = keys.ingress_member("ab12", 7, [300, 12, 5], attempt=2, affinity="f00d")
+        assert member == "ab12:7:2:f00d:300,12,5"
+        parsed = keys.parse_ingress_member(member)
+        assert parsed == ("ab12", 7, 2, "f00d", (300, 12, 5)) and str(parsed) == member
+        assert [str(r) for r in parsed.requests()] == ["ab12:7:2:f00d:300", "ab12:8:2:f00d:12", "ab12:9:2:f00d:5"]
+        assert keys.parse_ingress_member("ab12:7:0::300").affinity == ""
+        for garbage in ("garbage", "a:1:2:3", "a:b:2::3", "a b:1:2::3", "a:1:2:x y:3", "a:1:2::", "a:1:2::3,x"):
             with pytest.raises(ValueError):
                 keys.parse_ingress_member(garbage)
 
@@ -81,7 +83,7 @@ class TestModels:
                           running=3, tokens_per_s=1234.5, ts=100.0)  # fmt: skip
         flat = load.to_hash()
         assert all(isinstance(v, str) for v in flat.values())
-        assert flat["v"] == "1" and flat["state"] == "busy"
+        assert flat["v"] == "2" and flat["state"] == "busy"
         assert WorkerLoad.from_hash(flat) == load
 
     def test_garbage_load_key_is_a_bad_payload(self) -> None:
