@@ -10,16 +10,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 import structlog
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
 from balancer.fleet import Backlog, Fleet, ModelTotals, read_backlogs, read_fleet, refresh_workers
 from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
+from balancer.rq_job import RqJobTemplate
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.logs import get_logger
@@ -32,6 +30,7 @@ log = get_logger("gpulb.balancer")
 DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT, OTHER_AFFINITY = 1, 0, -1, -2, -3
 BALANCER_HEARTBEAT_TTL_S = 10
 AFFINITY_OWNERS_TTL_S = 3600
+MAX_JOB_TEMPLATES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +77,7 @@ class Balancer:
         self.dispatched_requests = 0
         self.dispatched_batches = 0
         self._last_beat = 0.0
+        self._job_templates: dict[str, RqJobTemplate] = {}
 
     def run(self) -> None:
         """Dispatch until :meth:`stop`; block on the wake-up list whenever nothing can move."""
@@ -237,15 +237,11 @@ class Balancer:
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:
         """The RQ job hash, exactly as RQ's own ``Job.save`` would write it (JSON serializer)."""
-        job = Job.create(
-            keys.JOB_FUNC, args=[microbatch_id], id=microbatch_id, connection=self.conn,
-            serializer=JSONSerializer, origin=keys.rq_queue_name(worker_id), timeout=self.settings.job_timeout_s,
-            result_ttl=self.settings.job_result_ttl_s, description=f"gpulb micro-batch {microbatch_id} for {worker_id}",
-            status=JobStatus.QUEUED,
-        )  # fmt: skip
-        job.enqueued_at = datetime.now(UTC)
-        fields: list[str | bytes] = []
-        for name, value in job.to_dict().items():
-            if value is not None:
-                fields += [name, value if isinstance(value, bytes | str) else str(value)]
-        return fields
+        template = self._job_templates.get(worker_id)
+        if template is None:
+            if len(self._job_templates) >= MAX_JOB_TEMPLATES:  # worker ids come and go: stay bounded
+                self._job_templates.clear()
+            template = self._job_templates[worker_id] = RqJobTemplate(
+                self.conn, worker_id, timeout_s=self.settings.job_timeout_s, result_ttl_s=self.settings.job_result_ttl_s
+            )
+        return template.fields_for(microbatch_id)
