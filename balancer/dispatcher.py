@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from balancer.fleet import Backlog, Fleet, ModelTotals, read_backlogs, read_fleet, refresh_workers
+from balancer.fleet import (
+    Backlog,
+    Fleet,
+    ModelTotals,
+    apply_backlogs,
+    queue_backlog_reads,
+    read_fleet,
+    refresh_workers,
+)
 from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
 from balancer.rq_job import RqJobTemplate
@@ -88,7 +96,7 @@ class Balancer:
         while not self.stop_event.is_set():
             try:
                 self._beat()
-                if self.dispatch_round() == 0:
+                if self.dispatch_round() == 0 or self._backlogs_empty():
                     self._wait_for_wakeup()
                 delay = 0.1
             except CONNECTION_ERRORS as exc:  # Redis restarting or unreachable: back off, keep going
@@ -122,13 +130,9 @@ class Balancer:
         if popped is not None:
             self._changed.add(str(popped[1]))
 
-    def _drain_wakeups(self) -> None:
-        """Take every pending wake-up token: they name the workers whose credit or load changed."""
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.lrange(keys.wakeup_key(), 0, -1)
-        pipe.delete(keys.wakeup_key())
-        tokens, _ = pipe.execute()
-        self._changed.update(tokens)
+    def _backlogs_empty(self) -> bool:
+        """Nothing waits in any ingress (as the dispatch replies said): only a wake-up can bring work."""
+        return self.fleet is not None and all(b.head_cost < 0 for b in self.fleet.backlog.values())
 
     # -- one round ------------------------------------------------------------------------------
 
@@ -142,15 +146,23 @@ class Balancer:
         )
 
     def _snapshot(self) -> Fleet:
-        """A full read at most every ``snapshot_refresh_s``; between, re-read only changed workers."""
-        self._drain_wakeups()
-        changed, self._changed = self._changed, set()
-        fresh = time.monotonic() - self._fleet_read_at < self.settings.snapshot_refresh_s
+        """A full read at most every ``snapshot_refresh_s``; between, re-read only changed workers.
+
+        Between full reads, the wake-up tokens are taken and the backlogs read in one round trip.
+        """
+        fresh = self.fleet is not None and time.monotonic() - self._fleet_read_at < self.settings.snapshot_refresh_s
+        models = list(self.fleet.by_model) if fresh and self.fleet is not None else []
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.lrange(keys.wakeup_key(), 0, -1)
+        pipe.delete(keys.wakeup_key())
+        queue_backlog_reads(pipe, models)
+        replies = pipe.execute()
+        changed, self._changed = self._changed | set(replies[0]), set()
         workers = {t.removeprefix(keys.WAKE_WORKER) for t in changed if t.startswith(keys.WAKE_WORKER)}
-        incremental = self.fleet is not None and fresh and workers <= self.fleet.views.keys()
-        if incremental and self.fleet is not None and refresh_workers(self.conn, self.fleet, workers):
-            read_backlogs(self.conn, self.fleet, with_owners=self._uses_affinity)
-            return self.fleet
+        fleet = self.fleet
+        if fresh and fleet is not None and workers <= fleet.views.keys() and refresh_workers(self.conn, fleet, workers):
+            apply_backlogs(self.conn, fleet, models, replies[2:], with_owners=self._uses_affinity)
+            return fleet
         return self._full_read()
 
     def _full_read(self) -> Fleet:
