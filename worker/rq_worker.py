@@ -15,8 +15,9 @@ from typing import Any
 import redis
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
-from rq.job import Job, _job_stack
+from rq.job import Job, JobStatus, _job_stack
 from rq.queue import Queue
+from rq.registry import StartedJobRegistry
 from rq.utils import as_text, get_version, now
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -29,6 +30,7 @@ from worker.runtime import WorkerRuntime
 
 log = get_logger("gpulb.worker")
 LMOVE_MIN_REDIS = (6, 2, 0)  # RQ dequeues with BLMOVE (into the intermediate list) from this version on
+RECENT_HEARTBEAT_S = 1.0  # RQ's worker hash lives worker_ttl + 60 s: a plain heartbeat sooner is redundant
 
 
 class GpulbJob(Job):
@@ -59,8 +61,11 @@ class GpulbWorker(SimpleWorker):
             self._refuse(job, queue, reason)
             return
         token = CURRENT_RUNTIME.set(self.runtime)
-        try:
-            super().execute_job(job, queue)
+        try:  # SimpleWorker.execute_job, less a second write of the idle state after a success
+            self.prepare_execution(job)
+            self.perform_job(job, queue)
+            if self.get_state() != WorkerStatus.IDLE:
+                self.set_state(WorkerStatus.IDLE)
         finally:
             CURRENT_RUNTIME.reset(token)
 
@@ -72,7 +77,12 @@ class GpulbWorker(SimpleWorker):
     # -- fewer round trips, the same books ------------------------------------------------------
 
     def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
-        """RQ's heartbeat (HSET and EXPIRE of the worker hash) in one round trip instead of two."""
+        """RQ's heartbeat (HSET and EXPIRE of the worker hash) in one round trip instead of two.
+
+        A plain heartbeat within a second of the last one is skipped (the worker hash lives for minutes).
+        """
+        if pipeline is None and timeout is None and self._beat_recently():
+            return
         if pipeline is not None:
             super().heartbeat(timeout, pipeline=pipeline)
             return
@@ -84,10 +94,11 @@ class GpulbWorker(SimpleWorker):
         """RQ's dequeue on our one queue: idle state and heartbeat in one trip, then BLMOVE, then one read."""
         if max_idle_time is not None or len(self.queues) != 1 or get_version(self.connection) < LMOVE_MIN_REDIS:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        with self.connection.pipeline(transaction=False) as pipe:
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
-            self.heartbeat(pipeline=pipe)
-            pipe.execute()
+        if self.get_state() != WorkerStatus.IDLE or not self._beat_recently():
+            with self.connection.pipeline(transaction=False) as pipe:
+                self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+                self.heartbeat(pipeline=pipe)
+                pipe.execute()
         self.procline(f"Listening on {self.queues[0].name}")  # type: ignore[no-untyped-call]
         backoff_s = 1.0
         while True:
@@ -155,6 +166,48 @@ class GpulbWorker(SimpleWorker):
         if remove_from_intermediate:
             pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
         pipe.persist(job.key)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """After a success, RQ's job heartbeat here goes out with the success bookkeeping instead."""
+        if job.get_status(refresh=False) == JobStatus.FAILED:
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
+            return
+        job.ended_at = now()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        """RQ's success bookkeeping, the worker's return to idle and its heartbeat in one MULTI/EXEC.
+
+        RQ's own first WATCHes the job's dependents to enqueue them; gpulb's jobs, created by the
+        dispatch script, never have dependents (nor repeats: those still go RQ's way).
+        """
+        if job.repeats_left:
+            super().handle_job_success(job, queue, started_job_registry)
+            return
+        ended_at, started_at = job.ended_at or now(), job.started_at or now()
+        with self.connection.pipeline() as pipe:
+            job.heartbeat(ended_at, 0, pipeline=pipe)  # what RQ's handle_execution_ended writes
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(ended_at - started_at, pipe)
+            self._save_success(job, pipe)
+            self.cleanup_execution(job, pipeline=pipe)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            self.heartbeat(pipeline=pipe)
+            pipe.execute()
+
+    def _save_success(self, job: Job, pipe: redis.client.Pipeline) -> None:
+        """The job's finished status, result and finished registry entry, or its deletion (result TTL 0)."""
+        result_ttl = job.get_result_ttl(self.default_result_ttl)
+        if result_ttl != 0:
+            execution = self.execution
+            job._handle_success(
+                result_ttl, pipeline=pipe, worker_name=self.name, execution_id=execution.id if execution else None,
+                execution_started_at=execution.created_at if execution else None, execution_ended_at=job.ended_at,
+            )  # fmt: skip
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+
+    def _beat_recently(self) -> bool:
+        last = self.last_heartbeat
+        return last is not None and (now() - last).total_seconds() < RECENT_HEARTBEAT_S
 
     # -- refusing foreign jobs ------------------------------------------------------------------
 
