@@ -156,13 +156,13 @@ class GpulbWorker(SimpleWorker):
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
 
     def _queue_rq_start(self, pipe: redis.client.Pipeline, job: Job, remove_from_intermediate: bool) -> None:
-        """What RQ's ``prepare_job_execution`` writes, and the PERSIST of ``Job.perform``."""
+        """What RQ's ``prepare_job_execution`` writes (its job heartbeat, rewritten at once, aside), and the
+        PERSIST of ``Job.perform``."""
         self.set_current_job_id(job.id, pipeline=pipe)
         self.set_current_job_working_time(0, pipeline=pipe)
         ttl = self.get_heartbeat_ttl(job)
         self.heartbeat(ttl, pipeline=pipe)
-        job.heartbeat(now(), ttl, pipeline=pipe)
-        job.prepare_for_execution(self.name, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)  # also sets last_heartbeat: RQ's job.heartbeat is moot
         if remove_from_intermediate:
             pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
         pipe.persist(job.key)

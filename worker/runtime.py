@@ -361,9 +361,16 @@ class WorkerRuntime:
         script_keys, args = record_arguments(microbatch_id, self.worker_id, now, items, results)
         self._set_busy(0)
         pipe = self.conn.pipeline(transaction=False)
-        self.scripts.record(keys=script_keys, args=args, client=pipe)
+        # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip every time
+        pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
         self.publish_load(pipe)
-        return int(pipe.execute()[0])
+        recorded = pipe.execute(raise_on_error=False)
+        if isinstance(recorded[0], NoScriptError):  # Redis restarted and lost its scripts: load, run again
+            recorded[0] = self.scripts.record(keys=script_keys, args=args)
+        for reply in recorded:
+            if isinstance(reply, Exception):
+                raise reply
+        return int(recorded[0])
 
     def _with_redis_retry(self, step: Callable[[], T]) -> T:
         """Results are precious: ride out a Redis blip with bounded exponential backoff."""

@@ -267,3 +267,14 @@ class TestRqBooks:
         worker = conn.hgetall(f"{SimpleWorker.redis_worker_namespace_prefix}w1")
         assert worker["successful_job_count"] == "1" and "current_job" not in worker
         assert float(worker["total_working_time"]) > 0
+
+    def test_scripts_lost_by_a_redis_restart_are_loaded_again(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w1")
+        batch = client.submit_batch(["a", "b"], model="m")
+        assert balancer(conn).dispatch_round() == 2
+        conn.script_flush()  # as after a restart without persistence of scripts: EVALSHA meets NOSCRIPT
+        work(w, redis_url)
+        assert [r.ok for r in batch.results(timeout=5)] == [True, True]
+        assert_settled(conn, ["w1"])
