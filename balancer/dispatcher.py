@@ -10,16 +10,22 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 import structlog
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
-from balancer.fleet import Backlog, Fleet, ModelTotals, read_backlogs, read_fleet, refresh_workers
+from balancer.fleet import (
+    Backlog,
+    Fleet,
+    ModelTotals,
+    apply_backlogs,
+    queue_backlog_reads,
+    read_fleet,
+    refresh_workers,
+)
 from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
+from balancer.rq_job import RqJobTemplate
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.logs import get_logger
@@ -32,6 +38,7 @@ log = get_logger("gpulb.balancer")
 DISPATCHED, EMPTY, NOT_ACCEPTING, NO_CREDIT, OTHER_AFFINITY = 1, 0, -1, -2, -3
 BALANCER_HEARTBEAT_TTL_S = 10
 AFFINITY_OWNERS_TTL_S = 3600
+MAX_JOB_TEMPLATES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,7 @@ class Balancer:
         self.dispatched_requests = 0
         self.dispatched_batches = 0
         self._last_beat = 0.0
+        self._job_templates: dict[str, RqJobTemplate] = {}
 
     def run(self) -> None:
         """Dispatch until :meth:`stop`; block on the wake-up list whenever nothing can move."""
@@ -88,7 +96,7 @@ class Balancer:
         while not self.stop_event.is_set():
             try:
                 self._beat()
-                if self.dispatch_round() == 0:
+                if self.dispatch_round() == 0 or self._backlogs_empty():
                     self._wait_for_wakeup()
                 delay = 0.1
             except CONNECTION_ERRORS as exc:  # Redis restarting or unreachable: back off, keep going
@@ -122,13 +130,9 @@ class Balancer:
         if popped is not None:
             self._changed.add(str(popped[1]))
 
-    def _drain_wakeups(self) -> None:
-        """Take every pending wake-up token: they name the workers whose credit or load changed."""
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.lrange(keys.wakeup_key(), 0, -1)
-        pipe.delete(keys.wakeup_key())
-        tokens, _ = pipe.execute()
-        self._changed.update(tokens)
+    def _backlogs_empty(self) -> bool:
+        """Nothing waits in any ingress (as the dispatch replies said): only a wake-up can bring work."""
+        return self.fleet is not None and all(b.head_cost < 0 for b in self.fleet.backlog.values())
 
     # -- one round ------------------------------------------------------------------------------
 
@@ -142,15 +146,23 @@ class Balancer:
         )
 
     def _snapshot(self) -> Fleet:
-        """A full read at most every ``snapshot_refresh_s``; between, re-read only changed workers."""
-        self._drain_wakeups()
-        changed, self._changed = self._changed, set()
-        fresh = time.monotonic() - self._fleet_read_at < self.settings.snapshot_refresh_s
+        """A full read at most every ``snapshot_refresh_s``; between, re-read only changed workers.
+
+        Between full reads, the wake-up tokens are taken and the backlogs read in one round trip.
+        """
+        fresh = self.fleet is not None and time.monotonic() - self._fleet_read_at < self.settings.snapshot_refresh_s
+        models = list(self.fleet.by_model) if fresh and self.fleet is not None else []
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.lrange(keys.wakeup_key(), 0, -1)
+        pipe.delete(keys.wakeup_key())
+        queue_backlog_reads(pipe, models)
+        replies = pipe.execute()
+        changed, self._changed = self._changed | set(replies[0]), set()
         workers = {t.removeprefix(keys.WAKE_WORKER) for t in changed if t.startswith(keys.WAKE_WORKER)}
-        incremental = self.fleet is not None and fresh and workers <= self.fleet.views.keys()
-        if incremental and self.fleet is not None and refresh_workers(self.conn, self.fleet, workers):
-            read_backlogs(self.conn, self.fleet, with_owners=self._uses_affinity)
-            return self.fleet
+        fleet = self.fleet
+        if fresh and fleet is not None and workers <= fleet.views.keys() and refresh_workers(self.conn, fleet, workers):
+            apply_backlogs(self.conn, fleet, models, replies[2:], with_owners=self._uses_affinity)
+            return fleet
         return self._full_read()
 
     def _full_read(self) -> Fleet:
@@ -238,15 +250,11 @@ class Balancer:
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:
         """The RQ job hash, exactly as RQ's own ``Job.save`` would write it (JSON serializer)."""
-        job = Job.create(
-            keys.JOB_FUNC, args=[microbatch_id], id=microbatch_id, connection=self.conn,
-            serializer=JSONSerializer, origin=keys.rq_queue_name(worker_id), timeout=self.settings.job_timeout_s,
-            result_ttl=self.settings.job_result_ttl_s, description=f"gpulb micro-batch {microbatch_id} for {worker_id}",
-            status=JobStatus.QUEUED,
-        )  # fmt: skip
-        job.enqueued_at = datetime.now(UTC)
-        fields: list[str | bytes] = []
-        for name, value in job.to_dict().items():
-            if value is not None:
-                fields += [name, value if isinstance(value, bytes | str) else str(value)]
-        return fields
+        template = self._job_templates.get(worker_id)
+        if template is None:
+            if len(self._job_templates) >= MAX_JOB_TEMPLATES:  # worker ids come and go: stay bounded
+                self._job_templates.clear()
+            template = self._job_templates[worker_id] = RqJobTemplate(
+                self.conn, worker_id, timeout_s=self.settings.job_timeout_s, result_ttl_s=self.settings.job_result_ttl_s
+            )
+        return template.fields_for(microbatch_id)

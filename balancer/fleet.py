@@ -7,6 +7,7 @@ that finished or gave back a micro-batch) are read again, so a decision does not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -118,10 +119,21 @@ def refresh_workers(conn: redis.Redis, fleet: Fleet, worker_ids: set[str]) -> bo
 def read_backlogs(conn: redis.Redis, fleet: Fleet, *, with_owners: bool = False) -> None:
     models = list(fleet.by_model)
     pipe = conn.pipeline(transaction=False)
+    queue_backlog_reads(pipe, models)
+    apply_backlogs(conn, fleet, models, pipe.execute(), with_owners=with_owners)
+
+
+def queue_backlog_reads(pipe: redis.client.Pipeline, models: list[str]) -> None:
+    """Queue the reads of these models' backlogs on ``pipe`` (two replies per model)."""
     for model in models:
         pipe.get(keys.ingress_tokens_key(model))
         pipe.zrange(keys.ingress_key(model), 0, 0)
-    replies = pipe.execute()
+
+
+def apply_backlogs(
+    conn: redis.Redis, fleet: Fleet, models: list[str], replies: list[Any], *, with_owners: bool = False
+) -> None:
+    """Set the backlogs from the replies of :func:`queue_backlog_reads`."""
     for i, model in enumerate(models):
         tokens, head = replies[2 * i], replies[2 * i + 1]
         cost, affinity = _head(head[0]) if head else (-1, "")

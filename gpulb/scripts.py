@@ -194,28 +194,50 @@ local function release_credit(mbkey, inflight, credit, mb_id, wakeup, keep, work
 end
 """
 
-BEGIN = """
--- A worker picks up a micro-batch. KEYS[1] micro-batch hash.
--- Returns its entries, or nil if it is no longer this worker's (taken back meanwhile).
-return redis.call('HGET', KEYS[1], 'entries')
-"""
-
-MARK_STARTED = """
--- The worker hands these requests to its backend: from now on a crash costs them an attempt.
--- KEYS[1] micro-batch hash  KEYS[2..] batch hashes
--- ARGV[1] the ingress members that run (space-separated)  ARGV[2..] how many of them per batch
--- Records them in the micro-batch ('ran') and counts them as running, once (a retried call
--- changes nothing). Returns 0 if the micro-batch was taken back meanwhile: do not run it.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'ran') == 1 then return 1 end
-redis.call('HSET', KEYS[1], 'ran', ARGV[1])
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[i], 'running', tonumber(ARGV[i]))
-    if redis.call('HGET', KEYS[i], 'state') == 'pending' then redis.call('HSET', KEYS[i], 'state', 'running') end
+START = """
+-- A worker hands a micro-batch's requests to its backend: from now on a crash costs each an attempt.
+-- KEYS[1] micro-batch hash  KEYS[2+3(b-1)..] for batch b: batch hash, requests hash, results hash
+-- ARGV per batch b: n, then n times: request field, its ingress member
+-- Reads each request's payload (unless its result is recorded) and its batch's submitted_at and
+-- cancelled_at; a request runs if it has a payload, no result and its batch is not cancelled.
+-- Records the members that run in the micro-batch ('ran') and counts them as running, once (a
+-- retried call changes nothing and reports the members recorded the first time).
+-- Returns nil if the micro-batch was taken back meanwhile: do not run it. Otherwise per batch:
+-- submitted_at, cancelled ('1' or ''), then per request: done ('1' or ''), runs ('1' or ''), payload.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local before = redis.call('HGET', KEYS[1], 'ran')
+local known = {}
+for m in string.gmatch(before or '', '%S+') do known[m] = true end
+local out, ran, pos, b = {}, {}, 1, 0
+while pos <= #ARGV do
+  local bkey, qkey, rkey = KEYS[2 + 3 * b], KEYS[3 + 3 * b], KEYS[4 + 3 * b]
+  local meta = redis.call('HMGET', bkey, 'submitted_at', 'cancelled_at')
+  local cancelled = meta[2] ~= false
+  out[#out + 1] = meta[1] or '0'
+  out[#out + 1] = cancelled and '1' or ''
+  local n, started = tonumber(ARGV[pos]), 0
+  pos = pos + 1
+  for i = 1, n do
+    local field, member = ARGV[pos], ARGV[pos + 1]
+    pos = pos + 2
+    local done = redis.call('HEXISTS', rkey, field) == 1
+    local payload = false
+    if not done then payload = redis.call('HGET', qkey, field) end
+    local runs = known[member] == true
+    if not before then runs = not done and not cancelled and payload ~= false end
+    if runs then ran[#ran + 1] = member; started = started + 1 end
+    out[#out + 1] = done and '1' or ''
+    out[#out + 1] = runs and '1' or ''
+    out[#out + 1] = payload
   end
+  if not before and started > 0 and redis.call('EXISTS', bkey) == 1 then
+    redis.call('HINCRBY', bkey, 'running', started)
+    if redis.call('HGET', bkey, 'state') == 'pending' then redis.call('HSET', bkey, 'state', 'running') end
+  end
+  b = b + 1
 end
-return 1
+if not before then redis.call('HSET', KEYS[1], 'ran', table.concat(ran, ' ')) end
+return out
 """
 
 RECORD = (
@@ -266,7 +288,7 @@ REQUEUE = (
 -- Take a micro-batch back from a worker and put its unfinished requests at the front of the
 -- ingress (their original scores). Mode 'release': only if still queued (a draining worker hands
 -- back what it has not started). Mode 'recover': whatever its state (its worker is dead).
--- A request that had started running (MARK_STARTED) counts one more attempt; at max_attempts it is
+-- A request that had started running (START) counts one more attempt; at max_attempts it is
 -- recorded as failed with the reason instead (dead letter). Recorded requests are not re-run.
 -- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] rq queue list
 -- KEYS[5] rq job hash  KEYS[6] ingress zset  KEYS[7] ingress_tokens  KEYS[8] wakeup list
@@ -373,8 +395,7 @@ class Scripts:
 
     def __init__(self, conn: redis.Redis) -> None:
         self.dispatch: Script = conn.register_script(DISPATCH)
-        self.begin: Script = conn.register_script(BEGIN)
-        self.mark_started: Script = conn.register_script(MARK_STARTED)
+        self.start: Script = conn.register_script(START)
         self.record: Script = conn.register_script(RECORD)
         self.requeue: Script = conn.register_script(REQUEUE)
         self.cancel: Script = conn.register_script(CANCEL)

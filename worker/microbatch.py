@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import redis
 from pydantic import ValidationError
 
 from gpulb import keys
@@ -26,33 +25,60 @@ class Item:
     already_done: bool = False
     cancelled: bool = False
     problem: str | None = None  # why it cannot run (missing or malformed payload)
+    started: bool = False  # counted as running by the START script (a malformed payload too)
 
     @property
     def runnable(self) -> bool:
-        return not self.already_done and not self.cancelled and self.problem is None and self.payload is not None
+        return self.started and self.problem is None and self.payload is not None
 
 
-def load_items(conn: redis.Redis, members: list[str]) -> list[Item]:
-    """The micro-batch's requests with payloads, skipping none: one pipelined round trip."""
-    items = [_item(keys.parse_ingress_member(m)) for m in members]
-    by_batch: dict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        by_batch[item.batch_id].append(item)
-    pipe = conn.pipeline(transaction=False)
-    for batch_id, group in by_batch.items():
-        fields = [str(i.index) for i in group]
-        pipe.hmget(keys.batch_requests_key(batch_id), fields)
-        pipe.hmget(keys.batch_results_key(batch_id), fields)
-        pipe.hmget(keys.batch_key(batch_id), ["submitted_at", "cancelled_at"])
-    replies = iter(pipe.execute())
-    for group in by_batch.values():
-        payloads, results, (submitted_at, cancelled_at) = next(replies), next(replies), next(replies)
-        for item, payload, result in zip(group, payloads, results, strict=True):
-            item.submitted_at = float(submitted_at or 0.0)
-            item.already_done = result is not None
-            item.cancelled = cancelled_at is not None
-            _attach_payload(item, payload)
-    return items
+def parse_members(members: list[str]) -> list[Item]:
+    return [_item(keys.parse_ingress_member(m)) for m in members]
+
+
+@dataclass(slots=True)
+class StartCall:
+    """KEYS and ARGV of :data:`gpulb.scripts.START` for one micro-batch, and the items it fills in."""
+
+    keys: list[str]
+    args: list[str | int]
+    items: list[Item]
+    groups: list[list[int]]  # per batch, in KEYS order: positions in ``items``
+
+
+def start_call(microbatch_id: str, members: list[str]) -> StartCall:
+    items = parse_members(members)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for position, item in enumerate(items):
+        groups[item.batch_id].append(position)
+    script_keys, args = [keys.microbatch_key(microbatch_id)], list[str | int]()
+    for batch_id, positions in groups.items():
+        script_keys += [keys.batch_key(batch_id), keys.batch_requests_key(batch_id), keys.batch_results_key(batch_id)]
+        args.append(len(positions))
+        for p in positions:
+            args += [str(items[p].index), members[p]]
+    return StartCall(script_keys, args, items, list(groups.values()))
+
+
+def apply_start(call: StartCall, reply: list[str | None] | None) -> list[Item] | None:
+    """Fill the items from the START script's reply; None if the micro-batch was taken back."""
+    if reply is None:
+        return None
+    values = iter(reply)
+    for positions in call.groups:
+        submitted_at, cancelled = float(next(values) or 0.0), bool(next(values))
+        for p in positions:
+            item = call.items[p]
+            item.submitted_at, item.cancelled = submitted_at, cancelled
+            item.already_done, item.started = bool(next(values)), bool(next(values))
+            _attach_payload(item, next(values))
+    return call.items
+
+
+def start_microbatch(scripts: Scripts, microbatch_id: str, members: list[str]) -> list[Item] | None:
+    """Read the requests and count those that run as running, in one call; None if taken back."""
+    call = start_call(microbatch_id, members)
+    return apply_start(call, scripts.start(keys=call.keys, args=call.args))
 
 
 def _item(request: keys.IngressMember) -> Item:
@@ -78,17 +104,6 @@ def outcome_flag(result: Result) -> str:
     return "1" if result.error else "0"
 
 
-def mark_started(scripts: Scripts, microbatch_id: str, items: list[Item], members: list[str]) -> bool:
-    """Count the runnable requests as running (once); False if the micro-batch was taken back."""
-    started: dict[str, int] = defaultdict(int)
-    for item in items:
-        if item.runnable:
-            started[item.batch_id] += 1
-    ran = " ".join(m for m, i in zip(members, items, strict=True) if i.runnable)
-    script_keys = [keys.microbatch_key(microbatch_id)] + [keys.batch_key(b) for b in started]
-    return bool(scripts.mark_started(keys=script_keys, args=[ran, *started.values()]))
-
-
 def record_arguments(
     microbatch_id: str, worker_id: str, now: float, items: list[Item], results: dict[int, Result]
 ) -> tuple[list[str], list[str | int | float]]:
@@ -106,7 +121,7 @@ def record_arguments(
     for batch_id, positions in groups.items():
         script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
         recorded = [p for p in positions if p in results]
-        started = sum(1 for p in positions if items[p].runnable)
+        started = sum(1 for p in positions if items[p].started)
         args += [keys.batch_events_channel(batch_id), started, len(recorded)]
         for p in recorded:
             result = results[p]

@@ -1,11 +1,24 @@
-"""gpulb's RQ worker: a SimpleWorker (no fork: CUDA does not survive fork) on exactly one queue."""
+"""gpulb's RQ worker: a SimpleWorker (no fork: CUDA does not survive fork) on exactly one queue.
+
+RQ's own per-job bookkeeping costs about nine round trips between ``BLMOVE`` returning a job id and
+the job function running. Here it takes two, writing the same records: one pipelined read (the job
+hash and the micro-batch's entries), then one MULTI/EXEC with everything RQ writes before a job runs
+(execution record, started registry, worker and job state, heartbeats) and gpulb's START script. So
+`rq info`, rq-dashboard and RQ's registries see jobs exactly as with RQ's own loop.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from rq.job import Job
+import redis
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
+from rq.job import Job, JobStatus, _job_stack
 from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.utils import as_text, get_version, now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from gpulb import keys
@@ -16,14 +29,31 @@ from worker.jobs import CURRENT_RUNTIME
 from worker.runtime import WorkerRuntime
 
 log = get_logger("gpulb.worker")
+LMOVE_MIN_REDIS = (6, 2, 0)  # RQ dequeues with BLMOVE (into the intermediate list) from this version on
+RECENT_HEARTBEAT_S = 1.0  # RQ's worker hash lives worker_ttl + 60 s: a plain heartbeat sooner is redundant
+
+
+class GpulbJob(Job):
+    """RQ's Job, less the PERSIST round trip in ``perform``: GpulbWorker persists it in its start pipeline."""
+
+    def perform(self) -> Any:
+        _job_stack.push(self)  # type: ignore[no-untyped-call]
+        try:
+            self._result = self._execute()
+        finally:
+            assert self is _job_stack.pop()  # type: ignore[no-untyped-call]
+        return self._result
 
 
 class GpulbWorker(SimpleWorker):
     """Runs only gpulb's own job function, with the worker's loaded backend at hand."""
 
     def __init__(self, *args: Any, runtime: WorkerRuntime, **kwargs: Any) -> None:
+        kwargs.setdefault("job_class", GpulbJob)
         super().__init__(*args, **kwargs)
         self.runtime = runtime
+        self._entries: bytes | None = None  # the dequeued micro-batch's members, read with its job hash
+        self._start_pipe: redis.client.Pipeline | None = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = self._refusal(job)
@@ -31,8 +61,11 @@ class GpulbWorker(SimpleWorker):
             self._refuse(job, queue, reason)
             return
         token = CURRENT_RUNTIME.set(self.runtime)
-        try:
-            super().execute_job(job, queue)
+        try:  # SimpleWorker.execute_job, less a second write of the idle state after a success
+            self.prepare_execution(job)
+            self.perform_job(job, queue)
+            if self.get_state() != WorkerStatus.IDLE:
+                self.set_state(WorkerStatus.IDLE)
         finally:
             CURRENT_RUNTIME.reset(token)
 
@@ -40,6 +73,143 @@ class GpulbWorker(SimpleWorker):
         """SIGTERM/SIGINT: stop being a dispatch target at once, finish the running batch, then exit."""
         self.runtime.start_draining()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    # -- fewer round trips, the same books ------------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
+        """RQ's heartbeat (HSET and EXPIRE of the worker hash) in one round trip instead of two.
+
+        A plain heartbeat within a second of the last one is skipped (the worker hash lives for minutes).
+        """
+        if pipeline is None and timeout is None and self._beat_recently():
+            return
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's dequeue on our one queue: idle state and heartbeat in one trip, then BLMOVE, then one read."""
+        if max_idle_time is not None or len(self.queues) != 1 or get_version(self.connection) < LMOVE_MIN_REDIS:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if self.get_state() != WorkerStatus.IDLE or not self._beat_recently():
+            with self.connection.pipeline(transaction=False) as pipe:
+                self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+                self.heartbeat(pipeline=pipe)
+                pipe.execute()
+        self.procline(f"Listening on {self.queues[0].name}")  # type: ignore[no-untyped-call]
+        backoff_s = 1.0
+        while True:
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()  # type: ignore[no-untyped-call]
+            try:
+                return self._dequeue(self.queues[0], timeout)
+            except DequeueTimeout:
+                self.heartbeat()
+            except redis.exceptions.ConnectionError as exc:  # as RQ does: wait, retry
+                log.warning("rq dequeue: redis unreachable", error=str(exc), retry_in_s=backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * self.exponential_backoff_factor, self.max_connection_wait_time)
+
+    def _dequeue(self, queue: Queue, timeout: int | None) -> tuple[Job, Queue] | None:
+        """BLMOVE into the intermediate list (as RQ), then the job hash and micro-batch entries in one read."""
+        while True:
+            popped = Queue.lmove(self.connection, queue.key, timeout)
+            if popped is None:
+                return None
+            job_id = as_text(popped[1])
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.rq_job_key(job_id))
+                pipe.hget(keys.microbatch_key(job_id), "entries")
+                raw, self._entries = pipe.execute()
+            if raw:  # a job that no longer exists is skipped, as RQ does
+                job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+                job.restore(raw)
+                job.redis_server_version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+                return job, queue
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """RQ's execution record and busy state, queued on the start pipeline (sent with the rest)."""
+        self._start_pipe = pipe = self.connection.pipeline()
+        self.execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+        self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        return self.execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ's pre-run bookkeeping and gpulb's START in one MULTI/EXEC."""
+        pipe, self._start_pipe = self._start_pipe or self.connection.pipeline(), None
+        entries, self._entries = self._entries, None
+        with pipe:
+            self._queue_rq_start(pipe, job, remove_from_intermediate_queue)
+            start = self.runtime.queue_start(pipe, job.id, entries)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except BaseException:
+                self.runtime.abandon_start(job.id)
+                raise
+        for reply in replies[: len(replies) - (start is not None)]:
+            if isinstance(reply, Exception):
+                raise reply
+        self.runtime.finish_start(job.id, start, replies[-1] if start is not None else None)
+        self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
+
+    def _queue_rq_start(self, pipe: redis.client.Pipeline, job: Job, remove_from_intermediate: bool) -> None:
+        """What RQ's ``prepare_job_execution`` writes (its job heartbeat, rewritten at once, aside), and the
+        PERSIST of ``Job.perform``."""
+        self.set_current_job_id(job.id, pipeline=pipe)
+        self.set_current_job_working_time(0, pipeline=pipe)
+        ttl = self.get_heartbeat_ttl(job)
+        self.heartbeat(ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)  # also sets last_heartbeat: RQ's job.heartbeat is moot
+        if remove_from_intermediate:
+            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+        pipe.persist(job.key)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """After a success, RQ's job heartbeat here goes out with the success bookkeeping instead."""
+        if job.get_status(refresh=False) == JobStatus.FAILED:
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
+            return
+        job.ended_at = now()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        """RQ's success bookkeeping, the worker's return to idle and its heartbeat in one MULTI/EXEC.
+
+        RQ's own first WATCHes the job's dependents to enqueue them; gpulb's jobs, created by the
+        dispatch script, never have dependents (nor repeats: those still go RQ's way).
+        """
+        if job.repeats_left:
+            super().handle_job_success(job, queue, started_job_registry)
+            return
+        ended_at, started_at = job.ended_at or now(), job.started_at or now()
+        with self.connection.pipeline() as pipe:
+            job.heartbeat(ended_at, 0, pipeline=pipe)  # what RQ's handle_execution_ended writes
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(ended_at - started_at, pipe)
+            self._save_success(job, pipe)
+            self.cleanup_execution(job, pipeline=pipe)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            self.heartbeat(pipeline=pipe)
+            pipe.execute()
+
+    def _save_success(self, job: Job, pipe: redis.client.Pipeline) -> None:
+        """The job's finished status, result and finished registry entry, or its deletion (result TTL 0)."""
+        result_ttl = job.get_result_ttl(self.default_result_ttl)
+        if result_ttl != 0:
+            execution = self.execution
+            job._handle_success(
+                result_ttl, pipeline=pipe, worker_name=self.name, execution_id=execution.id if execution else None,
+                execution_started_at=execution.created_at if execution else None, execution_ended_at=job.ended_at,
+            )  # fmt: skip
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+
+    def _beat_recently(self) -> bool:
+        last = self.last_heartbeat
+        return last is not None and (now() - last).total_seconds() < RECENT_HEARTBEAT_S
+
+    # -- refusing foreign jobs ------------------------------------------------------------------
 
     @staticmethod
     def _refusal(job: Job) -> str | None:

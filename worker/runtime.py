@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import redis
 import structlog
+from redis.exceptions import NoScriptError
 
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
@@ -24,7 +25,7 @@ from worker.backends.base import Backend, BackendRequest, EngineLoad, EngineUnav
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.gpu import GpuMonitor, GpuSample
 from worker.metrics import WorkerMetrics
-from worker.microbatch import Item, load_items, mark_started, record_arguments
+from worker.microbatch import Item, StartCall, apply_start, record_arguments, start_call, start_microbatch
 
 log = get_logger("gpulb.worker")
 T = TypeVar("T")
@@ -78,6 +79,7 @@ class WorkerRuntime:
         self.running = 0
         self.queued = 0
         self.current_microbatch: str | None = None
+        self._prepared: tuple[str, list[Item] | None] | None = None  # started by the RQ worker's pipeline
         self._beats = 0
 
     # -- load key -------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ class WorkerRuntime:
         self.current_microbatch = microbatch_id
         try:
             with structlog.contextvars.bound_contextvars(microbatch_id=microbatch_id):
-                return self._begin_and_run(microbatch_id)
+                return self._start_and_run(microbatch_id)
         except EngineUnavailable as exc:
             log.warning("engine unavailable: micro-batch handed back", microbatch_id=microbatch_id, error=str(exc))
             self._give_back(microbatch_id)
@@ -257,19 +259,44 @@ class WorkerRuntime:
         finally:
             self.current_microbatch = None
 
-    def _begin_and_run(self, microbatch_id: str) -> dict[str, int]:
-        members_raw = self.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])
-        if members_raw is None:
-            log.warning("micro-batch no longer owned by this worker, skipped")
-            return {"requests": 0, "recorded": 0}
-        return self._run(microbatch_id, str(members_raw).split())
+    def queue_start(self, pipe: redis.client.Pipeline, microbatch_id: str, entries: bytes | None) -> StartCall | None:
+        """Add this micro-batch's START to ``pipe`` (the RQ worker's start pipeline); None if taken back."""
+        if entries is None:
+            self._prepared = (microbatch_id, None)
+            return None
+        call = start_call(microbatch_id, entries.decode().split())
+        pipe.evalsha(self.scripts.start.sha, len(call.keys), *call.keys, *call.args)
+        return call
 
-    def _run(self, microbatch_id: str, members: list[str]) -> dict[str, int]:
-        items = load_items(self.conn, members)
-        if not mark_started(self.scripts, microbatch_id, items, members):
+    def finish_start(self, microbatch_id: str, call: StartCall | None, reply: Any) -> None:
+        """Keep what the START in the RQ worker's pipeline returned, for :meth:`run_microbatch`."""
+        if call is None:
+            return
+        if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: run it again, loaded
+            reply = self.scripts.start(keys=call.keys, args=call.args)
+        elif reply is not None:
+            reply = [v.decode() if isinstance(v, bytes) else v for v in reply]
+        self._prepared = (microbatch_id, apply_start(call, reply))
+
+    def abandon_start(self, microbatch_id: str) -> None:
+        """The start pipeline broke: its START may have run, so give the micro-batch back now."""
+        self._prepared = None
+        self._give_back(microbatch_id)
+
+    def _start_and_run(self, microbatch_id: str) -> dict[str, int]:
+        items = self._started_items(microbatch_id)
+        if items is None:
             log.warning("micro-batch taken back before it started, skipped")
             return {"requests": 0, "recorded": 0}
         return self.execute_and_record(microbatch_id, items)
+
+    def _started_items(self, microbatch_id: str) -> list[Item] | None:
+        """The items the RQ worker started with its bookkeeping, or (called directly) start them here."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == microbatch_id:
+            return prepared[1]
+        entries = self.conn.hget(keys.microbatch_key(microbatch_id), "entries")
+        return None if entries is None else start_microbatch(self.scripts, microbatch_id, str(entries).split())
 
     def execute_and_record(self, microbatch_id: str, items: list[Item]) -> dict[str, int]:
         """Run started requests on the backend and record them (also if taken back meanwhile)."""
@@ -334,9 +361,16 @@ class WorkerRuntime:
         script_keys, args = record_arguments(microbatch_id, self.worker_id, now, items, results)
         self._set_busy(0)
         pipe = self.conn.pipeline(transaction=False)
-        self.scripts.record(keys=script_keys, args=args, client=pipe)
+        # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip every time
+        pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
         self.publish_load(pipe)
-        return int(pipe.execute()[0])
+        recorded = pipe.execute(raise_on_error=False)
+        if isinstance(recorded[0], NoScriptError):  # Redis restarted and lost its scripts: load, run again
+            recorded[0] = self.scripts.record(keys=script_keys, args=args)
+        for reply in recorded:
+            if isinstance(reply, Exception):
+                raise reply
+        return int(recorded[0])
 
     def _with_redis_retry(self, step: Callable[[], T]) -> T:
         """Results are precious: ride out a Redis blip with bounded exponential backoff."""

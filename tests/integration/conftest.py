@@ -15,7 +15,7 @@ from producer import Client
 from tests.conftest import make_settings
 from worker.backends import create_backend
 from worker.main import build_rq_worker
-from worker.microbatch import load_items, mark_started
+from worker.microbatch import Item, start_microbatch
 from worker.runtime import WorkerRuntime
 
 StartWorker = Callable[..., WorkerRuntime]
@@ -43,12 +43,12 @@ def start_worker(redis_url: str) -> StartWorker:
     return start
 
 
-def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[str]:
-    """What a worker does before its backend runs (BEGIN, MARK_STARTED); returns the members."""
-    members = str(runtime.scripts.begin(keys=[keys.microbatch_key(microbatch_id)])).split()
-    items = load_items(runtime.conn, members)
-    assert mark_started(runtime.scripts, microbatch_id, items, members)
-    return members
+def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[Item]:
+    """What a worker does before its backend runs (the START script); returns the items it holds."""
+    members = str(runtime.conn.hget(keys.microbatch_key(microbatch_id), "entries")).split()
+    items = start_microbatch(runtime.scripts, microbatch_id, members)
+    assert items is not None
+    return items
 
 
 def work(runtime: WorkerRuntime, redis_url: str) -> None:

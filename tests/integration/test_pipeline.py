@@ -10,8 +10,9 @@ import pytest
 import redis
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
 
 from balancer.dispatcher import NOT_ACCEPTING
 from balancer.policy import WorkerView
@@ -270,3 +271,38 @@ class TestOnlyOurOwnJobs:
         assert job.get_status() == "failed"
         assert job.id in FailedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
         assert re.search(r"foreign job function 'os.remove' refused", job.latest_result().exc_string)  # type: ignore[union-attr]
+
+
+class TestRqBooks:
+    def test_rq_sees_the_job_run_and_finish_as_with_its_own_loop(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w1")
+        batch = client.submit_batch(["a", "b"], model="m")
+        assert balancer(conn).dispatch_round() == 2
+        job_id = conn.lindex(keys.rq_queue_key("w1"), 0)
+        work(w, redis_url)
+        assert all(r.ok for r in batch.results(timeout=5))
+        rq_conn = redis.Redis.from_url(redis_url)
+        job = Job.fetch(str(job_id), connection=rq_conn, serializer=JSONSerializer)
+        assert job.get_status() == "finished" and job.worker_name == "w1"
+        assert job.started_at is not None and job.ended_at is not None and job.last_heartbeat is not None
+        assert job.latest_result().return_value == {"requests": 2, "recorded": 2}  # type: ignore[union-attr]
+        assert job.id in FinishedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
+        assert StartedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids() == []
+        assert conn.llen(keys.rq_intermediate_key("w1")) == 0
+        assert int(conn.ttl(keys.rq_job_key(str(job_id)))) > 0  # expires after its result TTL, as RQ sets
+        worker = conn.hgetall(f"{SimpleWorker.redis_worker_namespace_prefix}w1")
+        assert worker["successful_job_count"] == "1" and "current_job" not in worker
+        assert float(worker["total_working_time"]) > 0
+
+    def test_scripts_lost_by_a_redis_restart_are_loaded_again(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        w = start_worker("w1")
+        batch = client.submit_batch(["a", "b"], model="m")
+        assert balancer(conn).dispatch_round() == 2
+        conn.script_flush()  # as after a restart without persistence of scripts: EVALSHA meets NOSCRIPT
+        work(w, redis_url)
+        assert [r.ok for r in batch.results(timeout=5)] == [True, True]
+        assert_settled(conn, ["w1"])

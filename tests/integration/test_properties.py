@@ -21,7 +21,7 @@ from producer import Client
 from tests.conftest import waiting
 from tests.integration.conftest import balancer, start_running
 from worker.backends import create_backend
-from worker.microbatch import Item, load_items
+from worker.microbatch import Item
 from worker.runtime import WorkerRuntime
 
 FIELD_VALUES = st.one_of(
@@ -109,8 +109,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
         mb = self.conn.lpop(keys.rq_queue_key(worker))
         if mb is not None:
             runtime = self.workers[worker]
-            members = start_running(runtime, str(mb))
-            self.paused.append((worker, str(mb), load_items(runtime.conn, members)))  # what it holds in memory
+            self.paused.append((worker, str(mb), start_running(runtime, str(mb))))  # what it holds in memory
 
     @precondition(lambda self: bool(self.paused))
     @rule()
