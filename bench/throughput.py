@@ -35,6 +35,7 @@ from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 
 ZERO_COST = 1e12  # tokens/s of a simulated backend that takes no time
+LATENCY_RUNS = 5  # the latency is a median of medians: one run on a shared VM swings by a third
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,18 @@ def added_latency_ms(samples: int) -> float:
         return statistics.median(waits)
 
 
+def loopback_rtt_us(pings: int = 2000) -> float:
+    """Median microseconds of one PING on a fresh redis-server: the unit that the latency is made of."""
+    with fresh_redis() as url:
+        conn = redis.Redis.from_url(url)
+        samples = []
+        for _ in range(pings):
+            started = time.perf_counter()
+            conn.ping()
+            samples.append(time.perf_counter() - started)
+        return 1e6 * statistics.median(samples)
+
+
 def gateway_added_latency_ms(samples: int) -> tuple[float, float]:
     """Median ms of one-token completions: through the gateway (openai client) and through producer.Client."""
     import openai
@@ -220,8 +233,11 @@ def run(parts: set[str], e2e_requests: int, rq_jobs: int, max_batch: int) -> lis
             rows.append(Row(f"balancer dispatch to 8 workers, one core, micro-batches of {capacity}",
                             f"{rate:,.0f} req/s", "-", "-", ">= 50,000 req/s", rate >= 50_000))  # fmt: skip
     if "latency" in parts:
-        p50 = added_latency_ms(300)
-        rows.append(Row("p50 submit -> worker starts, idle fleet", f"{p50:.2f} ms", "-", "-", "<= 2 ms", p50 <= 2))
+        runs = sorted(added_latency_ms(300) for _ in range(LATENCY_RUNS))
+        p50 = statistics.median(runs)
+        spread = f"{p50:.2f} ms (runs {runs[0]:.2f}-{runs[-1]:.2f}; {p50 * 1000 / loopback_rtt_us():.0f} round trips)"
+        rows.append(Row(f"p50 submit -> worker starts, idle fleet, median of {LATENCY_RUNS} runs", spread, "-", "-",
+                        "<= 2 ms", p50 <= 2))  # fmt: skip
     if "gateway" in parts:
         via, direct = gateway_added_latency_ms(300)
         added = via - direct
@@ -262,7 +278,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GPULB_LOG_LEVEL", "warning")
     parts = set(args.only or ALL_PARTS)
-    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, redis on loopback")
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, redis on loopback "
+          f"(one PING round trip: {loopback_rtt_us():.0f} us)")  # fmt: skip
     print(render(run(parts, args.requests, args.rq_jobs, args.max_batch)))
 
 

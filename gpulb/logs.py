@@ -28,6 +28,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = LogFormat.AUTO) -> N
     )
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # drop what the level hides before any processor runs
             *SHARED_PROCESSORS,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,

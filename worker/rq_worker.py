@@ -164,7 +164,9 @@ class GpulbWorker(SimpleWorker):
         self.heartbeat(ttl, pipeline=pipe)
         job.prepare_for_execution(self.name, pipeline=pipe)  # also sets last_heartbeat: RQ's job.heartbeat is moot
         if remove_from_intermediate:
-            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            origin = next((q for q in self.queues if q.name == job.origin), None)  # no new Queue per job
+            intermediate = (origin or Queue(job.origin, connection=self.connection)).intermediate_queue_key
+            pipe.lrem(intermediate, 1, job.id)
         pipe.persist(job.key)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
