@@ -1,6 +1,7 @@
 """Every Redis key gpulb uses, built here and nowhere else.
 
-Schema version 2 (1 had one ingress member per request). ``{model}`` is a Redis Cluster hash tag so one model's ingress keys share a slot.
+Schema version 2 (version 1 had one ingress member per request). ``{model}`` is a Redis Cluster hash tag so one
+model's ingress keys share a slot.
 
 | key                                  | type   | TTL                  | written by                 | read by            |
 |--------------------------------------|--------|----------------------|----------------------------|--------------------|
