@@ -54,6 +54,7 @@ class GpulbWorker(SimpleWorker):
         self.runtime = runtime
         self._entries: bytes | None = None  # the dequeued micro-batch's members, read with its job hash
         self._start_pipe: redis.client.Pipeline | None = None
+        self._beat_ttl: int | None = None  # the TTL the last heartbeat set; None: RQ's default (worker_ttl + 60)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = self._refusal(job)
@@ -79,10 +80,12 @@ class GpulbWorker(SimpleWorker):
     def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
         """RQ's heartbeat (HSET and EXPIRE of the worker hash) in one round trip instead of two.
 
-        A plain heartbeat within a second of the last one is skipped (the worker hash lives for minutes).
+        A plain heartbeat within a second of a plain one is skipped (the worker hash lives for minutes);
+        never after one that set a job's TTL, which may be shorter than the wait for the next job.
         """
         if pipeline is None and timeout is None and self._beat_recently():
             return
+        self._beat_ttl = timeout
         if pipeline is not None:
             super().heartbeat(timeout, pipeline=pipeline)
             return
@@ -208,8 +211,9 @@ class GpulbWorker(SimpleWorker):
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
 
     def _beat_recently(self) -> bool:
+        """The last heartbeat was plain (RQ's default TTL) and less than a second ago."""
         last = self.last_heartbeat
-        return last is not None and (now() - last).total_seconds() < RECENT_HEARTBEAT_S
+        return self._beat_ttl is None and last is not None and (now() - last).total_seconds() < RECENT_HEARTBEAT_S
 
     # -- refusing foreign jobs ------------------------------------------------------------------
 

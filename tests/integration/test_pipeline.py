@@ -20,9 +20,10 @@ from gpulb import keys
 from gpulb.errors import BatchNotFound, WorkerIdInUse
 from gpulb.models import BatchState
 from producer import Client
-from tests.conftest import waiting
+from tests.conftest import make_settings, waiting
 from tests.integration.conftest import StartWorker, balancer, work
 from worker.heartbeat import Heartbeat
+from worker.main import build_rq_worker
 
 
 def assert_settled(conn: redis.Redis, worker_ids: list[str], model: str = "m") -> None:
@@ -295,6 +296,28 @@ class TestRqBooks:
         worker = conn.hgetall(f"{SimpleWorker.redis_worker_namespace_prefix}w1")
         assert worker["successful_job_count"] == "1" and "current_job" not in worker
         assert float(worker["total_working_time"]) > 0
+
+    def test_after_a_failed_job_the_worker_hash_gets_its_idle_ttl_back(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:  # fmt: skip
+        """A job sets the worker hash's TTL to its own (timeout + 60 s); the beat after a failure must undo it,
+        or the hash expires during the next BLMOVE wait and `rq info` loses a live worker."""
+        w = start_worker("w1")
+        client.submit_batch(["a"], model="m")
+        assert balancer(conn, job_timeout_s=10).dispatch_round() == 1
+
+        def backend_bug(*_: object) -> None:
+            raise RuntimeError("backend bug")
+
+        monkeypatch.setattr(w, "execute_and_record", backend_bug)
+        rq_worker = build_rq_worker(make_settings(redis_url), w)
+        rq_worker.register_birth()
+        job, queue = rq_worker.dequeue_job_and_maintain_ttl(None)
+        rq_worker.execute_job(job, queue)
+        assert job.get_status(refresh=True) == "failed"
+        rq_worker.heartbeat()  # what RQ's work loop does after every job
+        assert conn.ttl(f"{SimpleWorker.redis_worker_namespace_prefix}w1") > rq_worker.worker_ttl
 
     def test_scripts_lost_by_a_redis_restart_are_loaded_again(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
