@@ -194,11 +194,30 @@ def read_result(conn: redis.Redis, batch_id: str, index: int) -> Result | None:
     return None if raw is None else Result.model_validate_json(raw)
 
 
+CANCEL_PASSES = 10  # a balancer splitting a run meanwhile leaves its rest as a new member: look again
+
+
 def cancel_batch(conn: redis.Redis, scripts: Scripts, batch_id: str, model: str, chunk: int = 64) -> int:
     """Cancel what of the batch still waits in the ingress; flag it so workers cancel the rest."""
+    cancelled = _cancel_pass(conn, scripts, batch_id, model, chunk)  # also flags the batch, if nothing waits
+    for _ in range(CANCEL_PASSES - 1):
+        members = _batch_members(conn, batch_id, model)
+        if not members:
+            break
+        cancelled += _cancel_pass(conn, scripts, batch_id, model, chunk, members)
+    return cancelled
+
+
+def _batch_members(conn: redis.Redis, batch_id: str, model: str) -> list[str]:
+    return [m for m, _ in conn.zscan_iter(keys.ingress_key(model), match=keys.ingress_member_pattern(batch_id))]
+
+
+def _cancel_pass(
+    conn: redis.Redis, scripts: Scripts, batch_id: str, model: str, chunk: int, members: list[str] | None = None
+) -> int:
     now = time.time()
     submitted_at = float(conn.hget(keys.batch_key(batch_id), "submitted_at") or now)
-    members = [m for m, _ in conn.zscan_iter(keys.ingress_key(model), match=keys.ingress_member_pattern(batch_id))]
+    members = _batch_members(conn, batch_id, model) if members is None else members
     script_keys = [
         keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
         keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id), keys.ingress_requests_key(model),

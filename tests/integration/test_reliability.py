@@ -156,6 +156,26 @@ class TestCancellation:
         assert (status.state, status.completed, status.cancelled, status.failed) == (BatchState.CANCELLED, 4, 16, 0)
         assert_settled(conn, ["w"])
 
+    def test_cancel_catches_the_rest_of_a_run_split_while_it_looked(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from producer import store
+
+        start_worker("w", max_batch=10)
+        batch = client.submit_batch([f"p{i}" for i in range(128)], model="m")  # one run of 128
+        real_members, calls = store._batch_members, []
+
+        def then_dispatch(*args: str) -> list[str]:
+            members = real_members(*args)
+            if not calls:  # the balancer cuts 10 from the run after cancel listed it, before cancel removed it
+                calls.append(balancer(conn, max_outstanding_batches=1).dispatch_round())
+            return members
+
+        monkeypatch.setattr(store, "_batch_members", then_dispatch)
+        status = batch.cancel()
+        assert calls == [10] and (status.cancelled, status.pending) == (118, 10)
+        assert waiting(conn) == []
+
 
 class TestBadDataInRedis:
     def test_foreign_ingress_member_is_dropped_and_counted(
