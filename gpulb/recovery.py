@@ -6,6 +6,7 @@ starts clean after a crash). The moves themselves are the atomic ``REQUEUE`` scr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -71,12 +72,15 @@ def requeue_microbatch(
 
 def recover_worker(
     conn: redis.Redis, rq_conn: redis.Redis, scripts: Scripts, worker_id: str, *,
-    max_attempts: int, keep: frozenset[str] = frozenset(),
+    max_attempts: int, keep: frozenset[str] = frozenset(), only: frozenset[str] | None = None,
 ) -> Requeued:  # fmt: skip
-    """Put back every micro-batch ``worker_id`` holds (except ``keep``) and clean RQ's records of them."""
+    """Put back every micro-batch ``worker_id`` holds (except ``keep``; of ``only``, if given) and clean RQ's
+    records of them."""
     total = Requeued()
     reason = f"worker {worker_id} died while running this request {max_attempts} times"
     inflight: set[str] = conn.smembers(keys.inflight_key(worker_id))  # type: ignore[assignment]
+    if only is not None:
+        inflight &= only
     for microbatch_id in sorted(inflight - keep):
         moved, was_queued = requeue_microbatch(
             conn, scripts, worker_id, microbatch_id, mode=RequeueMode.RECOVER, max_attempts=max_attempts, reason=reason
@@ -93,9 +97,9 @@ def _fail_rq_job(rq_conn: redis.Redis, worker_id: str, job_id: str, reason: str)
         job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
     except NoSuchJobError:
         return
-    StartedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer).remove_executions(
-        job
-    )
+    registry = StartedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer)
+    with contextlib.suppress(ValueError):  # RQ: "Execution ... not found": its worker cleaned it up meanwhile
+        registry.remove_executions(job)
     record_rq_failure(rq_conn, job, worker_id, reason)
 
 

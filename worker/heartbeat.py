@@ -39,5 +39,7 @@ class Heartbeat:
                 self._beat()
             except redis.RedisError as exc:  # Redis blip: keep beating, the TTL covers the gap
                 log.warning("heartbeat failed", error=str(exc))
+            except Exception:  # a bug in one beat must not stop the beats: the balancer would reap a live worker
+                log.exception("heartbeat failed")
             self._poke.wait(self._interval_s)
             self._poke.clear()

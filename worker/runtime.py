@@ -81,6 +81,7 @@ class WorkerRuntime:
         self.current_microbatch: str | None = None
         self._prepared: tuple[str, list[Item] | None] | None = None  # started by the RQ worker's pipeline
         self._beats = 0
+        self._orphan_suspects: frozenset[str] = frozenset()  # micro-batches that looked orphaned at the last sweep
 
     # -- load key -------------------------------------------------------------------------------
 
@@ -141,8 +142,7 @@ class WorkerRuntime:
             log.warning("engine unhealthy: queued work handed back", released_requests=released)
         self._beats += 1
         if self._beats % ORPHAN_SWEEP_BEATS == 0 and self.state is not WorkerState.DRAINING:
-            current = self.current_microbatch
-            swept = self.recover_orphans(frozenset({current}) if current else frozenset())
+            swept = self.sweep_orphans()
             if swept.microbatches:
                 log.warning("took back orphaned micro-batches", requeued=swept.requests)
 
@@ -218,6 +218,24 @@ class WorkerRuntime:
             )  # fmt: skip
             released += moved.requests
         return released
+
+    def sweep_orphans(self) -> Requeued:
+        """Take back the micro-batches that looked orphaned at this sweep and the one before.
+
+        One seen once may be between the RQ worker's BLMOVE and its start (neither queued nor current
+        yet); a real orphan stays one.
+        """
+        current = self.current_microbatch
+        inflight: set[str] = self.conn.smembers(keys.inflight_key(self.worker_id))  # type: ignore[assignment]
+        queued: list[str] = self.conn.lrange(keys.rq_queue_key(self.worker_id), 0, -1)  # type: ignore[assignment]
+        suspects = frozenset(inflight - set(queued) - {current})
+        confirmed, self._orphan_suspects = suspects & self._orphan_suspects, suspects
+        if not confirmed:
+            return Requeued()
+        running = self.current_microbatch  # it may have started since
+        return recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
+                              max_attempts=self.settings.max_attempts, only=confirmed,
+                              keep=frozenset({running}) if running else frozenset())  # fmt: skip
 
     def recover_orphans(self, keep: frozenset[str] = frozenset()) -> Requeued:
         """After an outage: take back micro-batches we hold but will never run (not queued, not running)."""

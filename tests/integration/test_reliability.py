@@ -278,10 +278,33 @@ class TestReviewedEdgeCases:
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # RQ took it; nothing ran it
         for _ in range(ORPHAN_SWEEP_BEATS):
             w.heartbeat()
+        assert waiting(conn, "m") == []  # one sweep: it may be between BLMOVE and its start, so not yet
+        for _ in range(ORPHAN_SWEEP_BEATS):
+            w.heartbeat()
         assert len(waiting(conn, "m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
         while balancer(conn).dispatch_round():
             work(w, redis_url)
         assert batch.status().completed == 3
+
+    def test_the_sweep_leaves_a_micro_batch_that_started_between_two_sweeps(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        from worker.runtime import ORPHAN_SWEEP_BEATS
+
+        w = start_worker("w", max_batch=3)
+        batch = client.submit_batch([f"p{i}" for i in range(3)], model="m")
+        balancer(conn).dispatch_round()
+        (microbatch_id,) = conn.lrange(keys.rq_queue_key("w"), 0, -1)
+        conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # dequeued, not started yet...
+        for _ in range(ORPHAN_SWEEP_BEATS):
+            w.heartbeat()  # ...when a sweep looks
+        w.current_microbatch = microbatch_id  # started by the next sweep
+        for _ in range(ORPHAN_SWEEP_BEATS):
+            w.heartbeat()
+        assert conn.smembers(keys.inflight_key("w")) == {microbatch_id}
+        w.current_microbatch = None
+        w.run_microbatch(microbatch_id)
+        assert [r.attempts for r in batch.results(timeout=5)] == [1, 1, 1]
 
     def test_deregistering_hands_back_started_orphans_too(
         self, client: Client, conn: redis.Redis, start_worker: StartWorker
