@@ -65,7 +65,7 @@ DISPATCH = (
 if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 then
   -- this micro-batch id was dispatched already: a client retrying a call whose reply it lost
   local done = redis.call('HMGET', KEYS[6], 'count', 'tokens')
-  return {1, tonumber(done[1] or '0'), tonumber(done[2] or '0'), -1, 0, '', ''}
+  return {1, tonumber(done[1] or '0'), tonumber(done[2] or '0'), 0, 0, '', ''}  -- next head unknown: look again
 end
 local state = redis.call('HGET', KEYS[3], 'state')
 if (state ~= 'idle' and state ~= 'busy') or redis.call('HGET', KEYS[3], 'model') ~= ARGV[3] then

@@ -158,6 +158,8 @@ class WorkerRuntime:
         self.state = WorkerState.IDLE
         self._update_health()
         pipe = self.conn.pipeline(transaction=False)
+        for script in (self.scripts.start, self.scripts.record):  # sent as bare EVALSHA inside pipelines
+            pipe.script_load(script.script)
         self.publish_load(pipe)
         pipe.sadd(keys.models_key(), self.model)
         pipe.sadd(keys.rq_queues_key(), keys.rq_queue_key(self.worker_id))  # `rq info` lists the queue at once
