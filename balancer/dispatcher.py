@@ -187,14 +187,14 @@ class Balancer:
         while backlog.head_cost >= 0:
             totals = fleet.totals.setdefault(workers[0].model, ModelTotals())
             head = Head(backlog.head_cost, backlog.tokens, backlog.head_affinity, backlog.head_owner,
-                        totals.tokens_per_s, totals.outstanding_tokens)  # fmt: skip
+                        totals.tokens_per_s, totals.outstanding_tokens, backlog.requests)  # fmt: skip
             self.ctx.available = list(fleet.available.get(workers[0].model, {}).values())
             started = time.perf_counter()
             choice = self.policy.choose(workers, head, self.ctx)
             if choice is None:
                 break
             result = self.dispatch(choice.worker, choice.token_budget, respect_affinity=choice.respect_affinity,
-                                   free_owners=choice.free_owners)  # fmt: skip
+                                   free_owners=choice.free_owners, max_requests=choice.max_requests)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - started)
             if result.status in (EMPTY, OTHER_AFFINITY):
@@ -206,6 +206,7 @@ class Balancer:
                 continue
             fleet.dispatched(choice.worker, result.requests, result.tokens)
             backlog.tokens = max(0, backlog.tokens - result.tokens)
+            backlog.requests = max(0, backlog.requests - result.requests)
             backlog.head_cost, backlog.head_affinity = result.next_cost, result.next_affinity
             backlog.head_owner = result.next_owner
             placed += result.requests
@@ -217,10 +218,11 @@ class Balancer:
 
     def dispatch(
         self, worker: WorkerView, token_budget: int, *, respect_affinity: bool = False,
-        free_owners: tuple[str, ...] = (),
+        free_owners: tuple[str, ...] = (), max_requests: int = 0,
     ) -> Dispatch:  # fmt: skip
         """Atomically cut a micro-batch for ``worker`` and enqueue it as one RQ job."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
+        in_slots = self.policy.late_binding and worker.slots > 0  # credit in engine slots, not micro-batches
         reply = self.scripts.dispatch(
             keys=[
                 keys.ingress_key(worker.model), keys.ingress_tokens_key(worker.model), keys.load_key(worker.worker_id),
@@ -230,10 +232,10 @@ class Balancer:
                 keys.ingress_requests_key(worker.model),
             ],
             args=[
-                microbatch_id, worker.worker_id, worker.model, worker.capacity, token_budget,
-                self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id),
+                microbatch_id, worker.worker_id, worker.model, max_requests or worker.capacity, token_budget,
+                UNBOUNDED if in_slots else self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id),
                 "1" if respect_affinity else "", self.settings.affinity_scan, " ".join(free_owners),
-                AFFINITY_OWNERS_TTL_S, *self._rq_job_fields(microbatch_id, worker.worker_id),
+                AFFINITY_OWNERS_TTL_S, "1" if in_slots else "", *self._rq_job_fields(microbatch_id, worker.worker_id),
             ],
         )  # fmt: skip
         status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])

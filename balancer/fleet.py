@@ -26,6 +26,7 @@ class Backlog:
     head_cost: int  # -1 when the ingress is empty
     head_affinity: str = ""
     head_owner: str = ""
+    requests: int = 0
 
 
 @dataclass(slots=True)
@@ -69,11 +70,12 @@ class Fleet:
         self._count(view, -1)
         view.accepting = not gone
         view.outstanding_batches = max(view.outstanding_batches, max_outstanding)
+        view.outstanding_requests = max(view.outstanding_requests, view.slots + view.queue_slots)
         self._count(view, +1)
 
     def _count(self, view: WorkerView, sign: int) -> None:
         available = self.available.setdefault(view.model, {})
-        if sign > 0 and view.accepting and view.outstanding_batches < self.max_outstanding:
+        if sign > 0 and view.accepting and view.has_credit(self.max_outstanding):
             available[view.worker_id] = view
         else:
             available.pop(view.worker_id, None)
@@ -96,7 +98,8 @@ def read_fleet(
             continue
         load = _parse(worker_id, load_raw, fleet)
         if load is not None:
-            view = WorkerView(worker_id, load.model, load.capacity, load.tokens_per_s)
+            view = WorkerView(worker_id, load.model, load.capacity, load.tokens_per_s, slots=load.slots,
+                              queue_slots=load.queue_slots)  # fmt: skip
             _apply(view, load, credit)
             fleet.add(view)
     if fleet.malformed:
@@ -124,10 +127,11 @@ def read_backlogs(conn: redis.Redis, fleet: Fleet, *, with_owners: bool = False)
 
 
 def queue_backlog_reads(pipe: redis.client.Pipeline, models: list[str]) -> None:
-    """Queue the reads of these models' backlogs on ``pipe`` (two replies per model)."""
+    """Queue the reads of these models' backlogs on ``pipe`` (three replies per model)."""
     for model in models:
         pipe.get(keys.ingress_tokens_key(model))
         pipe.zrange(keys.ingress_key(model), 0, 0)
+        pipe.get(keys.ingress_requests_key(model))
 
 
 def apply_backlogs(
@@ -135,9 +139,10 @@ def apply_backlogs(
 ) -> None:
     """Set the backlogs from the replies of :func:`queue_backlog_reads`."""
     for i, model in enumerate(models):
-        tokens, head = replies[2 * i], replies[2 * i + 1]
+        tokens, head, requests = replies[3 * i : 3 * i + 3]
         cost, affinity = _head(head[0]) if head else (-1, "")
-        fleet.backlog[model] = Backlog(tokens=max(0, int(tokens or 0)), head_cost=cost, head_affinity=affinity)
+        fleet.backlog[model] = Backlog(tokens=max(0, _int(tokens)), head_cost=cost, head_affinity=affinity,
+                                       requests=max(0, _int(requests)))  # fmt: skip
     if with_owners:
         _read_owners(conn, fleet)
 
@@ -171,6 +176,7 @@ def _parse(worker_id: str, load_raw: dict[str, str], fleet: Fleet) -> WorkerLoad
 
 def _apply(view: WorkerView, load: WorkerLoad, credit: dict[str, str]) -> None:
     view.capacity, view.tokens_per_s = load.capacity, load.tokens_per_s
+    view.slots, view.queue_slots = load.slots, load.queue_slots
     view.accepting = load.state in ACCEPTING_STATES
     try:
         view.outstanding_batches = int(credit.get("batches", 0))
@@ -178,6 +184,14 @@ def _apply(view: WorkerView, load: WorkerLoad, credit: dict[str, str]) -> None:
         view.outstanding_requests = int(credit.get("requests", 0))
     except ValueError:
         view.accepting = False  # garbage credit: do not use this worker until it is sane again
+
+
+def _int(raw: str | None) -> int:
+    """A counter's value; garbage reads as 0 (the dispatch script keeps the real one)."""
+    try:
+        return int(raw or 0)
+    except ValueError:
+        return 0
 
 
 def _head(member: str) -> tuple[int, str]:

@@ -103,7 +103,13 @@ WORKER = [
     METRICS,
     Option("--id", "worker", "id", "worker id, also its RQ queue name (default HOST-gpuN)"),
     Option("--model", "worker", "model", "model this worker serves (requests for it are routed here)"),
-    Option("--backend", "worker", "backend", "inference backend: simulated, transformers, openai, vllm, tensorrt-llm"),
+    Option(
+        "--backend",
+        "worker",
+        "backend",
+        "inference backend: simulated (a continuous-batching engine), simulated-linear, transformers, openai, vllm, "
+        "tensorrt-llm",
+    ),
     Option(
         "--model-path", "worker", "model_path", "what the engine loads: a local directory or hub id (default: --model)"
     ),
@@ -131,8 +137,25 @@ WORKER = [
     Option(
         "--startup-timeout-s", "worker", "startup_timeout_s", "seconds to load the model or wait for the server", float
     ),
-    Option("--tokens-per-s", "worker", "tokens_per_s", "speed of the simulated backend", float),
+    Option(
+        "--tokens-per-s", "worker", "tokens_per_s", "simulated backend: tokens/s generated with all slots busy", float
+    ),
     Option("--max-batch", "worker", "max_batch", "most requests in one micro-batch", int),
+    Option(
+        "--slots",
+        "worker",
+        "slots",
+        "sequences the engine runs at once (default: what the engine says, e.g. vLLM's max_num_seqs or the "
+        "openai backend's --max-concurrency; 128 for the simulator)",
+        int,
+    ),
+    Option(
+        "--queue-slots",
+        "worker",
+        "queue_slots",
+        "requests held beyond the slots, ready for the next free one (default: a quarter of the slots)",
+        int,
+    ),
     Option("--gpu", "worker", "gpu", "GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES)", int),
     Option("--heartbeat-s", "worker", "heartbeat_s", "seconds between load-key refreshes", float),
     Option("--load-ttl-s", "worker", "load_ttl_s", "load-key TTL: a silent worker is gone after this", float),

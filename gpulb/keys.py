@@ -12,6 +12,8 @@ model's ingress keys share a slot.
 |   score ``-priority * 2**44 + seq`` of its first request (lowest pops first)                                |
 | gpulb:{M}:ingress_tokens             | string | none                 | producer (+), balancer (-) | balancer, status   |
 | gpulb:{M}:ingress_requests           | string | none                 | producer (+), balancer (-) | status, metrics    |
+| gpulb:{M}:lengths                    | hash   | none                 | worker (record script)     | producer           |
+|   fields count, tokens: requests that stopped by themselves and their output tokens (halved past 20,000)      |
 | gpulb:{M}:affinity                   | hash   | 1 h after last write | balancer (dispatch script) | balancer           |
 |   field affinity key -> worker id that served it last (prefix-affinity policy)                                 |
 | gpulb:batch:B                        | hash   | result TTL once done | producer, worker           | producer           |
@@ -25,13 +27,15 @@ model's ingress keys share a slot.
 | gpulb:batch:B:events                 | pubsub | -                    | worker (PUBLISH)           | producer (wait)    |
 | gpulb:workers                        | set    | none                 | worker                     | balancer, status   |
 | gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
-|   fields v, model, backend, state, capacity, running, queued, tokens_per_s, host, pid, gpu, ts            |
+|   fields v, model, backend, state, capacity, slots, queue_slots, running, queued, tokens_per_s, host,      |
+|   pid, gpu, engine and GPU figures, ts                                                                        |
 | gpulb:worker:W:credit                | hash   | none                 | balancer (+), worker (-)   | balancer           |
-|   fields batches, tokens, requests: handed to W and not yet finished                                          |
+|   fields batches, tokens, requests: handed to W and not yet recorded (requests leave one by one)           |
 | gpulb:worker:W:inflight              | set    | none                 | balancer (+), worker (-)   | recovery           |
-| gpulb:mb:ID                          | hash   | none                 | balancer                   | worker             |
-|   fields worker, model, tokens, count, entries (one ingress member per request), scores (runs            |
-|   ``SCORExCOUNT``: COUNT consecutive scores from SCORE), created_at, ran (members handed to the backend)     |
+| gpulb:mb:ID                          | hash   | none                 | balancer, worker           | worker             |
+|   fields worker, model, tokens and count (still held), entries (one ingress member per request), scores     |
+|   (runs ``SCORExCOUNT``: COUNT consecutive scores from SCORE), created_at, ran (members handed to the        |
+|   backend), ``=MEMBER`` (that request is recorded and its credit given back)                                 |
 | gpulb:balancer:wakeup                | list   | none (trimmed)       | producer, worker           | balancer (BLPOP)   |
 |   tokens ``w:WORKER`` (its load or credit changed) and ``b:BATCH`` (submitted)                                 |
 | gpulb:stats                          | hash   | none                 | balancer, worker (HINCRBY) | status             |
@@ -117,6 +121,10 @@ def ingress_tokens_key(model: str) -> str:
 
 def ingress_requests_key(model: str) -> str:
     return f"{PREFIX}:{{{model}}}:ingress_requests"
+
+
+def output_lengths_key(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}:lengths"
 
 
 def affinity_key(model: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -110,17 +110,35 @@ class RequestSpec(SamplingParams):
         head = self.input_text().encode()[:PREFIX_AFFINITY_BYTES]
         return _short_hash(b"p" + head) if len(head) == PREFIX_AFFINITY_BYTES else ""
 
-    def cost_tokens(self) -> int:
-        return request_cost(len(self.input_text().encode()), self.max_tokens)
+    def expected_output_tokens(self, learned_mean: float | None = None) -> int:
+        """What it will likely generate: the model's learned mean length within its bounds, else max_tokens."""
+        if learned_mean is None or self.ignore_eos:
+            return self.max_tokens
+        return max(1, min(self.max_tokens, max(self.min_tokens or 0, round(learned_mean))))
+
+    def cost_tokens(self, learned_mean: float | None = None) -> int:
+        return request_cost(len(self.input_text().encode()), self.expected_output_tokens(learned_mean))
 
     def payload(self) -> RequestPayload:
         return RequestPayload(prompt=self.prompt, messages=self.chat(), max_tokens=self.max_tokens,
                               sampling=self.sampling(), custom_id=self.custom_id)  # fmt: skip
 
 
-def request_cost(prompt_bytes: int, max_tokens: int) -> int:
-    """The work of one request, in the unit workers measure their speed in."""
-    return max_tokens + prompt_bytes // PROMPT_BYTES_PER_COST_TOKEN
+def request_cost(prompt_bytes: int, output_tokens: int) -> int:
+    """The work of one request, in the unit workers measure their speed in: expected output tokens plus prefill."""
+    return output_tokens + prompt_bytes // PROMPT_BYTES_PER_COST_TOKEN
+
+
+MIN_LENGTH_SAMPLES = 20  # requests that stopped by themselves before a model's mean output length is trusted
+
+
+def learned_mean_output(raw: Sequence[str | None]) -> float | None:
+    """The mean output length from a model's length stats (``count``, ``tokens``); None until known."""
+    try:
+        count, tokens = int(raw[0] or 0), int(raw[1] or 0)
+    except (ValueError, IndexError):
+        return None  # garbage in Redis: fall back to max_tokens
+    return tokens / count if count >= MIN_LENGTH_SAMPLES and tokens > 0 else None
 
 
 class RequestPayload(BaseModel):
@@ -219,8 +237,10 @@ class WorkerLoad(BaseModel):
     model: str
     backend: str
     state: WorkerState
-    capacity: int = Field(ge=1)
-    running: int = Field(default=0, ge=0)
+    capacity: int = Field(ge=1)  # most requests in one micro-batch
+    slots: int = Field(default=0, ge=0)  # sequences its engine runs at once; 0: a static-batch engine
+    queue_slots: int = Field(default=0, ge=0)  # requests it holds beyond its slots, ready for the next free one
+    running: int = Field(default=0, ge=0)  # requests in its engine now
     queued: int = Field(default=0, ge=0)
     tokens_per_s: float = Field(default=0.0, ge=0.0)
     host: str = ""

@@ -52,7 +52,8 @@ DISPATCH = (
 -- ARGV[4] max requests  ARGV[5] token budget  ARGV[6] max outstanding micro-batches
 -- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] '1' to respect affinity owners
 -- ARGV[10] members to scan with affinity  ARGV[11] owners whose keys may be taken over (space-separated)
--- ARGV[12] owners-hash TTL (s)  ARGV[13..] RQ job hash field, value, ...
+-- ARGV[12] owners-hash TTL (s)  ARGV[13] '1' to count credit in engine slots for a continuous worker (its
+-- load hash has slots > 0: it may hold slots + queue_slots requests)  ARGV[14..] RQ job hash field, value, ...
 -- Takes requests from the front while they fit the budget (always at least one), splitting the
 -- member it stops in: the rest of that run goes back with the score of its first request. With
 -- affinity, it skips members whose key another worker owns (unless that owner is listed as free),
@@ -67,11 +68,14 @@ if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 then
   local done = redis.call('HMGET', KEYS[6], 'count', 'tokens')
   return {1, tonumber(done[1] or '0'), tonumber(done[2] or '0'), 0, 0, '', ''}  -- next head unknown: look again
 end
-local state = redis.call('HGET', KEYS[3], 'state')
-if (state ~= 'idle' and state ~= 'busy') or redis.call('HGET', KEYS[3], 'model') ~= ARGV[3] then
+local load = redis.call('HMGET', KEYS[3], 'state', 'model', 'slots', 'queue_slots')
+if (load[1] ~= 'idle' and load[1] ~= 'busy') or load[2] ~= ARGV[3] then
   return {-1, 0, 0, -1, 0, '', ''}
 end
-if tonumber(redis.call('HGET', KEYS[4], 'batches') or '0') >= tonumber(ARGV[6]) then
+local credit = redis.call('HMGET', KEYS[4], 'batches', 'requests')
+local slots = tonumber(load[3] or '0') or 0
+if tonumber(credit[1] or '0') >= tonumber(ARGV[6]) or (ARGV[13] == '1' and slots > 0
+    and tonumber(credit[2] or '0') >= slots + (tonumber(load[4] or '0') or 0)) then
   return {-2, 0, 0, -1, 0, '', ''}
 end
 local me, max_count, budget, affinity_on = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[9] == '1'
@@ -134,7 +138,7 @@ redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'batches', 1)
 redis.call('HINCRBY', KEYS[4], 'tokens', tokens)
 redis.call('HINCRBY', KEYS[4], 'requests', #members)
-redis.call('HSET', KEYS[7], unpack(ARGV, 13))
+redis.call('HSET', KEYS[7], unpack(ARGV, 14))
 redis.call('RPUSH', KEYS[8], ARGV[1])
 redis.call('SADD', KEYS[9], ARGV[8])
 local next_cost, next_key, next_owner = -1, '', ''
@@ -243,37 +247,65 @@ return out
 RECORD = (
     _SETTLE_BATCH
     + """
--- Record a finished micro-batch: each result only if none is recorded yet, then settle counters.
+-- Record finished requests of a micro-batch, each result only if none is recorded yet, and settle
+-- counters. A continuous worker records requests as each finishes (several calls per micro-batch);
+-- the call with final '1' (after every request has a result) releases what the micro-batch still holds.
 -- KEYS[1] micro-batch hash  KEYS[2] worker inflight  KEYS[3] worker credit  KEYS[4] wakeup list
--- KEYS[5+3(b-1)..] for batch b: batch hash, results hash, requests hash
+-- KEYS[5] the model's output-length stats hash
+-- KEYS[6+3(b-1)..] for batch b: batch hash, results hash, requests hash
 -- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep  ARGV[4] worker id
--- ARGV[5..] per batch b: events channel, number started, number of results n,
---           then n times: field, result JSON, outcome ('0' completed, '1' failed, '2' cancelled)
--- A micro-batch that was taken back meanwhile (its worker looked dead) still records results
--- that are not recorded yet, but no longer touches credit or running counts.
+-- ARGV[5] '1' if final  ARGV[6] output tokens of requests that stopped by themselves  ARGV[7] their number
+-- ARGV[8..] per batch b: events channel, number of results n,
+--           then n times: field, ingress member, result JSON, outcome ('0' completed, '1' failed, '2' cancelled),
+--           cost, '1' if it was counted as running
+-- Each request is settled once per micro-batch (a mark '=MEMBER' in the micro-batch hash, so a retried
+-- call changes nothing twice): its credit (cost, one request) is given back and, if it was running, the
+-- batch's running count drops. A micro-batch that was taken back meanwhile (its worker looked dead)
+-- still records results that are not recorded yet, but no longer touches credit or running counts.
 -- Returns the number of results newly recorded.
 local owned = redis.call('EXISTS', KEYS[1]) == 1
-if owned then release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[4], ARGV[3], ARGV[4]) end
-local recorded, pos, b = 0, 5, 0
+local recorded, pos, b, freed_tokens, freed = 0, 8, 0, 0, 0
 while pos <= #ARGV do
-  local bkey, rkey, qkey = KEYS[5 + 3 * b], KEYS[6 + 3 * b], KEYS[7 + 3 * b]
-  local channel, started, n = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-  pos = pos + 3
-  local counts = {['0'] = 0, ['1'] = 0, ['2'] = 0}
+  local bkey, rkey, qkey = KEYS[6 + 3 * b], KEYS[7 + 3 * b], KEYS[8 + 3 * b]
+  local channel, n = ARGV[pos], tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  local counts, running = {['0'] = 0, ['1'] = 0, ['2'] = 0}, 0
   for i = 1, n do
-    local field = ARGV[pos]
-    if redis.call('HSETNX', rkey, field, ARGV[pos + 1]) == 1 then
-      counts[ARGV[pos + 2]] = counts[ARGV[pos + 2]] + 1
+    local field, member, outcome = ARGV[pos], ARGV[pos + 1], ARGV[pos + 3]
+    if redis.call('HSETNX', rkey, field, ARGV[pos + 2]) == 1 then
+      counts[outcome] = counts[outcome] + 1
       redis.call('HDEL', qkey, field)
     end
-    pos = pos + 3
+    if owned and redis.call('HSETNX', KEYS[1], '=' .. member, 1) == 1 then
+      freed_tokens = freed_tokens + tonumber(ARGV[pos + 4])
+      freed = freed + 1
+      if ARGV[pos + 5] == '1' then running = running + 1 end
+    end
+    pos = pos + 6
   end
-  if owned and started > 0 then redis.call('HINCRBY', bkey, 'running', -started) end
+  if running > 0 then redis.call('HINCRBY', bkey, 'running', -running) end
   settle_batch(bkey, rkey, qkey, channel, ARGV[2], counts['0'], counts['1'], counts['2'])
   recorded = recorded + counts['0'] + counts['1'] + counts['2']
   b = b + 1
 end
-if not owned then
+if tonumber(ARGV[7]) > 0 then
+  local seen = redis.call('HINCRBY', KEYS[5], 'count', ARGV[7])
+  local total = redis.call('HINCRBY', KEYS[5], 'tokens', ARGV[6])
+  if seen > 20000 then  -- forget slowly: halve both, so the mean follows a model whose outputs change
+    redis.call('HSET', KEYS[5], 'count', math.floor(seen / 2), 'tokens', math.floor(total / 2))
+  end
+end
+if owned then
+  if ARGV[5] == '1' then
+    release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[4], ARGV[3], ARGV[4])
+  else
+    redis.call('HINCRBY', KEYS[1], 'tokens', -freed_tokens)
+    redis.call('HINCRBY', KEYS[1], 'count', -freed)
+    redis.call('HINCRBY', KEYS[3], 'tokens', -freed_tokens)
+    redis.call('HINCRBY', KEYS[3], 'requests', -freed)
+  end
+end
+if not owned or ARGV[5] ~= '1' then
   redis.call('RPUSH', KEYS[4], 'w:' .. ARGV[4])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
 end

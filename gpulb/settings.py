@@ -31,7 +31,8 @@ class LogFormat(StrEnum):
 
 
 class BackendName(StrEnum):
-    SIMULATED = "simulated"
+    SIMULATED = "simulated"  # a continuous-batching engine
+    SIMULATED_LINEAR = "simulated-linear"  # the old model: a micro-batch takes its tokens / tokens_per_s
     TRANSFORMERS = "transformers"
     OPENAI = "openai"
     VLLM = "vllm"
@@ -91,11 +92,16 @@ class WorkerSettings(BaseModel):
     backend: BackendName = BackendName.SIMULATED
     tokens_per_s: PositiveFloat = 1000.0
     max_batch: int = Field(default=64, ge=1)
+    # Continuous engines: sequences run at once (default: what the engine says, e.g. vLLM's max_num_seqs), and
+    # requests held beyond them, ready for the next free slot (default: a quarter of the slots).
+    slots: int | None = Field(default=None, ge=1)
+    queue_slots: int | None = Field(default=None, ge=0)
     gpu: int | None = Field(default=None, ge=0)
     heartbeat_s: PositiveFloat = 1.0
     load_ttl_s: PositiveFloat = 8.0
     ema_alpha: float = Field(default=0.3, gt=0, le=1)
     retry_backoff_s: PositiveFloat = 0.5
+    drain_timeout_s: PositiveFloat = 600.0  # on SIGTERM, how long to wait for the requests in the engine
     min_call_timeout_s: PositiveFloat = 120.0
     call_timeout_factor: PositiveFloat = 10.0
     simulate_faults: bool = False

@@ -28,6 +28,11 @@ class WorkerRow:
     kv_cache_percent: float | None = None
     gpu_util_percent: float | None = None
     gpu_mem_used_mb: float | None = None
+    slots: int = 0  # a continuous engine's slots (running is then "of slots"); 0 for a static engine
+
+    @property
+    def slots_text(self) -> str:
+        return f"{self.running}/{self.slots}" if self.slots else str(self.running)
 
 
 def _known(value: float) -> float | None:
@@ -158,6 +163,7 @@ def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> Worke
         kv_cache_percent=None if load.kv_cache_usage < 0 else round(100 * load.kv_cache_usage, 1),
         gpu_util_percent=_known(load.gpu_util),
         gpu_mem_used_mb=_known(load.gpu_mem_used_mb),
+        slots=load.slots,
     )
 
 
@@ -173,13 +179,13 @@ def render_table(status: FleetStatus) -> str:
         else f"balancer: {b.host} pid {b.pid} ({b.policy}), beat {b.heartbeat_age_s:.1f}s ago, "
         f"{b.requests} requests in {b.micro_batches} micro-batches dispatched",
         "",
-        f"{'WORKER':<24} {'MODEL':<20} {'BACKEND':<12} {'STATE':<9} {'RUN':>5} {'QUEUED':>6} {'TOK/S':>9} "
+        f"{'WORKER':<24} {'MODEL':<20} {'BACKEND':<16} {'STATE':<9} {'RUN/SLOTS':>9} {'QUEUED':>6} {'TOK/S':>9} "
         f"{'CAP':>5} {'KV':>5} {'GPU':>5} {'BEAT':>6}",
     ]
     for w in status.workers:
         age = "-" if w.heartbeat_age_s is None else f"{w.heartbeat_age_s:.1f}s"
         lines.append(
-            f"{w.worker_id:<24} {w.model:<20} {w.backend:<12} {w.state:<9} {w.running:>5} {w.queued:>6} "
+            f"{w.worker_id:<24} {w.model:<20} {w.backend:<16} {w.state:<9} {w.slots_text:>9} {w.queued:>6} "
             f"{w.tokens_per_s:>9.0f} {w.capacity:>5} {_percent(w.kv_cache_percent):>5} "
             f"{_percent(w.gpu_util_percent):>5} {age:>6}"
         )

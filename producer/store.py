@@ -13,7 +13,7 @@ import redis
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import BadPayload, BatchNotFound
-from gpulb.models import BatchState, BatchStatus, RequestSpec, Result
+from gpulb.models import BatchState, BatchStatus, RequestSpec, Result, learned_mean_output
 from gpulb.scripts import Scripts
 from gpulb.settings import ProducerSettings
 
@@ -49,10 +49,14 @@ def write_batch(
         pipe.hset(requests_key, mapping={str(start + i): _payload_json(s) for i, s in enumerate(chunk)})
         pipe.expire(requests_key, STAGING_TTL_S)
         pipe.execute()
-    seq_end = int(conn.incrby(keys.seq_key(), len(specs)))
+    pipe = conn.pipeline(transaction=False)
+    pipe.incrby(keys.seq_key(), len(specs))
+    pipe.hmget(keys.output_lengths_key(model), ["count", "tokens"])
+    seq_end, lengths = pipe.execute()
     publish = functools.partial(
         _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
-        seq0=seq_end - len(specs), limits=limits, metadata=metadata or {}, listed=listed,
+        seq0=int(seq_end) - len(specs), limits=limits, metadata=metadata or {}, listed=listed,
+        learned_mean=learned_mean_output(lengths),
     )  # fmt: skip
     try:
         publish()
@@ -73,6 +77,7 @@ def _publish(
     limits: ProducerSettings,
     metadata: Mapping[str, str],
     listed: bool,
+    learned_mean: float | None = None,
 ) -> None:
     pipe = conn.pipeline(transaction=True)
     pipe.persist(keys.batch_requests_key(batch_id))
@@ -83,7 +88,7 @@ def _publish(
     if listed:
         pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
         pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
-    costs = [spec.cost_tokens() for spec in specs]
+    costs = [spec.cost_tokens(learned_mean) for spec in specs]  # expected work: output lengths as learned
     runs = ingress_runs(batch_id, costs, [spec.affinity_key() for spec in specs], priority, seq0)
     for start in range(0, len(runs), limits.chunk_size):
         pipe.zadd(keys.ingress_key(model), dict(runs[start : start + limits.chunk_size]))

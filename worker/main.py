@@ -103,6 +103,9 @@ def _wait_for_redis(runtime: WorkerRuntime, settings: Settings) -> None:
 
 def _shut_down(settings: Settings, runtime: WorkerRuntime, heartbeat: Heartbeat) -> None:
     runtime.start_draining()
+    heartbeat.poke()  # the balancer stops sending at once
+    if not runtime.finish_in_flight(timeout_s=settings.worker.drain_timeout_s):  # heartbeats go on meanwhile
+        log.warning("requests still running at the end of the drain: handed back to the ingress")
     heartbeat.stop()
     try:
         with broker_errors(settings.redis_url):
@@ -110,4 +113,5 @@ def _shut_down(settings: Settings, runtime: WorkerRuntime, heartbeat: Heartbeat)
     except BrokerUnavailable as exc:  # our load key expires; the balancer takes our work back
         log.warning("could not deregister", error=str(exc))
     runtime.stopping.set()
+    runtime.stop_runner()
     runtime.backend.shutdown()

@@ -12,7 +12,10 @@ from gpulb.models import Result, WorkerLoad
 LOAD_GAUGES = {  # load-key field -> (metric name, help); -1 (unknown) is not exported
     "running": ("gpulb_worker_running", "Requests running on this worker"),
     "queued": ("gpulb_worker_queued_microbatches", "Micro-batches in this worker's RQ queue"),
-    "tokens_per_s": ("gpulb_worker_tokens_per_second", "Measured throughput, cost tokens per second (EMA)"),
+    "tokens_per_s": (
+        "gpulb_worker_tokens_per_second",
+        "Measured speed: tokens/s a full engine generates (continuous), cost tokens/s (static)",
+    ),
     "engine_running": ("gpulb_engine_running", "Requests the engine reports running"),
     "engine_waiting": ("gpulb_engine_waiting", "Requests the engine reports waiting"),
     "kv_cache_usage": ("gpulb_engine_kv_cache_usage", "KV-cache usage reported by the engine, 0-1"),

@@ -26,10 +26,15 @@ class Item:
     cancelled: bool = False
     problem: str | None = None  # why it cannot run (missing or malformed payload)
     started: bool = False  # counted as running by the START script (a malformed payload too)
+    affinity: str = ""
 
     @property
     def runnable(self) -> bool:
         return self.started and self.problem is None and self.payload is not None
+
+    def member(self) -> str:
+        """Its ingress member as the micro-batch lists it (one request)."""
+        return keys.ingress_member(self.batch_id, self.index, (self.cost,), self.attempt, self.affinity)
 
 
 def parse_members(members: list[str]) -> list[Item]:
@@ -82,7 +87,7 @@ def start_microbatch(scripts: Scripts, microbatch_id: str, members: list[str]) -
 
 
 def _item(request: keys.IngressMember) -> Item:
-    return Item(request.batch_id, request.start, request.costs[0], request.attempt)
+    return Item(request.batch_id, request.start, request.costs[0], request.attempt, affinity=request.affinity)
 
 
 def _attach_payload(item: Item, raw: str | None) -> None:
@@ -104,26 +109,33 @@ def outcome_flag(result: Result) -> str:
     return "1" if result.error else "0"
 
 
+@dataclass(slots=True)
+class Settled:
+    """A request of a micro-batch with its result, ready to be recorded."""
+
+    item: Item
+    result: Result
+
+
 def record_arguments(
-    microbatch_id: str, worker_id: str, now: float, items: list[Item], results: dict[int, Result]
+    microbatch_id: str, worker_id: str, model: str, now: float, settled: list[Settled], *, final: bool
 ) -> tuple[list[str], list[str | int | float]]:
-    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`; ``results`` is keyed by position in ``items``."""
+    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`: these requests' results; ``final`` when they are the last."""
+    stopped = [s.result.output_tokens for s in settled if s.result.finish_reason == "stop"]
     script_keys = [
-        keys.microbatch_key(microbatch_id),
-        keys.inflight_key(worker_id),
-        keys.credit_key(worker_id),
-        keys.wakeup_key(),
-    ]
-    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id]
-    groups: dict[str, list[int]] = defaultdict(list)
-    for position, item in enumerate(items):
-        groups[item.batch_id].append(position)
-    for batch_id, positions in groups.items():
+        keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
+        keys.wakeup_key(), keys.output_lengths_key(model),
+    ]  # fmt: skip
+    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id, "1" if final else "",
+                                     sum(stopped), len(stopped)]  # fmt: skip
+    groups: dict[str, list[Settled]] = defaultdict(list)
+    for one in settled:
+        groups[one.item.batch_id].append(one)
+    for batch_id, members in groups.items():
         script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
-        recorded = [p for p in positions if p in results]
-        started = sum(1 for p in positions if items[p].started)
-        args += [keys.batch_events_channel(batch_id), started, len(recorded)]
-        for p in recorded:
-            result = results[p]
-            args += [str(items[p].index), result.model_dump_json(), outcome_flag(result)]
+        args += [keys.batch_events_channel(batch_id), len(members)]
+        for one in members:
+            item = one.item
+            args += [str(item.index), item.member(), one.result.model_dump_json(), outcome_flag(one.result), item.cost,
+                     "1" if item.started else ""]  # fmt: skip
     return script_keys, args

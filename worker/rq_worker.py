@@ -117,8 +117,12 @@ class GpulbWorker(SimpleWorker):
                 backoff_s = min(backoff_s * self.exponential_backoff_factor, self.max_connection_wait_time)
 
     def _dequeue(self, queue: Queue, timeout: int | None) -> tuple[Job, Queue] | None:
-        """BLMOVE into the intermediate list (as RQ), then the job hash and micro-batch entries in one read."""
+        """Once the engine has a free slot: BLMOVE into the intermediate list (as RQ), then the job hash and
+        micro-batch entries in one read. Until then the micro-batch stays queued, where it can be handed back."""
         while True:
+            if not self.runtime.wait_for_room():
+                self.heartbeat()
+                continue
             popped = Queue.lmove(self.connection, queue.key, timeout)
             if popped is None:
                 return None

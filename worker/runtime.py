@@ -21,17 +21,29 @@ from gpulb.models import Result, WorkerLoad, WorkerState
 from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
-from worker.backends.base import Backend, BackendRequest, EngineLoad, EngineUnavailable, failed
+from worker.backends.base import Backend, BackendRequest, ContinuousBackend, EngineLoad, EngineUnavailable, failed
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.gpu import GpuMonitor, GpuSample
 from worker.metrics import WorkerMetrics
-from worker.microbatch import Item, StartCall, apply_start, record_arguments, start_call, start_microbatch
+from worker.microbatch import (
+    Item,
+    Settled,
+    StartCall,
+    apply_start,
+    record_arguments,
+    start_call,
+    start_microbatch,
+)
+from worker.runner import Flight, Recording, Runner, Sink, engine_slots, expected_seconds
+from worker.speed import EngineSpeed
 
 log = get_logger("gpulb.worker")
 T = TypeVar("T")
 
 CANCELLED = "cancelled"
 ORPHAN_SWEEP_BEATS = 30  # heartbeats between two sweeps for orphaned micro-batches
+DEFAULT_SLOTS = 128  # a continuous engine that cannot tell its slots (vLLM's max_num_seqs on a GPU is 256-1024)
+ROOM_WAIT_S = 5.0  # the RQ worker waits this long for a free slot between its own heartbeats
 
 
 class ThroughputMeter:
@@ -49,8 +61,13 @@ class ThroughputMeter:
         self.tokens_per_s = sample if first else self.alpha * sample + (1 - self.alpha) * self.tokens_per_s
 
 
-class WorkerRuntime:
-    """The state of one worker process; the RQ job function calls :meth:`run_microbatch`."""
+class WorkerRuntime(Sink):
+    """The state of one worker process; the RQ job function calls :meth:`run_microbatch`.
+
+    A static backend runs each micro-batch as one engine batch, the RQ job waiting for it. A continuous
+    backend gets a :class:`worker.runner.Runner`: the RQ job only admits the micro-batch, whose requests are
+    recorded as each ends, and the RQ worker takes the next micro-batch as soon as the engine has a free slot.
+    """
 
     def __init__(
         self, conn: redis.Redis, rq_conn: redis.Redis, settings: Settings, backend: Backend,
@@ -69,7 +86,12 @@ class WorkerRuntime:
         self.stopping = threading.Event()
         policy = ExecutionPolicy(settings.max_attempts, cfg.retry_backoff_s, cfg.min_call_timeout_s,
                                  cfg.call_timeout_factor)  # fmt: skip
+        self.policy = policy
         self.executor = IsolatingExecutor(backend, policy, self.stopping)
+        self.runner: Runner | None = None  # continuous backends, from register() (the engine knows its slots then)
+        self.slots = 0
+        self.queue_slots = 0
+        self.speed: EngineSpeed | None = None
         self.state = WorkerState.STARTING
         self.engine_ok = True
         self.engine = EngineLoad()
@@ -88,10 +110,20 @@ class WorkerRuntime:
     def load_report(self) -> WorkerLoad:
         return WorkerLoad(
             worker_id=self.worker_id, model=self.model, backend=self.backend.name, state=self.state,
-            capacity=self.cfg.max_batch, running=self.running, queued=self.queued,
-            tokens_per_s=round(self.meter.tokens_per_s, 3), host=socket.gethostname(), pid=os.getpid(),
+            capacity=self.cfg.max_batch, slots=self.slots, queue_slots=self.queue_slots, running=self.in_flight,
+            queued=self.queued, tokens_per_s=round(self.tokens_per_s, 3), host=socket.gethostname(), pid=os.getpid(),
             gpu=-1 if self.cfg.gpu is None else self.cfg.gpu, **self._engine_fields(),
         )  # fmt: skip
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the engine now."""
+        return self.runner.in_engine if self.runner is not None else self.running
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Measured speed: generated tokens/s of a full engine (continuous), cost tokens/s (static)."""
+        return self.speed.tokens_per_s if self.speed is not None else self.meter.tokens_per_s
 
     def _engine_fields(self) -> dict[str, Any]:
         reported = {
@@ -112,6 +144,10 @@ class WorkerRuntime:
             log.warning("backend health check failed", error=f"{type(exc).__name__}: {exc}")
         if self.gpu_monitor is not None:
             self.gpu = self.gpu_monitor.sample()
+        if self.speed is not None and self.runner is not None:
+            generated = self.engine.generated_tokens
+            self.speed.sample(time.monotonic(), generated if generated is not None else self.runner.output_tokens,
+                              self.runner.busy_slot_seconds())  # fmt: skip
 
     def publish_load(self, pipe: redis.client.Pipeline | None = None) -> None:
         target = self.conn.pipeline(transaction=False) if pipe is None else pipe
@@ -154,6 +190,8 @@ class WorkerRuntime:
         retire_rq_worker(self.rq_conn, self.worker_id)
         recovered = recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
                                    max_attempts=self.settings.max_attempts)  # fmt: skip
+        structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
+        self._start_runner()
         self.refresh_engine_status()
         self.state = WorkerState.IDLE
         self._update_health()
@@ -168,8 +206,30 @@ class WorkerRuntime:
         pipe.execute()
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
         log.info("worker registered", model=self.model, backend=self.backend.name, capacity=self.cfg.max_batch,
-                 recovered_requests=recovered.requests)  # fmt: skip
+                 slots=self.slots, queue_slots=self.queue_slots, recovered_requests=recovered.requests)  # fmt: skip
         return recovered
+
+    def _start_runner(self) -> None:
+        if not isinstance(self.backend, ContinuousBackend) or self.runner is not None:
+            return
+        self.slots = engine_slots(self.backend, self.cfg.slots, DEFAULT_SLOTS)
+        queue_slots = self.cfg.queue_slots
+        self.queue_slots = queue_slots if queue_slots is not None else max(1, self.slots // 4)
+        self.speed = EngineSpeed(self.slots)
+        self.runner = Runner(self.backend, self, self.policy, slots=self.slots, worker_id=self.worker_id,
+                             expected_s=expected_seconds(lambda: self.tokens_per_s, self.slots))  # fmt: skip
+
+    def wait_for_room(self, timeout_s: float = ROOM_WAIT_S) -> bool:
+        """True once the engine has a free slot for the next micro-batch (a static engine always has)."""
+        return self.runner is None or self.runner.wait_for_room(timeout_s)
+
+    def finish_in_flight(self, timeout_s: float | None = None) -> bool:
+        """Wait until every admitted micro-batch is recorded (or handed back)."""
+        return self.runner is None or self.runner.wait_idle(timeout_s)
+
+    def stop_runner(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
 
     def _wait_for_predecessor(self) -> None:
         """A load key under our id is either a live worker (refuse) or a dead one's (wait out its TTL)."""
@@ -204,7 +264,7 @@ class WorkerRuntime:
         if not self.engine_ok:
             self.state = WorkerState.UNHEALTHY
         else:
-            self.state = WorkerState.BUSY if self.running else WorkerState.IDLE
+            self.state = WorkerState.BUSY if self.in_flight else WorkerState.IDLE
         if was is WorkerState.UNHEALTHY and self.state is not WorkerState.UNHEALTHY:
             log.info("engine healthy again: taking work")
         return self.state is WorkerState.UNHEALTHY and was is not WorkerState.UNHEALTHY
@@ -230,20 +290,25 @@ class WorkerRuntime:
         current = self.current_microbatch
         inflight: set[str] = self.conn.smembers(keys.inflight_key(self.worker_id))  # type: ignore[assignment]
         queued: list[str] = self.conn.lrange(keys.rq_queue_key(self.worker_id), 0, -1)  # type: ignore[assignment]
-        suspects = frozenset(inflight - set(queued) - {current})
+        suspects = frozenset(inflight - set(queued) - {current} - self._admitted())
         confirmed, self._orphan_suspects = suspects & self._orphan_suspects, suspects
         if not confirmed:
             return Requeued()
         running = self.current_microbatch  # it may have started since
+        keep = self._admitted() | ({running} if running else set())
         return recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
                               max_attempts=self.settings.max_attempts, only=confirmed,
-                              keep=frozenset({running}) if running else frozenset())  # fmt: skip
+                              keep=frozenset(keep))  # fmt: skip
+
+    def _admitted(self) -> frozenset[str]:
+        return self.runner.active() if self.runner is not None else frozenset()
 
     def recover_orphans(self, keep: frozenset[str] = frozenset()) -> Requeued:
         """After an outage: take back micro-batches we hold but will never run (not queued, not running)."""
         queued: list[str] = self.conn.lrange(keys.rq_queue_key(self.worker_id), 0, -1)  # type: ignore[assignment]
         return recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
-                              max_attempts=self.settings.max_attempts, keep=frozenset(queued) | keep)  # fmt: skip
+                              max_attempts=self.settings.max_attempts,
+                              keep=frozenset(queued) | keep | self._admitted())  # fmt: skip
 
     def deregister(self) -> None:
         """Stop being a target: mark draining, hand back queued work, remove the load key."""
@@ -252,7 +317,7 @@ class WorkerRuntime:
         released = self.release_queued()
         orphans = recover_worker(
             self.conn, self.rq_conn, self.scripts, self.worker_id, max_attempts=self.settings.max_attempts
-        )  # nothing runs now: all are orphans
+        )  # the drain waited for what ran: what is left is orphaned (or dies with this process)
         released += orphans.requests
         pipe = self.conn.pipeline(transaction=False)
         pipe.delete(keys.load_key(self.worker_id))
@@ -308,6 +373,10 @@ class WorkerRuntime:
         if items is None:
             log.warning("micro-batch taken back before it started, skipped")
             return {"requests": 0, "recorded": 0}
+        if self.runner is not None:
+            admitted = self.runner.admit(microbatch_id, items)
+            self._update_health()
+            return {"requests": len(items), "admitted": admitted}
         return self.execute_and_record(microbatch_id, items)
 
     def _started_items(self, microbatch_id: str) -> list[Item] | None:
@@ -378,19 +447,60 @@ class WorkerRuntime:
         return results
 
     def _record(self, microbatch_id: str, items: list[Item], results: dict[int, Result], now: float) -> int:
-        script_keys, args = record_arguments(microbatch_id, self.worker_id, now, items, results)
+        settled = [Settled(items[p], result) for p, result in results.items()]
         self._set_busy(0)
+        return self._record_calls([(microbatch_id, settled, True)], now)[0]
+
+    def _record_calls(self, calls: list[tuple[str, list[Settled], bool]], now: float) -> list[int]:
+        """RECORD for each (micro-batch, results, final) and the load key, in one round trip."""
         pipe = self.conn.pipeline(transaction=False)
+        arguments = [record_arguments(mb, self.worker_id, self.model, now, settled, final=final)
+                     for mb, settled, final in calls]  # fmt: skip
         # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip every time
-        pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
+        for script_keys, args in arguments:
+            pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
         self.publish_load(pipe)
-        recorded = pipe.execute(raise_on_error=False)
-        if isinstance(recorded[0], NoScriptError):  # Redis restarted and lost its scripts: load, run again
-            recorded[0] = self.scripts.record(keys=script_keys, args=args)
-        for reply in recorded:
+        replies = pipe.execute(raise_on_error=False)
+        for i, (script_keys, args) in enumerate(arguments):
+            if isinstance(replies[i], NoScriptError):  # Redis restarted and lost its scripts: load, run again
+                replies[i] = self.scripts.record(keys=script_keys, args=args)
+        for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return int(recorded[0])
+        return [int(r) for r in replies[: len(arguments)]]
+
+    # -- the runner's sink (its recorder thread calls these) ------------------------------------
+
+    def record(self, batch: list[Recording]) -> None:
+        """Write the results of requests that ended, grouped per micro-batch, in one round trip."""
+        grouped: dict[str, tuple[Flight, list[Settled], bool]] = {}
+        for r in batch:
+            flight, settled, final = grouped.get(r.flight.microbatch_id, (r.flight, [], False))
+            grouped[r.flight.microbatch_id] = (flight, settled + r.settled, final or r.final)
+        calls = [(mb, settled, final) for mb, (_, settled, final) in grouped.items()]
+        recorded = self._with_redis_retry(lambda: self._record_calls(calls, time.time()))
+        for (flight, settled, final), count in zip(grouped.values(), recorded, strict=True):
+            flight.recorded += count
+            if self.metrics is not None:
+                self.metrics.observe_results([s.result for s in settled], [s.item.attempt for s in settled])
+            if final:
+                self._log_done(flight)
+
+    def give_back(self, flight: Flight) -> None:
+        """The engine could not serve some requests of this micro-batch: they go back to the ingress."""
+        moved = self._with_redis_retry(lambda: requeue_microbatch(
+            self.conn, self.scripts, self.worker_id, flight.microbatch_id, mode=RequeueMode.RECOVER,
+            max_attempts=self.settings.max_attempts, reason=f"worker {self.worker_id}: engine unavailable",
+        ))  # fmt: skip
+        log.warning("engine unavailable: requests handed back", microbatch_id=flight.microbatch_id,
+                    requeued=moved[0].requests, dead_lettered=moved[0].dead_lettered)  # fmt: skip
+        self._log_done(flight)
+
+    def _log_done(self, flight: Flight) -> None:
+        elapsed = time.time() - flight.started_at
+        log.info("micro-batch done", microbatch_id=flight.microbatch_id, requests=len(flight.items),
+                 recorded=flight.recorded, failed=flight.failed, tokens=flight.tokens, elapsed_s=round(elapsed, 4),
+                 tokens_per_s=round(self.tokens_per_s, 1), in_engine=self.in_flight)  # fmt: skip
 
     def _with_redis_retry(self, step: Callable[[], T]) -> T:
         """Results are precious: ride out a Redis blip with bounded exponential backoff."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,7 @@ class TestMetrics:
         env = {"GPULB_METRICS_PORT": str(bal_port), "GPULB_WORKER__HEARTBEAT_S": "0.2"}
         with LocalStack(redis_url, workers, tmp_path, env=env), Client(redis_url) as client:
             results = client.submit_batch([f"p {i}" for i in range(120)], model="m", max_tokens=3).results(timeout=60)
+            time.sleep(1.0)  # the speed is read off the engine's counter over heartbeat windows (0.2 s here)
             balancer = scrape(bal_port)
             per_worker = [scrape(p) for p in w_ports]
         served = {w: sum(1 for r in results if r.worker == w) for w in ("g0", "g1")}

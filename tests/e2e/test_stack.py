@@ -32,8 +32,31 @@ def gpulb(*args: str, redis_url: str, timeout: float = 30) -> subprocess.Complet
 class TestMixedFleet:
     SPEEDS = (4000.0, 4000.0, 8000.0, 16000.0)
 
+    def test_continuous_engines_answer_eos_terminated_requests_once_shared_by_speed(
+        self, redis_url: str, tmp_path: Path
+    ) -> None:
+        """The default simulated engines batch continuously and stop each request at its own end."""
+        from worker.backends.batching import LengthModel
+
+        workers = [WorkerSpec(f"g{i}", "m", 4 * s) for i, s in enumerate(self.SPEEDS)]
+        prompts = [f"question {i} about gpus" for i in range(2000)]
+        with LocalStack(redis_url, workers, tmp_path), Client(redis_url) as client:
+            batch = client.submit_batch(prompts, model="m", max_tokens=512)
+            results = batch.results(timeout=120)
+            status = batch.status()
+        assert (status.completed, status.failed, status.running, status.pending) == (2000, 0, 0, 0)
+        assert [r.index for r in results] == list(range(2000)) and len({r.request_id for r in results}) == 2000
+        lengths = LengthModel()
+        for r, prompt in zip(results, prompts, strict=True):
+            assert (r.output_tokens, r.finish_reason == "stop") == lengths.output_length(prompt, 512, {})
+        tokens = Counter[str]()
+        for r in results:
+            tokens[r.worker] += r.output_tokens
+        assert tokens["g3"] > tokens["g2"] > max(tokens["g0"], tokens["g1"])
+
     def test_heavy_tailed_batch_complete_correct_and_spread_by_speed(self, redis_url: str, tmp_path: Path) -> None:
-        workers = [WorkerSpec(f"g{i}", "m", s) for i, s in enumerate(self.SPEEDS)]
+        """The linear simulator (a micro-batch takes its tokens over the speed) and the old balancing."""
+        workers = [WorkerSpec(f"g{i}", "m", s, backend="simulated-linear") for i, s in enumerate(self.SPEEDS)]
         requests = heavy_tailed_requests(400, seed=11)
         with LocalStack(redis_url, workers, tmp_path), Client(redis_url) as client:
             start = time.time()

@@ -28,19 +28,27 @@ def client(redis_url: str) -> Iterator[Client]:
 
 
 @pytest.fixture
-def start_worker(redis_url: str) -> StartWorker:
+def start_worker(redis_url: str) -> Iterator[StartWorker]:
+    started: list[WorkerRuntime] = []
+
     def start(
         worker_id: str, model: str = "m", *, tokens_per_s: float = 1e6, max_batch: int = 64, **extra: object
     ) -> WorkerRuntime:
         worker = {"id": worker_id, "model": model, "tokens_per_s": tokens_per_s, "max_batch": max_batch}
         top = {k: extra.pop(k) for k in list(extra) if k == "max_attempts"}
+        engine = extra.pop("engine", None)
         settings = make_settings(redis_url, worker={**worker, **extra}, **top)
-        runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings,
-                                create_backend(settings.worker))  # fmt: skip
+        runtime = WorkerRuntime(
+            connect(settings), connect(settings, decode=False), settings, engine or create_backend(settings.worker)
+        )  # type: ignore[arg-type]
         runtime.register()
+        started.append(runtime)
         return runtime
 
-    return start
+    yield start
+    for runtime in started:
+        runtime.stop_runner()
+        runtime.backend.shutdown()
 
 
 def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[Item]:
@@ -51,9 +59,16 @@ def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[Item]:
     return items
 
 
+def run_now(runtime: WorkerRuntime, microbatch_id: str) -> None:
+    """Run one micro-batch as its RQ job would, and wait until its results are recorded."""
+    runtime.run_microbatch(microbatch_id)
+    assert runtime.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
+
+
 def work(runtime: WorkerRuntime, redis_url: str) -> None:
-    """Run every queued micro-batch of this worker, in this process, then return."""
+    """Run every queued micro-batch of this worker, in this process, and wait for its results, then return."""
     build_rq_worker(make_settings(redis_url), runtime).work(burst=True)
+    assert runtime.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
 
 
 def balancer(conn: redis.Redis, settings: Settings | None = None, **overrides: object) -> Balancer:

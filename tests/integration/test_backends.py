@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 import redis
@@ -13,25 +14,41 @@ from producer import Client
 from tests.conftest import waiting
 from tests.integration.conftest import StartWorker, balancer, work
 from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, EngineUnavailable, failed
-from worker.backends.simulated import SimulatedBackend
+from worker.backends.simulated import LinearSimulatedBackend, SimulatedBackend
 from worker.execution import ExecutionPolicy, IsolatingExecutor
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
 
 
-class FlakyEngine(SimulatedBackend):
-    """Answers every request, but says "busy" (like a 503) for the first ``busy_calls`` calls."""
+class FlakyEngine(LinearSimulatedBackend):
+    """A static engine that answers every request, but says "busy" (like a 503) for the first ``busy_calls`` calls."""
 
     def __init__(self, busy_calls: int) -> None:
         super().__init__(1e6)
         self.busy_calls, self.calls = busy_calls, 0
-        self.ok = True
 
     def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
         self.calls += 1
         if self.calls <= self.busy_calls:
             return [failed("HTTP 503 Service Unavailable", retryable=True) for _ in requests]
         return super().generate(requests)
+
+
+class BusyEngine(SimulatedBackend):
+    """A continuous engine that says "busy" (like a 503) to its first ``busy_calls`` requests; health settable."""
+
+    def __init__(self, busy_calls: int) -> None:
+        super().__init__(1e6)
+        self.busy_calls, self.calls = busy_calls, 0
+        self.ok = True
+
+    def submit(self, request: BackendRequest) -> Future[BackendOutput]:
+        self.calls += 1
+        if self.calls > self.busy_calls:
+            return super().submit(request)
+        future: Future[BackendOutput] = Future()
+        future.set_result(failed("HTTP 503 Service Unavailable", retryable=True))
+        return future
 
     def healthy(self) -> bool:
         return self.ok
@@ -72,8 +89,7 @@ class TestTransientErrors:
     def test_a_busy_engine_hands_the_micro_batch_back_for_another_worker(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        busy = start_worker("busy", max_batch=8, retry_backoff_s=0.01)
-        busy.backend = busy.executor.backend = FlakyEngine(busy_calls=100)
+        busy = start_worker("busy", max_batch=8, retry_backoff_s=0.01, engine=BusyEngine(busy_calls=100))
         batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
         assert balancer(conn).dispatch_round() == 8
         work(busy, redis_url)  # three tries, all 503: handed back, one attempt charged, nothing recorded
@@ -90,9 +106,8 @@ class TestEngineHealth:
     def test_unhealthy_engine_takes_no_work_and_hands_its_queue_back(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        sick = start_worker("sick", max_batch=4)
-        engine = FlakyEngine(busy_calls=0)
-        sick.backend = sick.executor.backend = engine
+        engine = BusyEngine(busy_calls=0)
+        sick = start_worker("sick", max_batch=4, engine=engine)
         batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
         assert balancer(conn).dispatch_round() == 8
         engine.ok = False

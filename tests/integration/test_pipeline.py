@@ -21,7 +21,7 @@ from gpulb.errors import BatchNotFound, WorkerIdInUse
 from gpulb.models import BatchState
 from producer import Client
 from tests.conftest import make_settings, waiting
-from tests.integration.conftest import StartWorker, balancer, work
+from tests.integration.conftest import StartWorker, balancer, run_now, work
 from worker.heartbeat import Heartbeat
 from worker.main import build_rq_worker
 
@@ -109,7 +109,7 @@ class TestDispatch:
     def test_one_rq_job_per_micro_batch_json_only_and_credit_bounded(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        start_worker("w1", max_batch=5)
+        start_worker("w1", max_batch=5, backend="simulated-linear")  # a static engine: credit in micro-batches
         client.submit_batch([f"p{i}" for i in range(30)], model="m")
         placed = balancer(conn, max_outstanding_batches=2).dispatch_round()
         assert placed == 10  # 2 micro-batches of 5: the other 20 wait in the ingress (late binding)
@@ -125,6 +125,18 @@ class TestDispatch:
             assert json.loads(raw)[0] == keys.JOB_FUNC  # JSON on the wire, never pickle
             assert len(conn.hget(keys.microbatch_key(job_id), "entries").split()) == 5  # type: ignore[union-attr]
         assert conn.hgetall(keys.credit_key("w1")) == {"batches": "2", "tokens": str(10 * 16), "requests": "10"}
+
+    def test_a_continuous_engine_holds_its_slots_and_a_small_queue(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        start_worker("w1", max_batch=5, slots=8, queue_slots=4)
+        client.submit_batch([f"p{i}" for i in range(30)], model="m")
+        assert balancer(conn).dispatch_round() == 12  # 8 slots + 4 queued, in micro-batches of at most 5
+        assert [len(conn.hget(keys.microbatch_key(j), "entries").split())  # type: ignore[union-attr]
+                for j in conn.lrange(keys.rq_queue_key("w1"), 0, -1)] == [5, 5, 2]  # fmt: skip
+        assert conn.hgetall(keys.credit_key("w1")) == {"batches": "3", "tokens": str(12 * 16), "requests": "12"}
+        assert len(waiting(conn, "m")) == 18
+        assert balancer(conn).dispatch_round() == 0  # no free slot: the rest waits (late binding)
 
     @pytest.mark.parametrize("case", ["draining", "gone", "other-model"])
     def test_refuses_a_worker_that_cannot_take_work(
@@ -147,7 +159,7 @@ class TestDispatch:
         assert conn.llen(keys.rq_queue_key("w1")) == 0
 
     def test_higher_priority_goes_first(self, client: Client, conn: redis.Redis, start_worker: StartWorker) -> None:
-        start_worker("w1", max_batch=1)
+        start_worker("w1", max_batch=1, backend="simulated-linear")
         low = client.submit_batch(["low"] * 3, model="m", priority=0)
         high = client.submit_batch(["high"] * 2, model="m", priority=5)
         balancer(conn, max_outstanding_batches=1).dispatch_round()
@@ -169,7 +181,7 @@ class TestDispatch:
         self, client: Client, conn: redis.Redis, start_worker: StartWorker
     ) -> None:
         """300 requests wait as 3 members (runs of 128); micro-batches of 50 cut across them in order."""
-        start_worker("w1", max_batch=50)
+        start_worker("w1", max_batch=50, backend="simulated-linear")
         prompts = [{"prompt": "p", "max_tokens": 1 + i % 7} for i in range(300)]
         batch = client.submit_batch(prompts, model="m")
         assert conn.zcard(keys.ingress_key("m")) == 3
@@ -209,7 +221,7 @@ class TestExactlyOnce:
         # the same micro-batch run again (a late duplicate) must not overwrite or double-count
         conn.hset(keys.microbatch_key(mb_id), mapping={"entries": entries, "tokens": 3})  # type: ignore[arg-type]
         conn.hset(keys.batch_requests_key(batch.id), "0", '{"prompt": "z", "max_tokens": 3}')
-        assert w.run_microbatch(mb_id)["recorded"] == 0
+        run_now(w, mb_id)
         assert batch.results(timeout=5)[0] == first
         status = batch.status()
         assert (status.completed, status.failed, status.running) == (1, 0, 0)
@@ -222,7 +234,7 @@ class TestWorkerLifecycle:
         leaving = start_worker("leaving", max_batch=4)
         batch = client.submit_batch([f"p{i}" for i in range(12)], model="m")
         before = waiting(conn)
-        assert balancer(conn).dispatch_round() == 8
+        assert balancer(conn).dispatch_round() == 12  # three micro-batches queued
         leaving.deregister()
         assert waiting(conn) == before  # each request at its own place again
         assert conn.llen(keys.rq_queue_key("leaving")) == 0 and conn.keys("rq:job:*") == []
@@ -288,7 +300,7 @@ class TestRqBooks:
         job = Job.fetch(str(job_id), connection=rq_conn, serializer=JSONSerializer)
         assert job.get_status() == "finished" and job.worker_name == "w1"
         assert job.started_at is not None and job.ended_at is not None and job.last_heartbeat is not None
-        assert job.latest_result().return_value == {"requests": 2, "recorded": 2}  # type: ignore[union-attr]
+        assert job.latest_result().return_value == {"requests": 2, "admitted": 2}  # type: ignore[union-attr]
         assert job.id in FinishedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids()
         assert StartedJobRegistry("w1", connection=rq_conn, serializer=JSONSerializer).get_job_ids() == []
         assert conn.llen(keys.rq_intermediate_key("w1")) == 0
@@ -303,7 +315,7 @@ class TestRqBooks:
     ) -> None:  # fmt: skip
         """A job sets the worker hash's TTL to its own (timeout + 60 s); the beat after a failure must undo it,
         or the hash expires during the next BLMOVE wait and `rq info` loses a live worker."""
-        w = start_worker("w1")
+        w = start_worker("w1", backend="simulated-linear")
         client.submit_batch(["a"], model="m")
         assert balancer(conn, job_timeout_s=10).dispatch_round() == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from gpulb import keys
 from gpulb.models import BatchState
 from producer import Client
 from tests.conftest import waiting
-from tests.integration.conftest import StartWorker, balancer, start_running, work
+from tests.integration.conftest import StartWorker, balancer, run_now, start_running, work
 from tests.integration.test_pipeline import assert_settled
 from worker.backends.base import BackendOutput, BackendRequest
 from worker.backends.simulated import FAIL_MARKER, HANG_MARKER
@@ -88,17 +89,19 @@ class TestDeadWorker:
         balancer(conn).dispatch_round()
         other.publish_load()
         (mb,) = queued_ids(conn, "paused")
-        real_generate = paused.backend.generate
+        real_submit, paused_once = paused.backend.submit, []
 
-        def generate_while_paused(requests: list[BackendRequest]) -> list[BackendOutput]:
-            kill(conn, "paused")
-            balancer(conn).dispatch_round()  # reaps "paused", re-dispatches to "other"
-            for requeued in queued_ids(conn, "other"):
-                other.run_microbatch(requeued)
-            return real_generate(requests)
+        def submit_while_paused(request: BackendRequest) -> Future[BackendOutput]:
+            if not paused_once:
+                paused_once.append(True)
+                kill(conn, "paused")
+                balancer(conn).dispatch_round()  # reaps "paused", re-dispatches to "other"
+                for requeued in queued_ids(conn, "other"):
+                    run_now(other, requeued)
+            return real_submit(request)
 
-        paused.backend.generate = generate_while_paused  # type: ignore[method-assign]
-        assert paused.run_microbatch(mb)["recorded"] == 0  # the late results lose the HSETNX race
+        paused.backend.submit = submit_while_paused  # type: ignore[method-assign]
+        run_now(paused, mb)  # its late results lose the HSETNX race
         results = batch.results(timeout=5)
         assert [r.worker for r in results] == ["other", "other"]
         status = batch.status()
@@ -140,11 +143,11 @@ class TestCancellation:
     def test_cancel_stops_what_has_not_started(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        w = start_worker("w", max_batch=4)
+        w = start_worker("w", max_batch=4, slots=4, queue_slots=4)
         batch = client.submit_batch([{"prompt": f"p{i}", "custom_id": f"c{i}"} for i in range(20)], model="m")
-        assert balancer(conn, max_outstanding_batches=2).dispatch_round() == 8
+        assert balancer(conn).dispatch_round() == 8
         first, _second = queued_ids(conn, "w")
-        w.run_microbatch(first)  # 4 done before the cancel
+        run_now(w, first)  # 4 done before the cancel
         status = batch.cancel()
         assert (status.completed, status.cancelled, status.pending) == (4, 12, 4)
         work(w, redis_url)  # the second micro-batch was queued: the worker cancels it on sight
@@ -161,14 +164,14 @@ class TestCancellation:
     ) -> None:
         from producer import store
 
-        start_worker("w", max_batch=10)
+        start_worker("w", max_batch=10, slots=10, queue_slots=0)
         batch = client.submit_batch([f"p{i}" for i in range(128)], model="m")  # one run of 128
         real_members, calls = store._batch_members, []
 
         def then_dispatch(*args: str) -> list[str]:
             members = real_members(*args)
             if not calls:  # the balancer cuts 10 from the run after cancel listed it, before cancel removed it
-                calls.append(balancer(conn, max_outstanding_batches=1).dispatch_round())
+                calls.append(balancer(conn).dispatch_round())
             return members
 
         monkeypatch.setattr(store, "_batch_members", then_dispatch)

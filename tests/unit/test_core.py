@@ -10,7 +10,7 @@ from gpulb.connection import redact_url
 from gpulb.errors import BadPayload, ConfigError
 from gpulb.models import RequestSpec, WorkerLoad, WorkerState, request_cost
 from gpulb.settings import Settings
-from worker.backends.simulated import SimulatedBackend, echo_text
+from worker.backends.simulated import LinearSimulatedBackend, echo_text
 
 
 class TestKeySchema:
@@ -155,7 +155,7 @@ class TestSimulatedBackend:
     def test_a_batch_takes_its_tokens_over_the_speed(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from worker.backends.base import BackendRequest
 
-        backend = SimulatedBackend(tokens_per_s=2000)
+        backend = LinearSimulatedBackend(tokens_per_s=2000)
         waited: list[float] = []
         monkeypatch.setattr(backend._stop, "wait", lambda seconds: waited.append(seconds))
         outputs = backend.generate([BackendRequest("a b", 300), BackendRequest("c", 700)])

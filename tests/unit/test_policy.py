@@ -44,7 +44,7 @@ def head(cost: int, backlog: int = 10**6, workers: list[WorkerView] | None = Non
 
 
 def choose(workers: list[WorkerView], cost: int, seed: int = 0) -> WorkerView | None:
-    return least_time_worker(workers, cost, ctx(seed))
+    return least_time_worker(workers, head(cost, workers=workers), ctx(seed))
 
 
 class TestLeastTime:
@@ -226,3 +226,66 @@ class TestScheduleQuality:
     def test_one_huge_request_at_the_end_goes_to_the_fast_worker(self) -> None:
         costs = [50] * 400 + [4000]
         assert self.ratio("least-time", costs) <= 1.35  # on the slowest it alone would take 4 s = 1.67x
+
+
+def engine(worker_id: str, speed: float, *, requests: int = 0, tokens: int = 0, slots: int = 128,
+           queue: int = 32) -> WorkerView:  # fmt: skip
+    return WorkerView(worker_id, "m", capacity=64, tokens_per_s=speed, outstanding_requests=requests,
+                      outstanding_tokens=tokens, slots=slots, queue_slots=queue)  # fmt: skip
+
+
+def slot_head(cost: int, backlog_requests: int, workers: list[WorkerView]) -> Head:
+    speed, outstanding = fleet_totals(workers, PRIOR)
+    return Head(cost, cost * backlog_requests, "", "", speed, outstanding, backlog_requests)
+
+
+class TestContinuousEngines:
+    """Credit in engine slots: keep every engine full while the backlog lasts, spare the slow ones in the tail."""
+
+    def test_an_engine_with_free_slots_gets_work_while_the_backlog_is_deep(self) -> None:
+        fast = engine("fast", 16000, requests=160, tokens=160 * 173)  # full: slots and queue
+        slow = engine("slow", 4000, requests=100, tokens=100 * 173)
+        picked = least_time_worker([fast, slow], slot_head(173, 2000, [fast, slow]), ctx())
+        assert picked is slow  # the fast one would finish sooner, but it has no room: keep the slow one full
+
+    def test_in_the_tail_a_slow_engine_is_passed_over(self) -> None:
+        fast = engine("fast", 16000, requests=140, tokens=140 * 173)
+        slow = engine("slow", 4000, requests=100, tokens=100 * 173)
+        # its own 173 tokens at a full engine's per-sequence rate take 5.5 s; the fleet is done in ~1.9 s
+        assert least_time_worker([fast, slow], slot_head(173, 40, [fast, slow]), ctx()) is fast
+        fast.outstanding_requests = 160
+        assert least_time_worker([fast, slow], slot_head(173, 40, [fast, slow]), ctx()) is None  # wait for it
+
+    def test_an_unmeasured_engine_is_probed_not_starved(self) -> None:
+        fast = engine("fast", 16000, requests=140, tokens=140 * 173)
+        new = engine("new", 0)
+        assert least_time_worker([fast, new], slot_head(173, 40, [fast, new]), ctx()) is new
+
+    def test_a_micro_batch_fills_the_free_slots_up_to_the_batch_limit(self) -> None:
+        half = engine("w", 4000, requests=140)
+        choice = make_policy("least-time").choose([half], slot_head(100, 2000, [half]), ctx())
+        assert choice is not None and choice.max_requests == 20
+        empty = engine("w", 4000)
+        choice = make_policy("least-time").choose([empty], slot_head(100, 2000, [empty]), ctx())
+        assert choice is not None and choice.max_requests == 64
+
+    def test_it_waits_for_room_worth_an_rq_job_unless_the_backlog_is_short(self) -> None:
+        almost = engine("w", 4000, requests=157)  # 3 free: less than half its queue
+        assert least_time_worker([almost], slot_head(100, 2000, [almost]), ctx()) is None
+        assert least_time_worker([almost], slot_head(100, 2, [almost]), ctx()) is almost
+
+
+class TestContinuousFleet:
+    """The policy on a simulated fleet of continuous-batching engines (bench.fleetsim), against a router that
+    sends each request to the engine with the fewest in flight, capped at its slots (join-shortest-queue)."""
+
+    def test_it_beats_join_shortest_queue_near_the_fluid_bound_with_engines_kept_full(self) -> None:
+        from bench.fleetsim import eos_requests, run_gpulb, run_jsq
+        from worker.backends.batching import EngineShape
+
+        shapes = [EngineShape(4000.0 * s) for s in (1, 1, 2, 4)]
+        requests = eos_requests(2000, seed=0, expected=173)
+        jsq, gpulb = run_jsq(requests, shapes), run_gpulb(requests, shapes)
+        assert jsq.ratio > 1.4  # a long request on a slow engine in the tail
+        assert gpulb.makespan_s <= 0.9 * jsq.makespan_s and gpulb.ratio <= 1.35
+        assert gpulb.occupancy >= 0.85

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from gpulb.settings import BackendName, WorkerSettings
 from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineLoad
-from worker.backends.simulated import SimulatedBackend
+from worker.backends.simulated import LinearSimulatedBackend, SimulatedBackend
 
 __all__ = ["Backend", "BackendOutput", "BackendRequest", "EngineLoad", "create_backend"]
 
@@ -33,4 +33,9 @@ def create_backend(settings: WorkerSettings) -> Backend:
         from worker.backends.trtllm import TensorRTLLMBackend
 
         return TensorRTLLMBackend(model_path, dtype=settings.dtype, engine_args=settings.engine_args)
-    return SimulatedBackend(settings.tokens_per_s, simulate_faults=settings.simulate_faults)
+    if name is BackendName.SIMULATED_LINEAR:
+        return LinearSimulatedBackend(settings.tokens_per_s, simulate_faults=settings.simulate_faults)
+    engine_args = dict(settings.engine_args)
+    if settings.slots is not None:
+        engine_args.setdefault("slots", settings.slots)
+    return SimulatedBackend(settings.tokens_per_s, simulate_faults=settings.simulate_faults, engine_args=engine_args)

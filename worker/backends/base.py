@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -62,14 +63,20 @@ class EngineLoad:
 
 
 class Backend(ABC):
-    """Loaded once per worker; runs one micro-batch at a time as one engine batch.
+    """Loaded once per worker.
 
-    Lifecycle: ``start()`` once (load the model, or wait for the server), then ``generate()`` for
-    each micro-batch, ``engine_load()`` and ``healthy()`` from the heartbeat thread, and
-    ``shutdown()`` once at the end, after the worker has drained.
+    A *static* backend (``continuous = False``: transformers' padded ``generate``, the linear simulator)
+    runs one micro-batch at a time as one engine batch: ``generate()``. A *continuous* one (vLLM,
+    TensorRT-LLM, an engine server, the batching simulator) takes requests one by one with ``submit()``
+    while others run, and each finishes on its own: the worker keeps its ``slots()`` full.
+
+    Lifecycle: ``start()`` once (load the model, or wait for the server), then ``generate()`` or
+    ``submit()``, ``engine_load()`` and ``healthy()`` from the heartbeat thread, and ``shutdown()``
+    once at the end, after the worker has drained.
     """
 
     name: str = "backend"
+    continuous: bool = False
 
     def start(self) -> None:  # noqa: B027 - optional hook: most backends load in start()
         """Load the model. Called once, before the worker takes work."""
@@ -81,6 +88,10 @@ class Backend(ABC):
         Raise only when the whole batch failed; a failure of one request goes in its output's ``error``.
         """
 
+    def slots(self) -> int | None:
+        """How many sequences the engine runs at once (vLLM's max_num_seqs); None if it cannot tell."""
+        return None
+
     def engine_load(self) -> EngineLoad:
         return EngineLoad()
 
@@ -89,6 +100,30 @@ class Backend(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the model and any engine processes."""
+
+
+class ContinuousBackend(Backend):
+    """A backend that batches continuously: ``submit`` one request, get a future of its output.
+
+    The future may fail with an exception (the request, or the engine, failed); ``abort`` asks the engine
+    to drop a request the worker gave up on (a time-out), so that it stops holding a slot.
+    """
+
+    continuous = True
+
+    @abstractmethod
+    def submit(self, request: BackendRequest) -> Future[BackendOutput]:
+        """Hand one request to the engine; it starts as soon as the engine has a free slot."""
+
+    def abort(self, future: Future[BackendOutput]) -> None:
+        """Drop a submitted request inside the engine (best effort)."""
+        future.cancel()
+
+    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
+        """All at once, each finishing on its own; the same contract as a static backend's."""
+        futures = [self.submit(r) for r in requests]
+        wait(futures)
+        return [f.result() for f in futures]
 
 
 def import_engine(module: str, extra: str) -> ModuleType:

@@ -1,18 +1,43 @@
-"""A simulated GPU: deterministic output, and time proportional to the tokens asked for.
+"""Simulated GPUs, for demos, tests and benchmarks: no model, deterministic output.
 
-The output echoes the prompt's words (a chat's rendered text) to exactly ``max_tokens`` words; the
-prompt token count is its number of words.
+``simulated`` (the default) batches continuously, as vLLM does (:mod:`worker.backends.batching`):
+``--tokens-per-s`` is what it generates with all its slots busy, a lone request runs far slower than
+that, and each request stops at its own end, drawn from its prompt. ``simulated-linear`` is the old
+model, kept as an explicit option: a micro-batch of T tokens takes T / ``tokens_per_s``, every request
+produces exactly ``max_tokens``.
+
+The output echoes the prompt's words (a chat's rendered text) to the generated length; the prompt
+token count is its number of words.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
+from concurrent.futures import Future
+from typing import Any
 
-from worker.backends.base import LENGTH, Backend, BackendOutput, BackendRequest
+from worker.backends.base import (
+    LENGTH,
+    STOP,
+    Backend,
+    BackendOutput,
+    BackendRequest,
+    ContinuousBackend,
+    EngineLoad,
+)
+from worker.backends.batching import (
+    DEFAULT_MEDIAN_OUTPUT,
+    DEFAULT_OUTPUT_SIGMA,
+    BatchingCore,
+    EngineShape,
+    LengthModel,
+)
 
-FAIL_MARKER = "@@fail"  # with simulate_faults: a request whose prompt holds this makes the batch raise
-HANG_MARKER = "@@hang"  # with simulate_faults: a batch holding this never returns (until shutdown)
+FAIL_MARKER = "@@fail"  # with simulate_faults: a request whose prompt holds this fails (the batch raises)
+HANG_MARKER = "@@hang"  # with simulate_faults: a request holding this never finishes (until shutdown)
+ENGINE_ARGS = {"slots", "fixed_share", "prefill_share", "median_output_tokens", "output_sigma"}
 
 
 class SimulatedFault(RuntimeError):
@@ -25,14 +50,20 @@ def echo_text(prompt: str, max_tokens: int) -> str:
     return " ".join(itertools.islice(itertools.cycle(words), max_tokens))
 
 
-class SimulatedBackend(Backend):
+def echo_output(request: BackendRequest, tokens: int, finish_reason: str) -> BackendOutput:
+    text = request.text
+    return BackendOutput(text=echo_text(text, tokens), output_tokens=tokens, prompt_tokens=len(text.split()),
+                         finish_reason=finish_reason)  # fmt: skip
+
+
+class LinearSimulatedBackend(Backend):
     """A micro-batch of requests totalling T tokens takes T / ``tokens_per_s`` seconds.
 
     ``tokens_per_s`` may be changed while running (a GPU that throttles). With ``simulate_faults``,
     prompts containing ``@@fail`` or ``@@hang`` make the batch raise or hang (fault-injection tests).
     """
 
-    name = "simulated"
+    name = "simulated-linear"
 
     def __init__(self, tokens_per_s: float, *, simulate_faults: bool = False) -> None:
         if tokens_per_s <= 0:
@@ -47,13 +78,7 @@ class SimulatedBackend(Backend):
         total = sum(r.max_tokens for r in requests)
         # Event.wait is an interruptible sleep: shutdown() ends a simulated batch at once.
         self._stop.wait(total / self.tokens_per_s)
-        return [self._output(r) for r in requests]
-
-    @staticmethod
-    def _output(request: BackendRequest) -> BackendOutput:
-        text = request.text
-        return BackendOutput(text=echo_text(text, request.max_tokens), output_tokens=request.max_tokens,
-                             prompt_tokens=len(text.split()), finish_reason=LENGTH)  # fmt: skip
+        return [echo_output(r, r.max_tokens, LENGTH) for r in requests]
 
     def _inject_faults(self, requests: list[BackendRequest]) -> None:
         if any(HANG_MARKER in r.text for r in requests):
@@ -63,3 +88,119 @@ class SimulatedBackend(Backend):
 
     def shutdown(self) -> None:
         self._stop.set()
+
+
+class SimulatedBackend(ContinuousBackend):
+    """A continuous-batching engine in real time: a thread runs :class:`BatchingCore` against the clock.
+
+    Engine arguments (``--engine-args``): ``slots`` (128), ``fixed_share`` (0.25), ``prefill_share`` (0.1),
+    ``median_output_tokens`` (124), ``output_sigma`` (0.96). ``tokens_per_s`` may be changed while running.
+    """
+
+    name = "simulated"
+
+    def __init__(
+        self, tokens_per_s: float, *, simulate_faults: bool = False, engine_args: dict[str, Any] | None = None
+    ) -> None:
+        args = dict(engine_args or {})
+        unknown = set(args) - ENGINE_ARGS
+        if unknown:
+            raise ValueError(f"unknown simulated engine argument(s) {sorted(unknown)}; known: {sorted(ENGINE_ARGS)}")
+        self._shape_args = {k: args[k] for k in ("slots", "fixed_share", "prefill_share") if k in args}
+        self.lengths = LengthModel(float(args.get("median_output_tokens", DEFAULT_MEDIAN_OUTPUT)),
+                                   float(args.get("output_sigma", DEFAULT_OUTPUT_SIGMA)))  # fmt: skip
+        self.simulate_faults = simulate_faults
+        self._core = BatchingCore(EngineShape(tokens_per_s, **self._shape_args))
+        self._pending: dict[int, tuple[Future[BackendOutput], BackendOutput]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._epoch = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="gpulb-simulated-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._core.shape.tokens_per_s
+
+    @tokens_per_s.setter
+    def tokens_per_s(self, value: float) -> None:  # a GPU that throttles
+        with self._lock:
+            finished = self._core.advance(self._now())
+            self._core.shape = EngineShape(value, **self._shape_args)
+            self._lock.notify()
+        self._resolve(finished)
+
+    def slots(self) -> int:
+        return self._core.shape.slots
+
+    def submit(self, request: BackendRequest) -> Future[BackendOutput]:
+        future: Future[BackendOutput] = Future()
+        future.set_running_or_notify_cancel()
+        text = request.text
+        if self.simulate_faults and FAIL_MARKER in text:
+            future.set_exception(SimulatedFault("simulated backend failure"))
+            return future
+        tokens, stopped = self.lengths.output_length(text, request.max_tokens, request.sampling)
+        output = echo_output(request, tokens, STOP if stopped else LENGTH)
+        if self.simulate_faults and HANG_MARKER in text:
+            tokens = 1 << 40  # never finishes, but holds its slot as a stuck request does
+        with self._lock:
+            if self._stopped:
+                future.set_exception(RuntimeError("simulated engine shut down"))
+                return future
+            key = next(self._ids)
+            self._pending[key] = (future, output)
+            finished = self._core.submit(key, output.prompt_tokens, tokens, self._now())
+            self._lock.notify()
+        self._resolve(finished)
+        return future
+
+    def abort(self, future: Future[BackendOutput]) -> None:
+        with self._lock:
+            key = next((k for k, (f, _) in self._pending.items() if f is future), None)
+            if key is not None:
+                self._core.cancel(key)
+                del self._pending[key]
+        future.cancel()
+
+    def engine_load(self) -> EngineLoad:
+        with self._lock:
+            core = self._core
+            return EngineLoad(running=len(core.running), waiting=len(core.waiting),
+                              kv_cache_usage=len(core.running) / core.shape.slots,
+                              generated_tokens=core.generated_by(self._now()))  # fmt: skip
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            pending, self._pending = self._pending, {}
+            self._lock.notify()
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError("simulated engine shut down"))
+
+    def _now(self) -> float:
+        return time.monotonic() - self._epoch
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                finished = self._core.advance(self._now())
+                if not finished:
+                    wake = self._core.next_event_s()
+                    self._lock.wait(None if wake is None else max(0.0, wake - self._now()))
+                    continue
+            self._resolve(finished)
+
+    def _resolve(self, keys: list[int]) -> None:
+        """Set the outputs of these finished requests (never with the lock held: callbacks run here)."""
+        if not keys:
+            return
+        with self._lock:
+            outputs = [self._pending.pop(k) for k in keys if k in self._pending]
+        for future, output in outputs:
+            if not future.cancelled():
+                future.set_result(output)
