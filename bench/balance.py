@@ -57,12 +57,17 @@ class Table:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
 
 
+LINEAR = "simulated-linear"
+
+
 def fresh(url: str) -> None:
     redis.Redis.from_url(url).flushall()
 
 
 def fleet(speeds: tuple[float, ...] = SPEEDS, max_batch: int = 64) -> list[WorkerSpec]:
-    return [WorkerSpec(f"gpu{i}", MODEL, s, max_batch) for i, s in enumerate(speeds)]
+    """The linear servers of the first design (a micro-batch takes its tokens over the speed); bench.fleet has
+    the continuous-batching engines."""
+    return [WorkerSpec(f"gpu{i}", MODEL, s, max_batch, backend=LINEAR) for i, s in enumerate(speeds)]
 
 
 def run_batch(url: str, log_dir: Path, policy: str, requests: list[dict[str, object]],
@@ -154,7 +159,7 @@ def open_loop(url: str, tmp: Path, policy: str, n: int, lam: float, mean_tokens:
     rng = random.Random(5)
     env = {"GPULB_BALANCER__POLICY": policy, "GPULB_BALANCER__MAX_OUTSTANDING_BATCHES": "1",
            "GPULB_BALANCER__PRIOR_TOKENS_PER_S": str(speed)}  # fmt: skip
-    workers = [WorkerSpec(f"gpu{i}", MODEL, speed, max_batch=1) for i in range(4)]
+    workers = [WorkerSpec(f"gpu{i}", MODEL, speed, max_batch=1, backend=LINEAR) for i in range(4)]
     with LocalStack(url, workers, tmp / f"open-{policy}", env=env), Client(url) as client:
         handles = []
         next_at = time.monotonic()

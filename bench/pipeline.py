@@ -1,4 +1,6 @@
-"""The pipeline benchmark (issue 2): a heavy-tailed batch on four simulated GPUs of mixed speed.
+"""The pipeline benchmark (issue 2): a heavy-tailed batch on four linear simulated GPUs of mixed speed.
+
+(``bench.fleet`` is its successor on continuous-batching engines, the default since issue 13.)
 
     python -m bench.pipeline [--requests 1000] [--speeds 1000,1000,2000,4000] [--repeat 1]
 
@@ -26,7 +28,8 @@ MODEL = "bench-model"
 
 
 def run_once(redis_url: str, speeds: list[float], n_requests: int, seed: int, log_dir: Path) -> dict[str, object]:
-    workers = [WorkerSpec(id=f"gpu{i}-{int(s)}tps", model=MODEL, tokens_per_s=s) for i, s in enumerate(speeds)]
+    workers = [WorkerSpec(id=f"gpu{i}-{int(s)}tps", model=MODEL, tokens_per_s=s, backend="simulated-linear")
+               for i, s in enumerate(speeds)]  # fmt: skip
     requests = heavy_tailed_requests(n_requests, seed=seed)
     max_tokens = [int(r["max_tokens"]) for r in requests]  # type: ignore[call-overload]
     with LocalStack(redis_url, workers, log_dir), Client(redis_url) as client:
