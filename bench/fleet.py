@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gpulb.occupancy import Span as BusySpan
+from gpulb.occupancy import busy_share
 from gpulb.redis_server import RedisServer
 from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
@@ -70,25 +72,18 @@ class Run:
 
 def prompts(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    words = "gpu batch token engine slot queue model prompt answer fleet speed cache".split()
+    words = ["gpu", "batch", "token", "engine", "slot", "queue", "model", "prompt", "answer", "fleet", "cache"]
     return [f"request {i}: " + " ".join(rng.choices(words, k=rng.randint(8, 200))) for i in range(count)]
 
 
 def occupancy(spans: list[Span], slots: dict[str, int], start: float) -> float:
     """Mean share of all slots busy from ``start`` until the last request started (the backlog ran out)."""
     end = max(s.started_at for s in spans)
-    if end <= start:
-        return 1.0
-    busy = 0.0
-    for engine, cap in slots.items():
-        events = sorted([(s.started_at, 1) for s in spans if s.engine == engine]
-                        + [(s.finished_at, -1) for s in spans if s.engine == engine])  # fmt: skip
-        running, last = 0, start
-        for at, step in events:
-            at = min(max(at, start), end)
-            busy += min(running, cap) * (at - last)
-            running, last = running + step, at
-    return busy / ((end - start) * sum(slots.values()))
+    return busy_share((occupancy_span(s) for s in spans), slots, start, end)
+
+
+def occupancy_span(span: Span) -> BusySpan:
+    return BusySpan(span.engine, span.started_at, span.finished_at)
 
 
 def summary(name: str, spans: list[Span], start: float, speeds: dict[str, float], slots: dict[str, int]) -> Run:
@@ -184,9 +179,9 @@ def main() -> None:
             jsq = run_jsq(texts, speeds)
             gpulb = run_gpulb(server.url, texts, speeds, Path(tmp) / f"logs{run}")
             server_conn_flush(server.url)
-            print(f"| {run + 1} | {gpulb.fluid_s:.2f} | {jsq.makespan_s:.2f} | {jsq.ratio:.3f} | {gpulb.makespan_s:.2f} "
-                  f"| **{gpulb.ratio:.3f}** | **{gpulb.makespan_s / jsq.makespan_s:.3f}** | {jsq.occupancy:.1%} | "
-                  f"**{gpulb.occupancy:.1%}** |", flush=True)  # fmt: skip
+            print(f"| {run + 1} | {gpulb.fluid_s:.2f} | {jsq.makespan_s:.2f} | {jsq.ratio:.3f} | "
+                  f"{gpulb.makespan_s:.2f} | **{gpulb.ratio:.3f}** | **{gpulb.makespan_s / jsq.makespan_s:.3f}** | "
+                  f"{jsq.occupancy:.1%} | **{gpulb.occupancy:.1%}** |", flush=True)  # fmt: skip
             shares = ", ".join(f"{e} {s:.1%}" for e, s in gpulb.shares.items())
             print(f"#   gpulb token shares: {shares}")
             figures.append({"jsq": asdict(jsq), "gpulb": asdict(gpulb)})

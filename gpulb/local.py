@@ -26,14 +26,16 @@ from urllib.parse import urlsplit
 
 import redis
 
+from gpulb import keys
 from gpulb.connection import connect, redact_url
 from gpulb.errors import ConfigError
+from gpulb.occupancy import Span, busy_share, busy_shares
 from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 from gpulb.stack import LocalStack, WorkerSpec
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
-DEFAULT_SPEEDS = "2000,2000,4000,8000"
+DEFAULT_SPEEDS = "4000,4000,8000,16000"  # tokens/s of each simulated engine with all its slots busy
 
 
 def add_parsers(sub: Any) -> None:
@@ -156,11 +158,11 @@ def _restart_dead(stack: LocalStack) -> None:
 
 
 def sample_requests(count: int, *, seed: int = 7) -> list[dict[str, Any]]:
-    """A heavy-tailed mix: most answers short, a few long (lognormal tokens, median about 40)."""
+    """A chat-like mix: answers stop at their own end (the engine decides), under varied max_tokens."""
     rng = random.Random(seed)
     topics = ["GPUs", "queues", "Redis", "batching", "KV caches", "tail latency", "schedulers", "prefill"]
     return [{"prompt": f"Explain {rng.choice(topics)} to a new engineer, part {i}.",
-             "max_tokens": max(1, min(1024, round(rng.lognormvariate(3.7, 0.9))))} for i in range(count)]  # fmt: skip
+             "max_tokens": max(16, min(512, round(rng.lognormvariate(5.0, 0.6))))} for i in range(count)]  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -176,24 +178,45 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         batch = client.submit_batch(requests, model=plan.model)
         follow(batch, ProgressReporter(), timeout=None)
         results = batch.results(timeout=60)
-    makespan = max(r.finished_at for r in results) - started
-    print(share_table(plan, results, makespan))
+        slots = worker_slots(stack.redis_url, [w.id for w in plan.workers])
+    print(share_table(plan, results, started, slots))
     return 0
 
 
-def share_table(plan: FleetPlan, results: list[Any], makespan_s: float) -> str:
-    """Each worker's share of the tokens served next to its share of the fleet's speed."""
+def worker_slots(redis_url: str, worker_ids: list[str]) -> dict[str, int]:
+    """Each worker's engine slots, from its load key (0: a static-batch engine)."""
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return {w: int(conn.hget(keys.load_key(w), "slots") or 0) for w in worker_ids}
+    finally:
+        conn.close()
+
+
+def share_table(plan: FleetPlan, results: list[Any], started: float, slots: dict[str, int]) -> str:
+    """Each worker's share of the tokens served next to its share of the fleet's speed, and how full its engine
+    was kept until the backlog ran out."""
     tokens, counts = Counter[str](), Counter[str]()
     for r in results:
         tokens[r.worker] += r.output_tokens
         counts[r.worker] += 1
+    backlog_out = max(r.started_at for r in results)
+    spans = [Span(r.worker, r.started_at, r.finished_at) for r in results]
+    continuous = {w: n for w, n in slots.items() if n > 0}
+    busy = busy_shares(spans, continuous, started, backlog_out)
     total_tokens, total_speed = sum(tokens.values()), sum(w.tokens_per_s for w in plan.workers)
-    lines = [f"{'WORKER':<8} {'TOK/S':>7} {'SPEED SHARE':>12} {'REQUESTS':>9} {'TOKENS':>9} {'WORK SHARE':>11}"]
+    lines = [f"{'WORKER':<8} {'TOK/S':>7} {'SPEED SHARE':>12} {'REQUESTS':>9} {'TOKENS':>9} {'WORK SHARE':>11} "
+             f"{'SLOTS BUSY':>11}"]  # fmt: skip
     for w in plan.workers:
+        full = f"{busy[w.id]:.0%} of {slots[w.id]}" if w.id in busy else "-"
         lines.append(f"{w.id:<8} {w.tokens_per_s:>7g} {w.tokens_per_s / total_speed:>12.1%} {counts[w.id]:>9,} "
-                     f"{tokens[w.id]:>9,} {tokens[w.id] / max(1, total_tokens):>11.1%}")  # fmt: skip
+                     f"{tokens[w.id]:>9,} {tokens[w.id] / max(1, total_tokens):>11.1%} {full:>11}")  # fmt: skip
+    makespan_s = max(r.finished_at for r in results) - started
     bound = max(total_tokens / total_speed, 1e-9)
     failed = sum(1 for r in results if not r.ok)
     lines.append(f"\n{len(results):,} requests ({failed} failed), {total_tokens:,} tokens in {makespan_s:.2f} s. "
-                 f"The fluid bound (all busy to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip
+                 f"The fluid bound (engines full to the end): {bound:.2f} s, so {makespan_s / bound:.2f}x")  # fmt: skip
+    if continuous:
+        overall = busy_share(spans, continuous, started, backlog_out)
+        lines.append(f"Engines kept {overall:.0%} of their slots busy until the backlog ran out "
+                     f"({backlog_out - started:.2f} s).")  # fmt: skip
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -83,3 +84,6 @@ class TestDemo:
         assert rows["gpu0"][2] == "25.0%" and rows["gpu1"][2] == "75.0%"  # speed shares
         assert "300 requests (0 failed)" in done.stdout
         assert "300/300 done (100%)" in done.stderr
+        for row in rows.values():  # slots busy: "NN% of 128"
+            assert row[-2:] == ["of", "128"] and row[-3].endswith("%")
+        assert re.search(r"Engines kept \d+% of their slots busy until the backlog ran out", done.stdout)
