@@ -17,6 +17,7 @@ alike, so ``advance`` jumps over them instead of counting tokens one by one.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -89,18 +90,25 @@ class LengthModel:
 class _Sequence:
     key: Any
     prompt_tokens: int
-    left: int  # tokens still to generate
+    tokens: int  # to generate
+    end_step: int = 0  # the engine's step count at which it has them all (set when it starts running)
 
 
 @dataclass(slots=True)
 class BatchingCore:
-    """The engine's state in virtual time: ``submit`` requests, ``advance`` the clock, collect the finished."""
+    """The engine's state in virtual time: ``submit`` requests, ``advance`` the clock, collect the finished.
+
+    Running sequences sit in a heap by the step at which they end, so an event costs O(log n), not O(n).
+    """
 
     shape: EngineShape
     clock: float = 0.0  # virtual time of the last step boundary reached
+    steps: int = 0  # decode steps run so far
     generated_tokens: int = 0
     running: dict[Any, _Sequence] = field(default_factory=dict)
     waiting: deque[_Sequence] = field(default_factory=deque)
+    _ends: list[tuple[int, int, Any]] = field(default_factory=list)  # (end step, order, key); stale entries skipped
+    _order: int = 0
 
     def submit(self, key: Any, prompt_tokens: int, tokens: int, now: float) -> list[Any]:
         """Queue a request that will generate ``tokens``; returns what finished up to ``now``."""
@@ -121,13 +129,10 @@ class BatchingCore:
 
     def advance(self, now: float) -> list[Any]:
         """Run every step that ends by ``now``; returns the keys of the requests that finished, in order."""
-        if not self.running:
-            self.clock = max(self.clock, now)
-            return []
         finished: list[Any] = []
         while self.running:
             step = self.shape.step_s(len(self.running))
-            to_next = min(s.left for s in self.running.values())
+            to_next = self._next_end() - self.steps
             steps = min(to_next, math.floor((now - self.clock) / step + 1e-9))
             if steps <= 0:
                 break
@@ -143,29 +148,35 @@ class BatchingCore:
         """Virtual time at which the next request finishes (None when nothing runs)."""
         if not self.running:
             return None
-        return self.clock + min(s.left for s in self.running.values()) * self.shape.step_s(len(self.running))
+        return self.clock + (self._next_end() - self.steps) * self.shape.step_s(len(self.running))
 
     def generated_by(self, now: float) -> int:
         """Tokens generated up to ``now``, counting the steps since the last event (a read: changes nothing)."""
         if not self.running or now <= self.clock:
             return self.generated_tokens
         steps = math.floor((now - self.clock) / self.shape.step_s(len(self.running)))
-        return self.generated_tokens + min(steps, min(s.left for s in self.running.values())) * len(self.running)
+        return self.generated_tokens + min(steps, self._next_end() - self.steps) * len(self.running)
 
     @property
     def in_flight(self) -> int:
         return len(self.running) + len(self.waiting)
 
+    def _next_end(self) -> int:
+        while self._ends[0][2] not in self.running or self.running[self._ends[0][2]].end_step != self._ends[0][0]:
+            heapq.heappop(self._ends)  # an aborted sequence's entry
+        return self._ends[0][0]
+
     def _run(self, steps: int, step_s: float) -> None:
-        for seq in self.running.values():
-            seq.left -= steps
+        self.steps += steps
         self.generated_tokens += steps * len(self.running)
         self.clock += steps * step_s
 
     def _retire(self) -> list[Any]:
-        done = [k for k, s in self.running.items() if s.left <= 0]
-        for key in done:
+        done = []
+        while self.running and self._next_end() <= self.steps:
+            _, _, key = heapq.heappop(self._ends)
             del self.running[key]
+            done.append(key)
         self._admit()
         return done
 
@@ -174,6 +185,9 @@ class BatchingCore:
         prompt_tokens = 0
         while self.waiting and len(self.running) < self.shape.slots:
             seq = self.waiting.popleft()
+            seq.end_step = self.steps + seq.tokens
             self.running[seq.key] = seq
+            self._order += 1
+            heapq.heappush(self._ends, (seq.end_step, self._order, seq.key))
             prompt_tokens += seq.prompt_tokens
         self.clock += self.shape.prefill_s(prompt_tokens)
