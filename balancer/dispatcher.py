@@ -193,8 +193,10 @@ class Balancer:
             choice = self.policy.choose(workers, head, self.ctx)
             if choice is None:
                 break
+            tail = self.policy.late_binding and 0 < backlog.requests <= totals.capacity_requests
             result = self.dispatch(choice.worker, choice.token_budget, respect_affinity=choice.respect_affinity,
-                                   free_owners=choice.free_owners, max_requests=choice.max_requests)  # fmt: skip
+                                   free_owners=choice.free_owners, max_requests=choice.max_requests,
+                                   longest_first=tail)  # fmt: skip
             if self.metrics is not None:
                 self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - started)
             if result.status in (EMPTY, OTHER_AFFINITY):
@@ -218,9 +220,10 @@ class Balancer:
 
     def dispatch(
         self, worker: WorkerView, token_budget: int, *, respect_affinity: bool = False,
-        free_owners: tuple[str, ...] = (), max_requests: int = 0,
+        free_owners: tuple[str, ...] = (), max_requests: int = 0, longest_first: bool = False,
     ) -> Dispatch:  # fmt: skip
-        """Atomically cut a micro-batch for ``worker`` and enqueue it as one RQ job."""
+        """Atomically cut a micro-batch for ``worker`` and enqueue it as one RQ job (``longest_first``: the
+        requests expected to run longest among the front ones, for the tail of a backlog)."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
         in_slots = self.policy.late_binding and worker.slots > 0  # credit in engine slots, not micro-batches
         reply = self.scripts.dispatch(
@@ -235,7 +238,8 @@ class Balancer:
                 microbatch_id, worker.worker_id, worker.model, max_requests or worker.capacity, token_budget,
                 UNBOUNDED if in_slots else self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id),
                 "1" if respect_affinity else "", self.settings.affinity_scan, " ".join(free_owners),
-                AFFINITY_OWNERS_TTL_S, "1" if in_slots else "", *self._rq_job_fields(microbatch_id, worker.worker_id),
+                AFFINITY_OWNERS_TTL_S, "1" if in_slots else "", "1" if longest_first else "",
+                *self._rq_job_fields(microbatch_id, worker.worker_id),
             ],
         )  # fmt: skip
         status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])

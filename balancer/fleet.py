@@ -33,6 +33,7 @@ class Backlog:
 class ModelTotals:
     tokens_per_s: float = 0.0
     outstanding_tokens: int = 0
+    capacity_requests: int = 0  # what the model's continuous workers may hold at once: a backlog below it is a tail
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class Fleet:
         totals = self.totals.setdefault(view.model, ModelTotals())
         totals.tokens_per_s += sign * view.speed(self.prior_tokens_per_s)
         totals.outstanding_tokens += sign * view.outstanding_tokens
+        totals.capacity_requests += sign * (view.slots + view.queue_slots)
 
 
 def read_fleet(

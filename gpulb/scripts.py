@@ -38,6 +38,8 @@ end
 local function score_text(score)
   return string.format('%.17g', score)
 end
+
+local PRIORITY_SPAN = 17592186044416  -- gpulb.keys.PRIORITY_SPAN (2**44): one priority's band of scores
 """
 
 DISPATCH = (
@@ -53,7 +55,8 @@ DISPATCH = (
 -- ARGV[7] now (epoch s)  ARGV[8] rq queue key  ARGV[9] '1' to respect affinity owners
 -- ARGV[10] members to scan with affinity  ARGV[11] owners whose keys may be taken over (space-separated)
 -- ARGV[12] owners-hash TTL (s)  ARGV[13] '1' to count credit in engine slots for a continuous worker (its
--- load hash has slots > 0: it may hold slots + queue_slots requests)  ARGV[14..] RQ job hash field, value, ...
+-- load hash has slots > 0: it may hold slots + queue_slots requests)  ARGV[14] '1' to take the longest first
+-- (the tail of a backlog)  ARGV[15..] RQ job hash field, value, ...
 -- Takes requests from the front while they fit the budget (always at least one), splitting the
 -- member it stops in: the rest of that run goes back with the score of its first request. With
 -- affinity, it skips members whose key another worker owns (unless that owner is listed as free),
@@ -88,41 +91,105 @@ local function may_take(key)
   return owner == '' or owner == me or free[owner] == true
 end
 local scan = max_count
-if affinity_on then scan = math.max(max_count, tonumber(ARGV[10])) end
+if affinity_on or ARGV[14] == '1' then scan = math.max(max_count, tonumber(ARGV[10])) end
 local head = redis.call('ZRANGE', KEYS[1], 0, scan - 1, 'WITHSCORES')
-local members, scores, remove, tokens, dropped, claimed, full = {}, {}, {}, 0, 0, {}, false
-local rest, rest_score = nil, nil
-for i = 1, #head, 2 do
-  local bid, start, attempt, key, text = split_member(head[i])
-  if bid == nil then
-    dropped = dropped + 1
-    remove[#remove + 1] = head[i]
-  elseif may_take(key) then
-    local prefix, suffix, took = bid .. ':', ':' .. attempt .. ':' .. key .. ':', 0
-    for at, cost in string.gmatch(text, '()(%d+)') do
-      local c = tonumber(cost)
-      if #members > 0 and (tokens + c > budget or #members >= max_count) then
-        full = true
-        if took > 0 then
-          rest = prefix .. (start + took) .. suffix .. string.sub(text, at)
-          rest_score = score_text(tonumber(head[i + 1]) + took)
-        end
-        break
-      end
-      members[#members + 1] = prefix .. (start + took) .. suffix .. cost
-      tokens = tokens + c
-      took = took + 1
-    end
-    if took > 0 then
+
+-- In order: requests from the front while they fit the budget (at least one), splitting the member it stops in.
+local function cut_in_order()
+  local members, scores, remove, tokens, dropped, claimed, full = {}, {}, {}, 0, 0, {}, false
+  local rest, rest_score = nil, nil
+  for i = 1, #head, 2 do
+    local bid, start, attempt, key, text = split_member(head[i])
+    if bid == nil then
+      dropped = dropped + 1
       remove[#remove + 1] = head[i]
-      scores[#scores + 1] = head[i + 1] .. 'x' .. took  -- its requests' scores: this one and the next took - 1
-      if affinity_on and key ~= '' then owners[key] = me; claimed[#claimed + 1] = key end
+    elseif may_take(key) then
+      local prefix, suffix, took = bid .. ':', ':' .. attempt .. ':' .. key .. ':', 0
+      for at, cost in string.gmatch(text, '()(%d+)') do
+        local c = tonumber(cost)
+        if #members > 0 and (tokens + c > budget or #members >= max_count) then
+          full = true
+          if took > 0 then
+            rest = prefix .. (start + took) .. suffix .. string.sub(text, at)
+            rest_score = score_text(tonumber(head[i + 1]) + took)
+          end
+          break
+        end
+        members[#members + 1] = prefix .. (start + took) .. suffix .. cost
+        tokens = tokens + c
+        took = took + 1
+      end
+      if took > 0 then
+        remove[#remove + 1] = head[i]
+        scores[#scores + 1] = head[i + 1] .. 'x' .. took  -- its requests' scores: this one and the next took - 1
+        if affinity_on and key ~= '' then owners[key] = me; claimed[#claimed + 1] = key end
+      end
+      if full then break end
     end
-    if full then break end
   end
+  if #remove > 0 then redis.call('ZREM', KEYS[1], unpack(remove)) end
+  if rest then redis.call('ZADD', KEYS[1], rest_score, rest) end
+  return members, scores, tokens, dropped, claimed
 end
-if #remove > 0 then redis.call('ZREM', KEYS[1], unpack(remove)) end
-if rest then redis.call('ZADD', KEYS[1], rest_score, rest) end
+
+-- The tail of a backlog: among the front requests of the head's priority, the longest first, so that the last
+-- request to start is a short one. What a member keeps goes back as runs, each with its first request's score.
+local function cut_longest_first()
+  local parsed, cands, band = {}, {}, nil
+  for i = 1, #head, 2 do
+    local bid, start, attempt, key, costs = parse_member(head[i])
+    if bid == nil then return nil end  -- a foreign member: the in-order cut drops it
+    local b = math.floor(tonumber(head[i + 1]) / PRIORITY_SPAN)
+    if band == nil then band = b end
+    if b ~= band then break end
+    parsed[i] = {bid, start, attempt, key, costs}
+    if may_take(key) then
+      for k = 1, #costs do
+        if #cands < 4096 then cands[#cands + 1] = {costs[k], i, k} end
+      end
+    end
+  end
+  table.sort(cands, function(x, y)
+    if x[1] ~= y[1] then return x[1] > y[1] end
+    if x[2] ~= y[2] then return x[2] < y[2] end
+    return x[3] < y[3]
+  end)
+  local taken, members, scores, tokens, claimed = {}, {}, {}, 0, {}
+  for _, c in ipairs(cands) do
+    if #members >= max_count then break end
+    if #members == 0 or tokens + c[1] <= budget then
+      local i, k = c[2], c[3]
+      local p = parsed[i]
+      taken[i] = taken[i] or {}
+      taken[i][k] = true
+      members[#members + 1] = member_of(p[1], p[2] + k - 1, p[3], p[4], c[1])
+      scores[#scores + 1] = score_text(tonumber(head[i + 1]) + k - 1) .. 'x1'
+      tokens = tokens + c[1]
+      if affinity_on and p[4] ~= '' then owners[p[4]] = me; claimed[#claimed + 1] = p[4] end
+    end
+  end
+  for i, ks in pairs(taken) do
+    local p = parsed[i]
+    redis.call('ZREM', KEYS[1], head[i])
+    local from = nil
+    for k = 1, #p[5] + 1 do
+      if k <= #p[5] and not ks[k] then
+        from = from or k
+      elseif from ~= nil then
+        local kept = {}
+        for j = from, k - 1 do kept[#kept + 1] = p[5][j] end
+        redis.call('ZADD', KEYS[1], score_text(tonumber(head[i + 1]) + from - 1),
+          member_of(p[1], p[2] + from - 1, p[3], p[4], table.concat(kept, ',')))
+        from = nil
+      end
+    end
+  end
+  return members, scores, tokens, 0, claimed
+end
+
+local members, scores, tokens, dropped, claimed
+if ARGV[14] == '1' then members, scores, tokens, dropped, claimed = cut_longest_first() end
+if members == nil then members, scores, tokens, dropped, claimed = cut_in_order() end
 if #members == 0 then
   local status = 0
   if redis.call('ZCARD', KEYS[1]) > 0 then status = -3 end
@@ -138,7 +205,7 @@ redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'batches', 1)
 redis.call('HINCRBY', KEYS[4], 'tokens', tokens)
 redis.call('HINCRBY', KEYS[4], 'requests', #members)
-redis.call('HSET', KEYS[7], unpack(ARGV, 14))
+redis.call('HSET', KEYS[7], unpack(ARGV, 15))
 redis.call('RPUSH', KEYS[8], ARGV[1])
 redis.call('SADD', KEYS[9], ARGV[8])
 local next_cost, next_key, next_owner = -1, '', ''

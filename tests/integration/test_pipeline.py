@@ -198,6 +198,39 @@ class TestDispatch:
         assert [keys.parse_ingress_member(m).costs[0] for m, _ in cut] == [1 + i % 7 for i in range(300)]
         assert batch.status().pending == 300  # dispatched is not started
 
+    def test_the_tail_of_a_backlog_goes_longest_first_and_what_stays_keeps_its_place(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        """A backlog that fits in the engines' slots is a tail: the longest requests start first."""
+        w = start_worker("w", slots=8, queue_slots=0, max_batch=3)
+        lengths = [5, 50, 10, 40, 30, 20]
+        batch = client.submit_batch([{"prompt": "p", "max_tokens": n} for n in lengths], model="m")
+        before = dict((r.start, score) for r, score in waiting(conn))
+        assert balancer(conn).dispatch_round() == 6
+        cut = []
+        for job_id in conn.lrange(keys.rq_queue_key("w"), 0, -1):
+            mb = conn.hgetall(keys.microbatch_key(job_id))
+            scores = [float(s) + k for run in mb["scores"].split() for s, n in [run.split("x")] for k in range(int(n))]
+            cut.append([(keys.parse_ingress_member(m).start, score) for m, score in zip(mb["entries"].split(), scores,
+                                                                                        strict=True)])  # fmt: skip
+        assert [[i for i, _ in mb] for mb in cut] == [[1, 3, 4], [5, 2, 0]]  # 50 40 30, then 20 10 5
+        assert all(score == before[i] for mb in cut for i, score in mb)  # each keeps its own place
+        work(w, redis_url)
+        assert [r.output_tokens <= n for r, n in zip(batch.results(timeout=10), lengths, strict=True)] == [True] * 6
+        assert_settled(conn, ["w"])
+
+    def test_what_the_tail_leaves_of_a_run_goes_back_as_runs(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        start_worker("w", slots=8, queue_slots=0, max_batch=2)
+        client.submit_batch([{"prompt": "p", "max_tokens": n} for n in [1, 9, 2, 3, 8, 4]], model="m")
+        before = waiting(conn)
+        view = WorkerView("w", "m", capacity=2, tokens_per_s=1000, slots=8)
+        assert balancer(conn).dispatch(view, 10**6, max_requests=2, longest_first=True).requests == 2
+        runs = [keys.parse_ingress_member(m) for m in conn.zrange(keys.ingress_key("m"), 0, -1)]
+        assert [(r.start, r.costs) for r in runs] == [(0, (1,)), (2, (2, 3)), (5, (4,))]
+        assert waiting(conn) == [(r, s) for r, s in before if r.start in (0, 2, 3, 5)]
+
     def test_a_run_holds_one_affinity_key(self, client: Client, conn: redis.Redis) -> None:
         sessions = ["a", "a", "b", "b", "b", None, None, "a"]
         client.submit_batch([{"prompt": "p", "session": s} if s else "p" for s in sessions], model="m")

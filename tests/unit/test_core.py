@@ -162,3 +162,9 @@ class TestSimulatedBackend:
         assert waited == [0.5]
         assert [o.output_tokens for o in outputs] == [300, 700]
         assert outputs[0].text.split()[:3] == ["a", "b", "a"] and len(outputs[1].text.split()) == 700
+
+
+def test_the_dispatch_script_knows_the_priority_band_of_the_key_schema() -> None:
+    from gpulb.scripts import DISPATCH
+
+    assert f"local PRIORITY_SPAN = {keys.PRIORITY_SPAN} " in DISPATCH
