@@ -15,7 +15,7 @@ import redis
 from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result as RQResult
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
@@ -97,9 +97,13 @@ def _fail_rq_job(rq_conn: redis.Redis, worker_id: str, job_id: str, reason: str)
         job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
     except NoSuchJobError:
         return
-    registry = StartedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer)
-    with contextlib.suppress(ValueError):  # RQ: "Execution ... not found": its worker cleaned it up meanwhile
-        registry.remove_executions(job)
+    queue = keys.rq_queue_name(worker_id)
+    if job.get_status(refresh=False) == JobStatus.FINISHED:  # it admitted its requests into the engine, then died
+        FinishedJobRegistry(queue, connection=rq_conn, serializer=JSONSerializer).remove(job)
+    else:
+        registry = StartedJobRegistry(queue, connection=rq_conn, serializer=JSONSerializer)
+        with contextlib.suppress(ValueError):  # RQ: "Execution ... not found": its worker cleaned it up meanwhile
+            registry.remove_executions(job)
     record_rq_failure(rq_conn, job, worker_id, reason)
 
 

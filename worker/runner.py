@@ -274,8 +274,12 @@ class Runner:
         self._retry_or(attempt, fail, error)
 
     def _retry_or(self, attempt: Attempt, give_up: Callable[[], None], error: str | None) -> None:
-        """Try again alone after a backoff (doubling), unless tries are used up or the worker stops."""
-        if attempt.tries >= self.policy.max_attempts or self._stopping.is_set():
+        """Try again alone after a backoff (doubling), unless tries are used up; once the runner stops (the engine
+        shuts down under it), a failure is nobody's fault: the request goes back, it is not failed."""
+        if self._stopping.is_set():
+            self._hand_back(attempt)
+            return
+        if attempt.tries >= self.policy.max_attempts:
             give_up()
             return
         backoff = self.policy.retry_backoff_s * 2 ** (attempt.tries - 1)

@@ -10,21 +10,28 @@ from pathlib import Path
 import pytest
 import redis
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from gpulb import keys
 from gpulb.models import BatchState
 from producer import Client
-from tests.conftest import waiting
+from tests.conftest import make_settings, waiting
 from tests.integration.conftest import StartWorker, balancer, run_now, start_running, work
 from tests.integration.test_pipeline import assert_settled
 from worker.backends.base import BackendOutput, BackendRequest
 from worker.backends.simulated import FAIL_MARKER, HANG_MARKER
+from worker.main import build_rq_worker
+from worker.runtime import WorkerRuntime
 
 
 def queued_ids(conn: redis.Redis, worker_id: str) -> list[str]:
     return conn.lrange(keys.rq_queue_key(worker_id), 0, -1)  # type: ignore[return-value]
+
+
+def work_until_admitted(runtime: WorkerRuntime, redis_url: str) -> None:
+    """Run the worker's RQ jobs (each admits its micro-batch into the engine) without waiting for results."""
+    build_rq_worker(make_settings(redis_url), runtime).work(burst=True)
 
 
 def kill(conn: redis.Redis, worker_id: str) -> None:
@@ -33,6 +40,32 @@ def kill(conn: redis.Redis, worker_id: str) -> None:
 
 
 class TestDeadWorker:
+    def test_requests_admitted_into_a_dead_workers_engine_are_requeued_and_its_rq_job_failed(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        """A continuous worker's RQ job ends once its requests are in the engine; if the worker dies before they
+        are recorded, they go back to the ingress (one attempt charged) and RQ's books say the job failed."""
+        dead = start_worker("dead", tokens_per_s=0.5, max_batch=3)  # an engine that holds them for minutes
+        batch = client.submit_batch([{"prompt": f"p{i}", "ignore_eos": True} for i in range(6)], model="m", max_tokens=50)
+        assert balancer(conn).dispatch_round() == 6
+        jobs = queued_ids(conn, "dead")
+        work_until_admitted(dead, redis_url)
+        rq_conn = redis.Redis.from_url(redis_url)
+        finished = FinishedJobRegistry("dead", connection=rq_conn, serializer=JSONSerializer)
+        assert sorted(finished.get_job_ids()) == sorted(jobs) and dead.in_flight == 6
+        assert batch.status().running == 6
+        kill(conn, "dead")
+        assert balancer(conn).dispatch_round() == 0  # reaps: no live worker to dispatch to
+        assert sorted(r.attempt for r, _ in waiting(conn)) == [1] * 6
+        failed = FailedJobRegistry("dead", connection=rq_conn, serializer=JSONSerializer)
+        assert sorted(failed.get_job_ids()) == sorted(jobs) and finished.get_job_ids() == []
+        assert (batch.status().running, batch.status().pending) == (0, 6)
+        dead.stop_runner()
+        alive = start_worker("alive")
+        while balancer(conn).dispatch_round():
+            work(alive, redis_url)
+        assert [(r.worker, r.attempts) for r in batch.results(timeout=5)] == [("alive", 2)] * 6
+
     def test_started_and_queued_work_is_requeued_and_finished_elsewhere(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
