@@ -1,14 +1,18 @@
 """A small, real OpenAI-compatible HTTP server for tests: what ``vllm serve`` answers, without a GPU.
 
 Endpoints: ``/health``, ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (OpenAI's
-response shapes) and ``/metrics`` (vLLM's Prometheus text). The output is deterministic: the prompt's
-words (a chat's message contents) repeated to ``max_tokens`` words, cut before the first ``stop``
-string if any (finish_reason "stop", else "length"); prompt_tokens is the prompt's word count.
+response shapes), ``/metrics`` (vLLM's Prometheus text) and, when ``max_num_seqs`` is set, ``/server_info``
+(vLLM's config, which ``vllm serve`` shows only with ``VLLM_SERVER_DEV_MODE=1``). The output is
+deterministic: the prompt's words (a chat's message contents) repeated to ``max_tokens`` words, cut before
+the first ``stop`` string if any (finish_reason "stop", else "length"); prompt_tokens is the prompt's word
+count.
 
 Faults a test sets (they apply to the two completion endpoints only, never to /health or /metrics):
 ``fail_next(n, status)``, ``drop_next(n)`` (close the connection without an answer),
-``reject_containing(marker, message)`` (400 for prompts holding ``marker``), ``healthy = False``
-(/health answers 503), ``api_key`` (401 without ``Authorization: Bearer <key>``), ``delay_s``.
+``reject_containing(marker, message)`` (400 for prompts holding ``marker``), ``hold_containing(marker)``
+(prompts holding ``marker`` wait for ``release_held()``; one whose client closes the connection meanwhile
+is dropped and counted in ``disconnects``, as vLLM's server aborts it), ``healthy = False`` (/health
+answers 503), ``api_key`` (401 without ``Authorization: Bearer <key>``), ``delay_s``.
 
 In-process::
 
@@ -32,17 +36,20 @@ import argparse
 import contextlib
 import itertools
 import json
+import select
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+HOLD_POLL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.delay_s = delay_s
         self.max_model_len = max_model_len
+        self.max_num_seqs: int | None = None  # set: /server_info answers with it, as vLLM's does in dev mode
         self.healthy = True
         self.waiting = 0  # what vllm:num_requests_waiting reports
         self.kv_cache_usage = 0.0  # what vllm:kv_cache_usage_perc reports
@@ -103,8 +111,11 @@ class FakeOpenAIServer:
         self.max_in_flight = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.disconnects = 0  # held requests whose client closed the connection before the answer
         self.lock = threading.Lock()
         self._faults = _Faults()
+        self._hold_marker: str | None = None
+        self._released = threading.Event()
         self._address = (host, port)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -159,6 +170,14 @@ class FakeOpenAIServer:
         with self.lock:
             self._faults.rejects[marker] = message or f"This prompt contains {marker!r}, which is not allowed."
 
+    def hold_containing(self, marker: str) -> None:
+        """Completion requests whose prompt holds ``marker`` wait, unanswered, until ``release_held()``."""
+        self._released.clear()
+        self._hold_marker = marker
+
+    def release_held(self) -> None:
+        self._released.set()
+
     def paths(self) -> list[str]:
         with self.lock:
             return [r.path for r in self.requests]
@@ -168,6 +187,17 @@ class FakeOpenAIServer:
             return [r.body for r in self.requests if r.path in COMPLETION_PATHS]
 
     # -- what the handler calls -------------------------------------------------------------------
+
+    def held(self, prompt: str, client_gone: Callable[[], bool]) -> bool:
+        """Wait while ``prompt`` is held; False (counted) if its client went away first."""
+        if self._hold_marker is None or self._hold_marker not in prompt:
+            return True
+        while not self._released.wait(HOLD_POLL_S):
+            if client_gone():
+                with self.lock:
+                    self.disconnects += 1
+                return False
+        return True
 
     def take_fault(self, prompt: str) -> tuple[str, int, str] | None:
         """("drop"|"error", status, message) for this completion request, or None to serve it."""
@@ -241,6 +271,10 @@ class FakeOpenAIServer:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish, "stop_reason": None}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", **common, "choices": [choice]}
 
+    def server_info(self) -> dict[str, Any]:
+        scheduler = {"max_num_seqs": self.max_num_seqs, "max_num_active_seqs": None, "max_num_batched_tokens": 2048}
+        return {"vllm_config": {"scheduler_config": scheduler, "model_config": {"max_model_len": self.max_model_len}}}
+
     def models(self) -> dict[str, Any]:
         card = {"id": self.model, "object": "model", "created": int(self.started_at), "owned_by": "vllm",
                 "root": self.model, "parent": None, "max_model_len": self.max_model_len}  # fmt: skip
@@ -294,6 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if self.fake.healthy else 503, b"", "application/json")
         elif self.path == self.fake.metrics_path:
             self._send(200, self.fake.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif self.path.split("?")[0] == "/server_info" and self.fake.max_num_seqs is not None:
+            self._json(200, self.fake.server_info())
         elif self.path == "/_fake/stats":
             self._json(200, self.fake.stats())
         elif self.path == "/v1/models":
@@ -329,7 +365,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if fake.delay_s:
                 time.sleep(fake.delay_s)
-            self._answer_completion(body)
+            if fake.held(prompt_text(self.path, body), self._client_gone):
+                self._answer_completion(body)
+            else:
+                self.close_connection = True
         finally:
             with fake.lock:
                 fake.in_flight -= 1
@@ -343,6 +382,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the server closes the socket; nothing was written
         else:
             self._error(fault[1], fault[2])
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end: the socket reads as ended (a request body was read in full)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            peeked: bytes = self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+        return not peeked
 
     def _authorized(self) -> bool:
         key = self.fake.api_key

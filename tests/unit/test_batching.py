@@ -167,3 +167,14 @@ class TestEngineSpeed:
             speed.sample(float(t), 100 * t, 10.0 * t)
         speed.sample(200.0, 300, 20.0)
         assert speed.tokens_per_s == 0.0
+
+
+def test_an_aborted_simulated_request_is_cancelled_and_frees_its_slot() -> None:
+    backend = SimulatedBackend(1000, engine_args={"slots": 1})
+    try:
+        stuck = backend.submit(BackendRequest("a", 10_000, {"ignore_eos": True}))
+        behind = backend.submit(BackendRequest("b", 1, {"ignore_eos": True}))
+        backend.abort(stuck)
+        assert stuck.cancelled() and behind.result(timeout=5).output_tokens == 1
+    finally:
+        backend.shutdown()

@@ -2,8 +2,9 @@
 
 The engines need a GPU, so here they are replaced by stand-ins with the engines' own signatures
 (``SamplingParams`` with exactly vLLM's / TensorRT-LLM's field names, ``AsyncLLM.generate`` as an
-async generator, ``generate_async`` returning a future): a name we send that the engine does not
-take fails these tests. The adapters run on the real engines on a GPU (see the README).
+async generator that aborts the request when it is closed, ``generate_async`` returning a result to
+``aresult()`` and ``abort()``): a name we send that the engine does not take fails these tests. The
+adapters run on the real engines on a GPU (see the README); the vLLM ones also on vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
+import time
 import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -20,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from gpulb.errors import ConfigError
+from gpulb.errors import BackendError, ConfigError
 from gpulb.settings import BackendName, WorkerSettings
 from worker.backends import create_backend
-from worker.backends.base import BackendOutput, BackendRequest, EngineLoad
+from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, EngineUnavailable
 from worker.backends.trtllm import TensorRTLLMBackend, load_from_iteration_stats, trtllm_sampling_kwargs
 from worker.backends.vllm_engine import EngineStats, VllmBackend, output_from_vllm, vllm_sampling_kwargs
 from worker.gpu import GpuMonitor, count_gpus, parse_gpu_list, pin_to_gpu, visible_device
@@ -32,10 +35,27 @@ SAMPLING = {"temperature": 0.0, "top_p": 0.9, "top_k": -1, "seed": 7, "stop": ["
             "presence_penalty": 0.5, "frequency_penalty": 0.1, "repetition_penalty": 1.1, "min_p": 0.05,
             "ignore_eos": False}  # fmt: skip
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+HOLD = "@@hold"  # a stand-in engine keeps a request holding this running until released (or aborted)
 
 
 def completion(text: str, tokens: int, reason: str | None = "stop") -> SimpleNamespace:
     return SimpleNamespace(index=0, text=text, token_ids=list(range(tokens)), finish_reason=reason)
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def callback_thread(future: Future[Any]) -> Future[str]:
+    """The name of the thread that runs ``future``'s done-callbacks."""
+    name: Future[str] = Future()
+    future.add_done_callback(lambda _: name.set_result(threading.current_thread().name))
+    return name
 
 
 # -- vLLM ------------------------------------------------------------------------------------------
@@ -73,10 +93,43 @@ class FakeTokenizer:
         return [ord(c) for c in text]
 
 
+class VLLMClientError(Exception):  # vllm.exceptions: the request's fault (the server answers 4xx)
+    pass
+
+
+class EngineGenerateError(Exception):  # vllm.v1.engine.exceptions: generate() failed, cause chained
+    pass
+
+
+class EngineDeadError(Exception):
+    pass
+
+
+class QueueOverflowError(Exception):  # a GracefulHTTPError: admission control, with its status
+    http_status = 503
+
+
+class FakeRenderer:
+    """``BaseRenderer.render_cmpl_async``: a TextPrompt or TokensPrompt in, an EngineInput (with "type") out."""
+
+    default_cmpl_tok_params = SimpleNamespace(max_total_tokens=4096, add_special_tokens=True)
+
+    async def render_cmpl_async(self, prompts: list[dict[str, Any]], tok_params: Any) -> list[dict[str, Any]]:
+        assert tok_params is self.default_cmpl_tok_params
+        [prompt] = prompts
+        ids = prompt.get("prompt_token_ids") or [ord(c) for c in prompt["prompt"]]
+        return [{"type": "token", "prompt_token_ids": ids, "arrival_time": 0.0}]
+
+
 class FakeAsyncLLM:
-    """``AsyncLLM``'s surface: from_engine_args(args, stat_loggers), async-generator generate, check_health."""
+    """``AsyncLLM``'s surface: from_engine_args(args, stat_loggers), vllm_config, model_config, renderer,
+    an async-generator generate that aborts its request when closed (cancelled), check_health, shutdown."""
 
     instance: FakeAsyncLLM
+    with_renderer = True  # False: a vLLM release from before renderers, rendering raw prompts itself
+    max_num_seqs: int | None = 128
+    max_num_active_seqs: int | None = None
+    max_model_len = 4096
 
     def __init__(self, args: dict[str, Any], stat_loggers: list[Any]) -> None:
         self.args = args
@@ -84,25 +137,68 @@ class FakeAsyncLLM:
         self.logger.log_engine_initialized()
         self.in_flight = self.max_in_flight = 0
         self.seen: list[tuple[str, VllmSamplingParams]] = []
-        self.loop_running = asyncio.get_running_loop() is not None
+        self.kinds: list[str] = []  # "rendered", "text" or "tokens": what generate() was given
+        self.aborted: list[str] = []  # requests whose generator was closed while they ran
+        self.abort_calls: list[str] = []
+        self.errored = False
+        self.loop = asyncio.get_running_loop()  # the engine lives on the backend's loop thread
+        self.release = asyncio.Event()
+        scheduler = SimpleNamespace(max_num_seqs=self.max_num_seqs, max_num_active_seqs=self.max_num_active_seqs)
+        self.model_config = SimpleNamespace(max_model_len=self.max_model_len)
+        self.vllm_config = SimpleNamespace(scheduler_config=scheduler, model_config=self.model_config)
+        if self.with_renderer:
+            self.renderer = FakeRenderer()
         FakeAsyncLLM.instance = self
 
     @classmethod
     def from_engine_args(cls, args: dict[str, Any], stat_loggers: list[Any]) -> FakeAsyncLLM:
         return cls(args, stat_loggers)
 
+    def release_held(self) -> None:
+        """Let the requests holding ``@@hold`` finish (from any thread)."""
+        self.loop.call_soon_threadsafe(self.release.set)
+
     async def generate(self, prompt: Any, params: VllmSamplingParams, request_id: str) -> AsyncIterator[Any]:
-        if isinstance(prompt, dict):  # a TokensPrompt: our fake tokenizer's ids are character codes
-            prompt = "".join(chr(i) for i in prompt["prompt_token_ids"])
-        self.seen.append((prompt, params))
+        text = self._text(prompt)
+        self.seen.append((text, params))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        await asyncio.sleep(0.01)
-        self.in_flight -= 1
+        try:
+            await self._run(text)
+        except (asyncio.CancelledError, GeneratorExit):  # as AsyncLLM: a closed generator aborts its request
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self.in_flight -= 1
         tokens = params.max_tokens
         self.logger.record(SimpleNamespace(num_running_reqs=self.in_flight, num_waiting_reqs=0, kv_cache_usage=0.25),
                            SimpleNamespace(num_generation_tokens=tokens))  # fmt: skip
-        yield SimpleNamespace(prompt_token_ids=prompt.split(), outputs=[completion(f"<{prompt}>", tokens, "length")])
+        yield SimpleNamespace(prompt_token_ids=text.split(), outputs=[completion(f"<{text}>", tokens, "length")])
+
+    async def _run(self, text: str) -> None:
+        await asyncio.sleep(0.01)
+        if HOLD in text:
+            await self.release.wait()
+        if "@@busy" in text:
+            raise QueueOverflowError("The engine is currently busy and cannot accept new requests.")
+        if "@@invalid" in text:
+            raise VLLMClientError("The decoder prompt cannot be empty")
+        if "@@boom" in text:
+            raise EngineGenerateError() from KeyError("kv block")
+        if "@@dead" in text:
+            self.errored = True
+            raise EngineDeadError("EngineCore encountered an issue.")
+
+    def _text(self, prompt: dict[str, Any]) -> str:
+        """The prompt as text (the fake tokenizer's ids are character codes), noting what form it came in."""
+        if "type" in prompt:
+            self.kinds.append("rendered")
+            return "".join(chr(i) for i in prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            self.kinds.append("text")
+            return str(prompt["prompt"])
+        self.kinds.append("tokens")
+        return "".join(chr(i) for i in prompt["prompt_token_ids"])
 
     def get_tokenizer(self) -> Any:
         async def tokenizer() -> Any:  # a coroutine, as in vLLM releases before 0.11
@@ -110,11 +206,15 @@ class FakeAsyncLLM:
 
         return tokenizer()
 
+    async def abort(self, request_id: str) -> None:
+        self.abort_calls.append(request_id)  # by its external id: does nothing for a request already ended
+
     async def check_health(self) -> None:
-        return None
+        if self.errored:
+            raise EngineDeadError("EngineCore encountered an issue.")
 
     def shutdown(self) -> None:
-        self.args["shut_down"] = True
+        self.args["shut_down_on"] = threading.current_thread().name
 
 
 @pytest.fixture
@@ -122,20 +222,27 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     class StatLoggerBase:
         pass
 
-    modules = {
-        "vllm": types.ModuleType("vllm"),
-        "vllm.v1.metrics.loggers": types.ModuleType("vllm.v1.metrics.loggers"),
-        "vllm.v1.engine.async_llm": types.ModuleType("vllm.v1.engine.async_llm"),
-        "vllm.sampling_params": types.ModuleType("vllm.sampling_params"),
-    }
+    names = ["vllm", "vllm.v1.metrics.loggers", "vllm.v1.engine.async_llm", "vllm.sampling_params", "vllm.exceptions"]
+    modules = {name: types.ModuleType(name) for name in names}
     modules["vllm"].SamplingParams = VllmSamplingParams  # type: ignore[attr-defined]
     modules["vllm"].AsyncEngineArgs = lambda **kw: dict(kw)  # type: ignore[attr-defined]
     modules["vllm.v1.metrics.loggers"].StatLoggerBase = StatLoggerBase  # type: ignore[attr-defined]
     modules["vllm.v1.engine.async_llm"].AsyncLLM = FakeAsyncLLM  # type: ignore[attr-defined]
     modules["vllm.sampling_params"].RequestOutputKind = SimpleNamespace(FINAL_ONLY="FINAL_ONLY")  # type: ignore[attr-defined]
+    modules["vllm.exceptions"].VLLMClientError = VLLMClientError  # type: ignore[attr-defined]
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    for name in ("with_renderer", "max_num_seqs", "max_num_active_seqs", "max_model_len"):
+        monkeypatch.setattr(FakeAsyncLLM, name, getattr(FakeAsyncLLM, name))  # restored after each test
     yield
+
+
+@pytest.fixture
+def vllm_backend(fake_vllm: None) -> Iterator[VllmBackend]:
+    backend = VllmBackend("m")
+    backend.start()
+    yield backend
+    backend.shutdown()
 
 
 class TestVllmMapping:
@@ -175,21 +282,111 @@ class TestVllmBackend:
         assert [o.text for o in outputs] == [f"<p{i}>" for i in range(8)] + ["<system=be brief|user=hi>"]
         assert [o.output_tokens for o in outputs] == [3 + i for i in range(8)] + [2]
         assert {p.output_kind for _, p in engine.seen} == {"FINAL_ONLY"}
+        assert engine.kinds == ["rendered"] * 9  # never a raw prompt: vLLM deprecates them
         assert engine.max_in_flight == 9
         assert backend.engine_load() == EngineLoad(running=0, waiting=0, kv_cache_usage=0.25,
                                                    generated_tokens=sum(3 + i for i in range(8)) + 2)  # fmt: skip
         assert backend.healthy()
         backend.shutdown()
-        assert engine.args["shut_down"] is True
+        assert engine.args["shut_down_on"] == "gpulb-vllm-loop"  # on its own loop: no EngineDeadError logged
+        assert not backend.healthy()
 
-    def test_a_parameter_vllm_refuses_fails_only_that_request(self) -> None:
-        backend = VllmBackend("m")
-        backend.start()
-        outputs = backend.generate([BackendRequest("ok", 2), BackendRequest("bad", 2, {"typical_p": 0.5})])
+    def test_a_parameter_vllm_refuses_fails_only_that_request(self, vllm_backend: VllmBackend) -> None:
+        outputs = vllm_backend.generate([BackendRequest("ok", 2), BackendRequest("bad", 2, {"typical_p": 0.5})])
         assert outputs[0].error is None and outputs[0].output_tokens == 2
         assert outputs[1].error is not None and "vLLM refused the request" in outputs[1].error
         assert not outputs[1].retryable
+
+    def test_requests_finish_on_their_own_and_callbacks_run_on_the_engine_loop(self, vllm_backend: VllmBackend) -> None:
+        held = vllm_backend.submit(BackendRequest(f"long {HOLD}", 5))
+        quick = vllm_backend.submit(BackendRequest("quick", 3))
+        assert quick.result(timeout=5).text == "<quick>" and not held.done()
+        thread = callback_thread(held)
+        FakeAsyncLLM.instance.release_held()
+        assert held.result(timeout=5).output_tokens == 5
+        assert thread.result(timeout=5) == "gpulb-vllm-loop"
+
+    def test_abort_closes_the_generator_so_vllm_aborts_the_request(self, vllm_backend: VllmBackend) -> None:
+        engine = FakeAsyncLLM.instance
+        held = [vllm_backend.submit(BackendRequest(f"{HOLD} {i}", 4)) for i in range(3)]
+        assert eventually(lambda: engine.in_flight == 3)
+        vllm_backend.abort(held[0])
+        assert held[0].cancelled()
+        assert eventually(lambda: len(engine.aborted) == 1 and engine.in_flight == 2)  # its slot is free
+        assert eventually(lambda: engine.abort_calls == engine.aborted)  # and aborted by id, in case
+        engine.release_held()
+        assert [f.result(timeout=5).output_tokens for f in held[1:]] == [4, 4]
+        assert len(engine.aborted) == 1 and len(engine.abort_calls) == 1
+
+    def test_slots_are_the_schedulers_max_num_seqs(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend = VllmBackend("m", engine_args={"max_num_seqs": 64})
+        assert backend.slots() == 64  # before start: what was asked for
+        backend.start()
+        assert backend.slots() == 128  # the engine's own config wins
         backend.shutdown()
+        monkeypatch.setattr(FakeAsyncLLM, "max_num_active_seqs", 48)  # the admission limit, when set
+        backend = VllmBackend("m")
+        backend.start()
+        assert backend.slots() == 48
+        backend.shutdown()
+        monkeypatch.setattr(FakeAsyncLLM, "max_num_seqs", None)
+        monkeypatch.setattr(FakeAsyncLLM, "max_num_active_seqs", None)
+        backend = VllmBackend("m")
+        backend.start()
+        assert backend.slots() is None
+        backend.shutdown()
+
+    def test_max_tokens_above_max_model_len_fails_as_the_server_answers(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(FakeAsyncLLM, "max_model_len", 512)
+        backend = VllmBackend("m")
+        backend.start()
+        over, fits = backend.generate([BackendRequest("too many", 600), BackendRequest("fits", 512)])
+        assert (over.error, over.retryable, over.output_tokens) == (
+            "vLLM refused the request: max_tokens=600 cannot be greater than max_model_len=512. "
+            "Please request fewer output tokens.", False, 0,
+        )  # fmt: skip
+        assert (fits.error, fits.output_tokens) == (None, 512)
+        assert [text for text, _ in FakeAsyncLLM.instance.seen] == ["fits"]
+        backend.shutdown()
+
+    def test_engine_errors_map_to_busy_refused_failed_or_dead(self, vllm_backend: VllmBackend) -> None:
+        busy, invalid, boom = vllm_backend.generate([BackendRequest(m, 2) for m in ("@@busy", "@@invalid", "@@boom")])
+        assert busy.retryable and busy.error is not None and busy.error.startswith("vLLM is busy: The engine is")
+        assert (invalid.retryable, invalid.error) == (
+            False,
+            "vLLM refused the request: The decoder prompt cannot be empty",
+        )
+        assert (boom.retryable, boom.error) == (
+            False, "vLLM failed the request: EngineGenerateError (from KeyError: 'kv block')",
+        )  # fmt: skip
+        dead = vllm_backend.submit(BackendRequest("@@dead", 2))
+        with pytest.raises(EngineUnavailable, match="vLLM engine died: EngineDeadError"):
+            dead.result(timeout=5)
+        assert not vllm_backend.healthy()
+
+    def test_a_vllm_without_a_renderer_gets_text_and_token_prompts(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(FakeAsyncLLM, "with_renderer", False)
+        backend = VllmBackend("m")
+        backend.start()
+        outputs = backend.generate([BackendRequest("plain", 2), BackendRequest(None, 2, messages=CHAT)])
+        assert [o.text for o in outputs] == ["<plain>", "<system=be brief|user=hi>"]
+        assert FakeAsyncLLM.instance.kinds == ["text", "tokens"]
+        backend.shutdown()
+
+    def test_shutdown_aborts_what_runs_and_refuses_more(self) -> None:
+        backend = VllmBackend("m")
+        with pytest.raises(BackendError, match="before start"):
+            backend.submit(BackendRequest("early", 1))
+        backend.start()
+        engine = FakeAsyncLLM.instance
+        held = backend.submit(BackendRequest(HOLD, 2))
+        assert eventually(lambda: engine.in_flight == 1)
+        backend.shutdown()
+        assert held.cancelled() and len(engine.aborted) == 1
+        assert engine.args["shut_down_on"] == "gpulb-vllm-loop"
+        with pytest.raises(BackendError, match="after shutdown"):
+            backend.submit(BackendRequest("late", 1))
+        backend.shutdown()  # twice is harmless
 
 
 # -- TensorRT-LLM --------------------------------------------------------------------------------
@@ -211,25 +408,71 @@ class TrtSamplingParams:  # tensorrt_llm.SamplingParams field names (a subset: a
     ignore_eos: bool = False
 
 
+class FakeGenerationResult:
+    """``tensorrt_llm.executor.result.GenerationResult``'s surface: ``aresult()`` (which, as the real one, works
+    only for a result made while an asyncio loop ran), ``abort()``, ``aborted()``, ``finished``, ``request_id``,
+    ``prompt_token_ids``, ``outputs``."""
+
+    def __init__(self, llm: FakeTrtLLM, request_id: int, prompt: str, params: TrtSamplingParams) -> None:
+        self.llm, self.request_id, self.prompt = llm, request_id, prompt
+        self.prompt_token_ids = [0] * len(prompt)
+        self.outputs = [completion(prompt.upper(), params.max_tokens, "length")]
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # the real result then has no async queue: aresult() cannot work
+        self._done = asyncio.Event() if self._loop else None
+        self._aborted = False
+        if HOLD not in prompt:
+            self.finish()
+
+    @property
+    def finished(self) -> bool:
+        return self._done is not None and self._done.is_set()
+
+    def finish(self) -> None:
+        assert self._loop is not None and self._done is not None
+        self._loop.call_soon_threadsafe(self._done.set)
+
+    async def aresult(self) -> FakeGenerationResult:
+        assert self._done is not None, "The asyncio event loop was not present during initialization"
+        await self._done.wait()
+        if "@@boom" in self.prompt:
+            raise RuntimeError("executor error")  # tensorrt_llm's RequestError is a RuntimeError
+        return self
+
+    def abort(self) -> None:
+        self.llm.aborted.append(self.request_id)
+        self._aborted = True
+
+    def aborted(self) -> bool:
+        return self._aborted
+
+
 class FakeTrtLLM:
-    """``tensorrt_llm.LLM``'s surface: generate_async returns a future, get_stats(timeout) a list of dicts."""
+    """``tensorrt_llm.LLM``'s surface: ``generate_async`` returns a GenerationResult, ``get_stats(timeout)`` a
+    list of dicts, ``args`` its LLM args (``max_batch_size``, ``build_config.max_batch_size``)."""
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.model, self.kwargs = model, kwargs
         self.tokenizer = FakeTokenizer()
+        self.args = SimpleNamespace(max_batch_size=None, build_config=SimpleNamespace(max_batch_size=None))
         self.stats: list[Any] = []
+        self.results: list[FakeGenerationResult] = []
+        self.aborted: list[int] = []
         self.closed = False
 
-    def generate_async(self, prompt: str | list[int], params: TrtSamplingParams) -> Future[Any]:
-        future: Future[Any] = Future()
+    def generate_async(self, prompt: str | list[int], params: TrtSamplingParams) -> FakeGenerationResult:
         if isinstance(prompt, list):  # token ids
             prompt = "".join(chr(i) for i in prompt)
-        if "@@boom" in prompt:
-            future.set_exception(RuntimeError("executor error"))
-        else:
-            out = completion(prompt.upper(), params.max_tokens, "length")
-            future.set_result(SimpleNamespace(prompt_token_ids=[0] * len(prompt), outputs=[out]))
-        return future
+        result = FakeGenerationResult(self, len(self.results), prompt, params)
+        self.results.append(result)
+        return result
+
+    def release_held(self) -> None:
+        for result in self.results:
+            if not result.finished:
+                result.finish()
 
     def get_stats(self, timeout: float) -> list[Any]:
         stats, self.stats = self.stats, []
@@ -240,14 +483,15 @@ class FakeTrtLLM:
 
 
 @pytest.fixture
-def trt(monkeypatch: pytest.MonkeyPatch) -> TensorRTLLMBackend:
+def trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[TensorRTLLMBackend]:
     module = types.ModuleType("tensorrt_llm")
     module.LLM = FakeTrtLLM  # type: ignore[attr-defined]
     module.SamplingParams = TrtSamplingParams  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt_llm", module)
     backend = TensorRTLLMBackend("/models/llama", engine_args={"tensor_parallel_size": 1})
     backend.start()
-    return backend
+    yield backend
+    backend.shutdown()
 
 
 class TestTensorRTLLM:
@@ -273,13 +517,64 @@ class TestTensorRTLLM:
         assert outputs[2].text == "SYSTEM=BE BRIEF|USER=HI" and outputs[2].output_tokens == 2
         assert trt._llm.kwargs == {"dtype": "auto", "enable_iter_perf_stats": True, "tensor_parallel_size": 1}
 
+    def test_a_parameter_the_engine_refuses_fails_only_that_request(self, trt: TensorRTLLMBackend) -> None:
+        ok, bad = trt.generate([BackendRequest("ok", 1), BackendRequest("bad", 1, {"typical_p": 0.5})])
+        assert ok.error is None
+        assert bad.error is not None and bad.error.startswith("TensorRT-LLM refused the request: ")
+
     def test_load_uses_the_newest_iteration_then_idles(self, trt: TensorRTLLMBackend) -> None:
         trt.generate([BackendRequest("abc", 5)])
         trt._llm.stats = [{"numActiveRequests": 9, "numQueuedRequests": 1, "kvCacheStats": {}},
                           {"numActiveRequests": 2, "numQueuedRequests": 0, "kvCacheStats": {}}]  # fmt: skip
         assert trt.engine_load() == EngineLoad(running=2, waiting=0, kv_cache_usage=None, generated_tokens=5)
         assert trt.engine_load() == EngineLoad(running=0, waiting=0, kv_cache_usage=None, generated_tokens=5)
+
+    def test_a_running_request_keeps_the_last_load(self, trt: TensorRTLLMBackend) -> None:
+        held = trt.submit(BackendRequest(HOLD, 3))
+        trt._llm.stats = [{"numActiveRequests": 1, "numQueuedRequests": 0}]
+        assert eventually(lambda: trt._llm.results and trt.engine_load().running == 1)
+        assert trt.engine_load().running == 1  # no new iteration, but one runs: not idle
+        trt._llm.release_held()
+        assert held.result(timeout=5).output_tokens == 3
+        assert trt.engine_load() == EngineLoad(running=0, waiting=0, generated_tokens=3)
+
+    def test_requests_finish_on_their_own_and_callbacks_run_on_the_loop(self, trt: TensorRTLLMBackend) -> None:
+        held = trt.submit(BackendRequest(f"slow {HOLD}", 4))
+        quick = trt.submit(BackendRequest("quick", 2))
+        assert quick.result(timeout=5).text == "QUICK" and not held.done()
+        thread = callback_thread(held)
+        trt._llm.release_held()
+        assert held.result(timeout=5).output_tokens == 4
+        assert thread.result(timeout=5) == "gpulb-trtllm-loop"
+
+    def test_abort_aborts_the_request_in_the_executor(self, trt: TensorRTLLMBackend) -> None:
+        held = [trt.submit(BackendRequest(f"{HOLD} {i}", 2)) for i in range(2)]
+        assert eventually(lambda: len(trt._llm.results) == 2)
+        trt.abort(held[0])
+        assert held[0].cancelled()
+        assert eventually(lambda: trt._llm.aborted == [0])
+        trt._llm.release_held()
+        assert held[1].result(timeout=5).output_tokens == 2 and trt._llm.aborted == [0]
+
+    def test_shutdown_aborts_what_runs_and_refuses_more(self, trt: TensorRTLLMBackend) -> None:
+        llm = trt._llm
+        held = trt.submit(BackendRequest(HOLD, 2))
+        assert eventually(lambda: len(llm.results) == 1)
         trt.shutdown()
+        assert held.cancelled() and llm.aborted == [0] and llm.closed
+        with pytest.raises(BackendError, match="after shutdown"):
+            trt.submit(BackendRequest("late", 1))
+
+    def test_slots_from_the_args_the_llm_or_its_stats(self, trt: TensorRTLLMBackend) -> None:
+        assert trt.slots() is None  # nothing tells yet
+        trt._llm.stats = [{"numActiveRequests": 0, "maxNumActiveRequests": 96}]
+        trt.engine_load()
+        assert trt.slots() == 96
+        trt._llm.args.build_config.max_batch_size = 256
+        assert trt.slots() == 256
+        trt._llm.args.max_batch_size = 512
+        assert trt.slots() == 512
+        assert TensorRTLLMBackend("m", engine_args={"max_batch_size": 64}).slots() == 64
 
 
 def test_a_missing_engine_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

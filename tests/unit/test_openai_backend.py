@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,15 @@ def chat(content: str, max_tokens: int = 4) -> BackendRequest:
 
 def executor(backend: OpenAIServerBackend) -> IsolatingExecutor:
     return IsolatingExecutor(backend, ExecutionPolicy(max_attempts=3, retry_backoff_s=0.01), threading.Event())
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def free_port() -> int:
@@ -291,7 +301,8 @@ class TestLifecycle:
         with capture_logs() as logs:
             backend.start()
         assert 0.3 <= time.monotonic() - started < 2.0
-        assert server.paths().count("/health") >= 2 and server.paths()[-1] == "/v1/models"
+        assert server.paths().count("/health") >= 2
+        assert server.paths()[-2:] == ["/v1/models", "/server_info?config_format=json"]
         assert [e["event"] for e in logs] == ["waiting for the engine server", "engine server is up"]
 
     def test_start_times_out_naming_the_url(self, server: FakeOpenAIServer) -> None:
@@ -322,6 +333,75 @@ class TestLifecycle:
         backend.shutdown()
         assert not backend.healthy()
         assert backend.engine_load() == EngineLoad()
+
+
+class TestContinuous:
+    def test_requests_finish_on_their_own_and_callbacks_run_on_the_loop(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.hold_containing("HOLD")
+        held = backend.submit(prompt("HOLD me", 2))
+        assert eventually(lambda: server.in_flight == 1)
+        quick = backend.submit(chat("quick", 1))
+        assert quick.result(timeout=5).text == "be" and not held.done()
+        thread: Future[str] = Future()
+        held.add_done_callback(lambda _: thread.set_result(threading.current_thread().name))
+        server.release_held()
+        assert held.result(timeout=5).text == "HOLD me"
+        assert thread.result(timeout=5) == "gpulb-openai-loop"
+
+    def test_abort_closes_the_connection_so_the_server_drops_the_request(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.hold_containing("HOLD")
+        held = [backend.submit(prompt(f"HOLD {i}", 1)) for i in range(3)]
+        assert eventually(lambda: server.in_flight == 3)
+        backend.abort(held[0])
+        assert held[0].cancelled()
+        assert eventually(lambda: server.disconnects == 1 and server.in_flight == 2)  # vLLM would abort it here
+        server.release_held()
+        assert [f.result(timeout=5).text for f in held[1:]] == ["HOLD", "HOLD"]
+        assert server.disconnects == 1
+        assert backend.generate([prompt("after", 1)])[0].text == "after"  # the pool recovered its connection
+
+    def test_at_most_max_concurrency_in_flight(self, server: FakeOpenAIServer) -> None:
+        b = make_backend(server.url, max_concurrency=2)
+        server.delay_s = 0.05
+        assert [o.text for o in b.generate([prompt(f"p{i}", 1) for i in range(8)])] == [f"p{i}" for i in range(8)]
+        assert server.max_in_flight == 2
+        b.shutdown()
+
+    def test_a_full_pool_leaves_health_and_metrics_free(self, server: FakeOpenAIServer) -> None:
+        b = make_backend(server.url, max_concurrency=2)
+        server.hold_containing("HOLD")
+        held = [b.submit(prompt("HOLD", 1)) for _ in range(3)]
+        assert eventually(lambda: server.in_flight == 2)
+        assert b.healthy() and b.engine_load().running == 2
+        server.release_held()
+        assert [f.result(timeout=5).text for f in held] == ["HOLD"] * 3
+        b.shutdown()
+
+    def test_slots_are_max_concurrency_or_the_servers_max_num_seqs_if_fewer(self, server: FakeOpenAIServer) -> None:
+        wide, narrow = make_backend(server.url, max_concurrency=256), make_backend(server.url, max_concurrency=16)
+        wide.start()
+        assert wide.slots() == 256  # the server does not say (vLLM's default: /server_info is dev mode only)
+        server.max_num_seqs = 64
+        for b, expected in ((wide, 64), (narrow, 16)):
+            b.start()
+            assert b.slots() == expected
+            b.shutdown()
+
+    def test_shutdown_cancels_what_is_in_flight_and_refuses_more(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.hold_containing("HOLD")
+        held = backend.submit(prompt("HOLD", 1))
+        assert eventually(lambda: server.in_flight == 1)
+        backend.shutdown()
+        assert held.cancelled()
+        assert eventually(lambda: server.disconnects == 1)
+        with pytest.raises(BackendError, match="after shutdown"):
+            backend.submit(prompt("late", 1))
 
 
 class TestEngineLoad:
@@ -453,3 +533,5 @@ class TestFakeServerProcess:
         finally:
             proc.terminate()
             assert proc.wait(5) == 0
+            if proc.stdout is not None:
+                proc.stdout.close()

@@ -1,19 +1,24 @@
 """A worker in front of a local OpenAI-compatible server: ``vllm serve``, ``trtllm-serve``, SGLang.
 
-The server batches continuously on its own, so a micro-batch's requests are sent concurrently, one
-HTTP call each. An unreachable or overloaded server (connection errors, 429/502/503/504) gives
-retryable outputs, which the executor retries with backoff; any other error status fails only its
-request. Load comes from the server's Prometheus metrics, whichever engine it is.
+The server batches continuously on its own, so each request is one HTTP call, submitted as the worker's
+slots free: an ``httpx.AsyncClient`` on an event-loop thread sends at most ``max_concurrency`` at once.
+``abort`` cancels the call, which closes its connection: vLLM's server then aborts the request in its
+engine. Futures complete, and run their callbacks, on that loop thread. An unreachable or overloaded server
+(connection errors, 429/502/503/504) gives retryable outputs, which the worker retries with backoff; any
+other error status fails only its request. Health and load (the server's Prometheus metrics, whichever
+engine it is) go through a separate synchronous client, so that a full pool never makes a busy server
+look dead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -22,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpulb.connection import redact_url
 from gpulb.errors import BackendError, ConfigError
 from gpulb.logs import get_logger
-from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineLoad, failed
+from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineLoad, failed
+from worker.backends.loop import EventLoopThread
 
 if TYPE_CHECKING:
     from gpulb.settings import WorkerSettings
@@ -34,6 +40,9 @@ CHAT_PATH = "/v1/chat/completions"
 HEALTH_PATH = "/health"
 MODELS_PATH = "/v1/models"
 METRICS_PATHS = ("/metrics", "/prometheus/metrics")  # vLLM and SGLang; trtllm-serve
+# vLLM's whole config, its scheduler's max_num_seqs included; served only with VLLM_SERVER_DEV_MODE=1.
+SERVER_INFO_PATH = "/server_info?config_format=json"
+SERVER_INFO_TIMEOUT_S = 15.0  # its first answer collects the environment: seconds
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 # The server did not (fully) answer: nothing is known about the request itself.
@@ -52,8 +61,8 @@ KV_CACHE_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "trtl
 GENERATED_TOKENS = ("vllm:generation_tokens_total", "trtllm_generation_tokens_total")
 
 
-class OpenAIServerBackend(Backend):
-    """Sends each request of a micro-batch to ``{base_url}/v1/completions`` or ``/v1/chat/completions``."""
+class OpenAIServerBackend(ContinuousBackend):
+    """Sends each request to ``{base_url}/v1/completions`` or ``/v1/chat/completions``."""
 
     name = "openai"
 
@@ -77,14 +86,16 @@ class OpenAIServerBackend(Backend):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
         timeout = httpx.Timeout(request_timeout_s, connect=min(request_timeout_s, 30.0))
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, limits=limits, timeout=timeout)
-        # Health and metrics get their own connections: a batch that fills the pool must not make a busy
+        self._loop = EventLoopThread("gpulb-openai-loop")
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits, timeout=timeout)
+        self._in_flight = asyncio.Semaphore(max_concurrency)  # used on the loop only
+        # Health and metrics get their own connections: requests that fill the pool must not make a busy
         # server look dead to the heartbeat.
         self._control = httpx.Client(base_url=self.base_url, headers=headers, timeout=CONTROL_TIMEOUT_S,
                                      limits=httpx.Limits(max_connections=4))  # fmt: skip
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="gpulb-openai")
         self._metrics_paths = (metrics_path,) if metrics_path else METRICS_PATHS
         self._metrics_warned = False
+        self._server_slots: int | None = None
         self._closed = threading.Event()
 
     @classmethod
@@ -103,7 +114,7 @@ class OpenAIServerBackend(Backend):
         return f"OpenAIServerBackend(base_url={redact_url(self.base_url)!r}, model={self.model!r})"
 
     def start(self) -> None:
-        """Wait for the server's /health to answer 200, then check that it serves the model."""
+        """Wait for the server's /health to answer 200, check that it serves the model, ask for its slots."""
         url = f"{redact_url(self.base_url)}{HEALTH_PATH}"
         started = last_log = time.monotonic()
         log.info("waiting for the engine server", url=url, timeout_s=self.startup_timeout_s)
@@ -118,11 +129,17 @@ class OpenAIServerBackend(Backend):
                 raise BackendError(f"shut down while waiting for the engine server at {url}")
         log.info("engine server is up", url=url, waited_s=round(time.monotonic() - started, 1))
         self._check_model()
+        self._server_slots = self._fetch_server_slots()
 
-    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
-        if len(requests) == 1:
-            return [self._send(requests[0])]
-        return list(self._pool.map(self._send, requests))
+    def submit(self, request: BackendRequest) -> Future[BackendOutput]:
+        """Send the request from the loop thread once fewer than ``max_concurrency`` are in flight."""
+        if self._closed.is_set():
+            raise BackendError("openai backend used after shutdown()")
+        return self._loop.submit(self._send, request)
+
+    def slots(self) -> int:
+        """``max_concurrency``, or the server engine's max_num_seqs where the server tells it and it is fewer."""
+        return min(self.max_concurrency, self._server_slots or self.max_concurrency)
 
     def healthy(self) -> bool:
         try:
@@ -135,15 +152,23 @@ class OpenAIServerBackend(Backend):
         return EngineLoad() if text is None else parse_engine_metrics(text)
 
     def shutdown(self) -> None:
+        """Cancel what is in flight (closing its connections), then close both clients and the loop."""
+        if self._closed.is_set():
+            return
         self._closed.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self._loop.cancel_pending()
+        self._loop.run(self._client.aclose())
+        self._loop.stop()
         self._control.close()
 
-    def _send(self, request: BackendRequest) -> BackendOutput:
+    async def _send(self, request: BackendRequest) -> BackendOutput:
+        async with self._in_flight:
+            return await self._post(request)
+
+    async def _post(self, request: BackendRequest) -> BackendOutput:
         path, body = request_body(self.model, request)
         try:
-            response = self._client.post(path, json=body)
+            response = await self._client.post(path, json=body)
         except RETRYABLE_ERRORS as exc:
             return failed(f"engine server unreachable ({path}): {type(exc).__name__}: {exc}", retryable=True)
         except httpx.HTTPError as exc:
@@ -163,6 +188,19 @@ class OpenAIServerBackend(Backend):
         if served and self.model not in served:  # every request would fail with a 404: do not take work
             raise ConfigError(f"the server at {redact_url(self.base_url)} serves {served}, not {self.model!r}: "
                               "set --served-model to one of them")  # fmt: skip
+
+    def _fetch_server_slots(self) -> int | None:
+        """vLLM's ``max_num_seqs``, from /server_info; None where the server does not serve it (the default)."""
+        try:
+            response = self._control.get(SERVER_INFO_PATH, timeout=SERVER_INFO_TIMEOUT_S)
+            scheduler = response.json()["vllm_config"]["scheduler_config"] if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.debug("no scheduler config from the server", error=f"{type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(scheduler, dict):
+            return None
+        said = scheduler.get("max_num_active_seqs") or scheduler.get("max_num_seqs")
+        return said if isinstance(said, int) and said > 0 else None
 
     def _scrape_metrics(self) -> str | None:
         text, why = self._fetch_metrics()

@@ -135,8 +135,7 @@ class SimulatedBackend(ContinuousBackend):
         return self._core.shape.slots
 
     def submit(self, request: BackendRequest) -> Future[BackendOutput]:
-        future: Future[BackendOutput] = Future()
-        future.set_running_or_notify_cancel()
+        future: Future[BackendOutput] = Future()  # left pending, not running: abort() can still cancel it
         text = request.text
         if self.simulate_faults and FAIL_MARKER in text:
             future.set_exception(SimulatedFault("simulated backend failure"))

@@ -1,35 +1,44 @@
-"""vLLM in-process: one ``AsyncLLM`` per worker, a micro-batch submitted as concurrent requests.
+"""vLLM in-process: one ``AsyncLLM`` per worker, each request submitted on its own as the worker's slots free.
 
-The engine batches continuously, so the micro-batch's requests are all handed to it at once and
-each finishes on its own; outputs are FINAL_ONLY (no streaming deltas to throw away). Load comes
-from a stat logger the engine calls every step (``num_running_reqs``, ``num_waiting_reqs``,
-``kv_cache_usage``; vLLM marks these stats unstable, so every field is read defensively).
+The engine batches continuously: ``submit`` starts one request as a coroutine on the engine's own event-loop
+thread and returns its future, which completes when that request does; outputs are FINAL_ONLY (no streaming
+deltas to throw away). ``abort`` cancels the coroutine: ``AsyncLLM.generate`` is closed where it waits, and
+vLLM aborts the request in the engine, freeing its slot. Futures complete, and run their callbacks, on
+that loop thread. Load comes from a stat logger the engine calls every step (``num_running_reqs``,
+``num_waiting_reqs``, ``kv_cache_usage``; vLLM marks these stats unstable, so every field is read
+defensively).
+
+Prompts go to the engine rendered by its own renderer where it has one (vLLM deprecates raw prompts), and
+a ``max_tokens`` above ``max_model_len`` fails the request, as ``vllm serve`` answers it with a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
-import threading
 import uuid
-from collections.abc import Coroutine
+from concurrent.futures import Future
 from typing import Any
 
 from gpulb.errors import BackendError, ConfigError
 from gpulb.logs import get_logger
 from worker.backends.base import (
-    Backend,
     BackendOutput,
     BackendRequest,
+    ContinuousBackend,
     EngineLoad,
     EngineUnavailable,
     failed,
     import_engine,
     one_output,
 )
+from worker.backends.loop import EventLoopThread
 
 log = get_logger("gpulb.worker.vllm")
 ABORTED = "abort"
+BUSY_STATUSES = frozenset({429, 503})  # vLLM's admission control (max_num_queued_reqs / _tokens) answers 503
+HEALTH_TIMEOUT_S = 10.0
 
 
 def vllm_sampling_kwargs(request: BackendRequest) -> dict[str, Any]:
@@ -87,22 +96,42 @@ def stat_logger_factory(stats: EngineStats, base: type) -> Any:
     return GpulbStatLogger
 
 
-class EventLoopThread:
-    """An asyncio loop in a daemon thread: the engine lives there; synchronous callers wait on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="gpulb-engine-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def refusal_types() -> tuple[type[BaseException], ...]:
+    """The errors that say the request itself is invalid: ``vllm serve`` answers them with a 4xx."""
+    try:  # recent vLLM; older releases raise ValueError (or TypeError) for a bad request
+        client_error: type[BaseException] = importlib.import_module("vllm.exceptions").VLLMClientError
+    except (ImportError, AttributeError):
+        return (TypeError, ValueError)
+    return (TypeError, ValueError, client_error)
 
 
-class VllmBackend(Backend):
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status vLLM attaches to an error it would answer with one (``GracefulHTTPError``)."""
+    status = getattr(exc, "http_status", None)
+    return int(status) if isinstance(status, int) else None
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, with the cause when vLLM wraps one in a bare error (``EngineGenerateError``)."""
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    cause = exc.__cause__
+    return text if cause is None else f"{text} (from {type(cause).__name__}: {cause})"
+
+
+def budget_error(max_tokens: int, max_model_len: int | None) -> str | None:
+    """Why a request asking for more tokens than the context holds is refused; vLLM's server says the same."""
+    if max_model_len is None or max_tokens <= max_model_len:
+        return None
+    return (f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.")  # fmt: skip
+
+
+def positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class VllmBackend(ContinuousBackend):
     name = "vllm"
 
     def __init__(self, model: str, *, dtype: str = "auto", engine_args: dict[str, Any] | None = None) -> None:
@@ -114,6 +143,7 @@ class VllmBackend(Backend):
         self._engine: Any = None
         self._sampling_cls: Any = None
         self._final_only: Any = None
+        self._refusals: tuple[type[BaseException], ...] = (TypeError, ValueError)
 
     def start(self) -> None:
         vllm = import_engine("vllm", "vllm")
@@ -121,68 +151,121 @@ class VllmBackend(Backend):
         async_llm = import_engine("vllm.v1.engine.async_llm", "vllm")
         self._sampling_cls = vllm.SamplingParams
         self._final_only = import_engine("vllm.sampling_params", "vllm").RequestOutputKind.FINAL_ONLY
+        self._refusals = refusal_types()
         args = vllm.AsyncEngineArgs(model=self.model, dtype=self.dtype, disable_log_stats=False, **self.engine_args)
         factory = stat_logger_factory(self.stats, loggers.StatLoggerBase)
-        self._loop = EventLoopThread()
+        self._loop = EventLoopThread("gpulb-vllm-loop")
 
         async def create() -> Any:  # AsyncLLM starts its output task on the loop it is created in
             return async_llm.AsyncLLM.from_engine_args(args, stat_loggers=[factory])
 
         self._engine = self._loop.run(create())
-        log.info("vllm engine loaded", model=self.model, dtype=self.dtype)
+        log.info("vllm engine loaded", model=self.model, dtype=self.dtype, slots=self.slots(),
+                 max_model_len=self.max_model_len())  # fmt: skip
 
-    def generate(self, requests: list[BackendRequest]) -> list[BackendOutput]:
-        if self._loop is None:
-            raise BackendError("vllm backend used before start()")
-        outputs: list[BackendOutput] = self._loop.run(self._generate_all(requests))
-        return outputs
+    def submit(self, request: BackendRequest) -> Future[BackendOutput]:
+        """Start the request on the engine's loop. ``abort`` (cancelling the future) aborts it in the engine."""
+        if self._loop is None or self._engine is None:
+            raise BackendError("vllm backend used before start() or after shutdown()")
+        return self._loop.submit(self._generate_one, request)
 
-    async def _generate_all(self, requests: list[BackendRequest]) -> list[BackendOutput]:
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+    def slots(self) -> int | None:
+        """The scheduler's limit on running sequences: ``max_num_active_seqs`` if set, else ``max_num_seqs``."""
+        scheduler = getattr(getattr(self._engine, "vllm_config", None), "scheduler_config", None)
+        candidates = (getattr(scheduler, "max_num_active_seqs", None), getattr(scheduler, "max_num_seqs", None),
+                      self.engine_args.get("max_num_seqs"))  # fmt: skip
+        return next((n for n in map(positive_int, candidates) if n is not None), None)
+
+    def max_model_len(self) -> int | None:
+        """The context length the engine was built with (its config), else the one asked for, else None."""
+        built = positive_int(getattr(getattr(self._engine, "model_config", None), "max_model_len", None))
+        return built or positive_int(self.engine_args.get("max_model_len"))
 
     async def _generate_one(self, request: BackendRequest) -> BackendOutput:
+        refused = budget_error(request.max_tokens, self.max_model_len())
+        if refused is not None:
+            return failed(f"vLLM refused the request: {refused}")
         try:
-            prompt = request.prompt if request.messages is None else await self._chat_prompt(request.messages)
+            prompt = await self._engine_input(request)
             params = self._sampling_cls(**vllm_sampling_kwargs(request), output_kind=self._final_only)
-        except (TypeError, ValueError) as exc:  # vLLM refuses a parameter or the chat template fails
+        except self._refusals as exc:  # vLLM refuses a parameter, the prompt's length, or the chat template fails
             return failed(f"vLLM refused the request: {exc}")
+        return await self._run(prompt, params)
+
+    async def _run(self, prompt: Any, params: Any) -> BackendOutput:
+        request_id = uuid.uuid4().hex
         final = None
         try:
-            async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
+            async for output in self._engine.generate(prompt, params, request_id):
                 final = output
-        except Exception as exc:
-            if getattr(self._engine, "errored", False):
-                raise EngineUnavailable(f"vLLM engine died: {type(exc).__name__}: {exc}") from exc
-            return failed(f"vLLM failed the request: {type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            # Closing generate() aborts the request, unless it was cancelled while adding it (its own handler
+            # then knows no request yet); aborting an ended request again does nothing.
+            await self._engine.abort(request_id)
+            raise
+        except self._refusals as exc:
+            return failed(f"vLLM refused the request: {exc}")
+        except Exception as exc:  # mapped to an output, or to EngineUnavailable; logged with its traceback
+            return self._failure(exc)
         if final is None:
             return failed("vLLM returned no output", retryable=True)
         return output_from_vllm(final)
 
-    async def _chat_prompt(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    def _failure(self, exc: Exception) -> BackendOutput:
+        if getattr(self._engine, "errored", False):
+            raise EngineUnavailable(f"vLLM engine died: {describe(exc)}") from exc
+        if http_status(exc) in BUSY_STATUSES:
+            return failed(f"vLLM is busy: {exc}", retryable=True)
+        log.warning("vllm request failed", error=describe(exc), exc_info=exc)
+        return failed(f"vLLM failed the request: {describe(exc)}")
+
+    async def _engine_input(self, request: BackendRequest) -> Any:
+        """What ``AsyncLLM.generate`` takes: the prompt rendered by the engine's renderer (vLLM deprecates raw
+        prompts), or, in releases without one, the TextPrompt / TokensPrompt they render themselves."""
+        if request.messages is None:
+            prompt: dict[str, Any] = {"prompt": request.prompt}  # a TextPrompt
+        else:
+            prompt = {"prompt_token_ids": await self._chat_token_ids(request.messages)}  # a TokensPrompt
+        renderer = getattr(self._engine, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl_async"):
+            return prompt
+        (engine_input,) = await renderer.render_cmpl_async([prompt], renderer.default_cmpl_tok_params)
+        return engine_input
+
+    async def _chat_token_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the chat template's text: as text, vLLM would add a second BOS to the template's own."""
         tokenizer = self._engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM: a coroutine
             tokenizer = await tokenizer
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return {"prompt_token_ids": list(tokenizer.encode(text, add_special_tokens=False))}  # a TokensPrompt
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
     def engine_load(self) -> EngineLoad:
         return self.stats.load()
 
     def healthy(self) -> bool:
-        if self._loop is None or self._engine is None:
+        loop, engine = self._loop, self._engine
+        if loop is None or engine is None:
             return False
         try:
-            self._loop.run(self._engine.check_health(), timeout=10)
-        except Exception as exc:
-            log.warning("vllm health check failed", error=f"{type(exc).__name__}: {exc}")
+            loop.run(engine.check_health(), timeout=HEALTH_TIMEOUT_S)
+        except Exception as exc:  # any failure of the probe means "not healthy"
+            log.warning("vllm health check failed", error=describe(exc))
             return False
         return True
 
     def shutdown(self) -> None:
+        """Abort what still runs, then shut the engine down on its own loop (from another thread, its output
+        handler sees the engine core vanish and logs an EngineDeadError)."""
+        loop, self._loop = self._loop, None  # submit() refuses from now on
+        if loop is None:
+            return
+        loop.cancel_pending()
         if self._engine is not None:
-            self._engine.shutdown()
+            loop.run(shut_down(self._engine))
             self._engine = None
-        if self._loop is not None:
-            self._loop.stop()
-            self._loop = None
+        loop.stop()
+
+
+async def shut_down(engine: Any) -> None:
+    engine.shutdown()
