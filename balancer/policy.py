@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from gpulb.models import refill_batch
+
 TIE_TOLERANCE = 1e-9
 SAMPLE_ABOVE = 64  # fleets larger than this are sampled, so a decision does not cost O(workers)
 SAMPLE_SIZE = 16
@@ -79,7 +81,7 @@ class WorkerView:
 
     def min_batch(self) -> int:
         """The smallest micro-batch worth sending while plenty waits: half its queue (fewer, larger RQ jobs)."""
-        return min(self.capacity, max(1, self.queue_slots // 2)) if self.slots else 1
+        return refill_batch(self.capacity, self.queue_slots) if self.slots else 1
 
 
 @dataclass(frozen=True, slots=True)

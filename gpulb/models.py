@@ -227,6 +227,12 @@ class WorkerState(StrEnum):
 ACCEPTING_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 
 
+def refill_batch(capacity: int, queue_slots: int) -> int:
+    """The smallest micro-batch a continuous worker is refilled with while plenty waits: half its queue, so that
+    RQ jobs stay few and large while the engine never runs dry (the balancer sizes, the worker wakes it)."""
+    return min(capacity, max(1, queue_slots // 2))
+
+
 class WorkerLoad(BaseModel):
     """A worker's load key (``gpulb:worker:W:load``): numeric fields, versioned, with a TTL."""
 

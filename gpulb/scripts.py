@@ -322,7 +322,8 @@ RECORD = (
 -- KEYS[6+3(b-1)..] for batch b: batch hash, results hash, requests hash
 -- ARGV[1] micro-batch id  ARGV[2] now  ARGV[3] wakeup list length to keep  ARGV[4] worker id
 -- ARGV[5] '1' if final  ARGV[6] output tokens of requests that stopped by themselves  ARGV[7] their number
--- ARGV[8..] per batch b: events channel, number of results n,
+-- ARGV[8] wake the balancer only once the worker holds at most this many requests ('' : always)
+-- ARGV[9..] per batch b: events channel, number of results n,
 --           then n times: field, ingress member, result JSON, outcome ('0' completed, '1' failed, '2' cancelled),
 --           cost, '1' if it was counted as running
 -- Each request is settled once per micro-batch (a mark '=MEMBER' in the micro-batch hash, so a retried
@@ -331,7 +332,7 @@ RECORD = (
 -- still records results that are not recorded yet, but no longer touches credit or running counts.
 -- Returns the number of results newly recorded.
 local owned = redis.call('EXISTS', KEYS[1]) == 1
-local recorded, pos, b, freed_tokens, freed = 0, 8, 0, 0, 0
+local recorded, pos, b, freed_tokens, freed, wake = 0, 9, 0, 0, 0, true
 while pos <= #ARGV do
   local bkey, rkey, qkey = KEYS[6 + 3 * b], KEYS[7 + 3 * b], KEYS[8 + 3 * b]
   local channel, n = ARGV[pos], tonumber(ARGV[pos + 1])
@@ -369,10 +370,11 @@ if owned then
     redis.call('HINCRBY', KEYS[1], 'tokens', -freed_tokens)
     redis.call('HINCRBY', KEYS[1], 'count', -freed)
     redis.call('HINCRBY', KEYS[3], 'tokens', -freed_tokens)
-    redis.call('HINCRBY', KEYS[3], 'requests', -freed)
+    local held = redis.call('HINCRBY', KEYS[3], 'requests', -freed)
+    wake = ARGV[8] == '' or held <= tonumber(ARGV[8])  -- no round trip of the balancer for a slot or two
   end
 end
-if not owned or ARGV[5] ~= '1' then
+if wake and (not owned or ARGV[5] ~= '1') then
   redis.call('RPUSH', KEYS[4], 'w:' .. ARGV[4])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
 end

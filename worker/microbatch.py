@@ -118,16 +118,18 @@ class Settled:
 
 
 def record_arguments(
-    microbatch_id: str, worker_id: str, model: str, now: float, settled: list[Settled], *, final: bool
-) -> tuple[list[str], list[str | int | float]]:
-    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`: these requests' results; ``final`` when they are the last."""
+    microbatch_id: str, worker_id: str, model: str, now: float, settled: list[Settled], *, final: bool,
+    wake_at: int | None = None,
+) -> tuple[list[str], list[str | int | float]]:  # fmt: skip
+    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`: these requests' results; ``final`` when they are the last;
+    ``wake_at``: wake the balancer only once the worker holds at most that many requests."""
     stopped = [s.result.output_tokens for s in settled if s.result.finish_reason == "stop"]
     script_keys = [
         keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
         keys.wakeup_key(), keys.output_lengths_key(model),
     ]  # fmt: skip
     args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id, "1" if final else "",
-                                     sum(stopped), len(stopped)]  # fmt: skip
+                                     sum(stopped), len(stopped), "" if wake_at is None else wake_at]  # fmt: skip
     groups: dict[str, list[Settled]] = defaultdict(list)
     for one in settled:
         groups[one.item.batch_id].append(one)

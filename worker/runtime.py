@@ -17,7 +17,7 @@ from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import WorkerIdInUse
 from gpulb.logs import get_logger
-from gpulb.models import Result, WorkerLoad, WorkerState
+from gpulb.models import Result, WorkerLoad, WorkerState, refill_batch
 from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
@@ -454,7 +454,10 @@ class WorkerRuntime(Sink):
     def _record_calls(self, calls: list[tuple[str, list[Settled], bool]], now: float) -> list[int]:
         """RECORD for each (micro-batch, results, final) and the load key, in one round trip."""
         pipe = self.conn.pipeline(transaction=False)
-        arguments = [record_arguments(mb, self.worker_id, self.model, now, settled, final=final)
+        wake_at = None  # a static worker wakes the balancer with each micro-batch it finishes
+        if self.runner is not None:
+            wake_at = self.slots + self.queue_slots - refill_batch(self.cfg.max_batch, self.queue_slots)
+        arguments = [record_arguments(mb, self.worker_id, self.model, now, settled, final=final, wake_at=wake_at)
                      for mb, settled, final in calls]  # fmt: skip
         # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip every time
         for script_keys, args in arguments:

@@ -19,7 +19,7 @@ from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 from producer import Client
 from tests.conftest import waiting
-from tests.integration.conftest import balancer, start_running
+from tests.integration.conftest import balancer, run_now, start_running
 from worker.backends import create_backend
 from worker.microbatch import Item
 from worker.runtime import WorkerRuntime
@@ -84,7 +84,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
     def finish_next(self, worker: str) -> None:
         mb = self.conn.lpop(keys.rq_queue_key(worker))
         if mb is not None:
-            self.workers[worker].run_microbatch(str(mb))
+            run_now(self.workers[worker], str(mb))  # admitted into the engine, each result recorded as it ends
 
     @rule(worker=st.sampled_from(["w0", "w1"]))
     def start_and_crash(self, worker: str) -> None:
@@ -153,6 +153,9 @@ class ClaimCommitMachine(RuleBasedStateMachine):
             assert status.completed + status.failed == self.conn.hlen(keys.batch_results_key(batch_id))
 
     def teardown(self) -> None:
+        for runtime in self.workers.values():
+            runtime.stop_runner()
+            runtime.backend.shutdown()
         self.client.close()
         self.conn.close()
 
