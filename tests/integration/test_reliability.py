@@ -46,7 +46,9 @@ class TestDeadWorker:
         """A continuous worker's RQ job ends once its requests are in the engine; if the worker dies before they
         are recorded, they go back to the ingress (one attempt charged) and RQ's books say the job failed."""
         dead = start_worker("dead", tokens_per_s=0.5, max_batch=3)  # an engine that holds them for minutes
-        batch = client.submit_batch([{"prompt": f"p{i}", "ignore_eos": True} for i in range(6)], model="m", max_tokens=50)
+        batch = client.submit_batch(
+            [{"prompt": f"p{i}", "ignore_eos": True} for i in range(6)], model="m", max_tokens=50
+        )
         assert balancer(conn).dispatch_round() == 6
         jobs = queued_ids(conn, "dead")
         work_until_admitted(dead, redis_url)
