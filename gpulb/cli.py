@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "worker":
         from worker.main import run_worker
 
-        run_worker(settings, burst=args.burst)
+        return run_worker(settings, burst=args.burst)
     elif args.command == "gateway":
         _run_gateway(settings)
     elif args.command == "up":

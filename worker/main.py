@@ -31,8 +31,12 @@ log = get_logger("gpulb.worker")
 GPU_BACKENDS = frozenset({BackendName.TRANSFORMERS, BackendName.VLLM, BackendName.TENSORRT_LLM})
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> None:
-    """Run a worker until SIGTERM/SIGINT (or, with ``burst``, until its queue is empty)."""
+ENGINE_DIED_EXIT = 3
+
+
+def run_worker(settings: Settings, *, burst: bool = False) -> int:
+    """Run a worker until SIGTERM/SIGINT (or, with ``burst``, until its queue is empty); returns the exit code:
+    0, or 3 when its engine died for good (a supervisor then starts a fresh worker)."""
     cfg = settings.worker
     if not cfg.model:
         raise ConfigError("worker needs a model: pass --model or set GPULB_WORKER__MODEL")
@@ -57,6 +61,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
                 break
     finally:
         _shut_down(settings, runtime, heartbeat)
+    return ENGINE_DIED_EXIT if runtime.engine_died else 0
 
 
 def build_rq_worker(settings: Settings, runtime: WorkerRuntime) -> GpulbWorker:

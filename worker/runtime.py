@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -101,6 +102,7 @@ class WorkerRuntime(Sink):
         self.running = 0
         self.queued = 0
         self.current_microbatch: str | None = None
+        self.engine_died = False  # the backend says its engine cannot come back: the worker exits with code 3
         self._prepared: tuple[str, list[Item] | None] | None = None  # started by the RQ worker's pipeline
         self._beats = 0
         self._orphan_suspects: frozenset[str] = frozenset()  # micro-batches that looked orphaned at the last sweep
@@ -172,6 +174,10 @@ class WorkerRuntime(Sink):
         self.refresh_engine_status()
         if self._update_health():
             log.warning("engine unhealthy: taking no new work")
+        if self.backend.dead() and not self.engine_died:
+            self.engine_died = True  # queued work goes back below; the process stops, to be started afresh
+            log.error("engine died for good: handing work back and stopping the worker (exit code 3)")
+            os.kill(os.getpid(), signal.SIGTERM)
         self.publish_load()
         if self.state is WorkerState.UNHEALTHY and self.queued:  # every beat: the state may have changed elsewhere
             released = self.release_queued()

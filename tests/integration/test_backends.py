@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from concurrent.futures import Future
 
@@ -124,3 +126,28 @@ class TestEngineHealth:
             work(sick, redis_url)
         results = batch.results(timeout=5)
         assert [r.attempts for r in results] == [1] * 8 and all(r.ok for r in results)
+
+
+class DeadEngine(BusyEngine):
+    """An engine that cannot come back in this process (vLLM's EngineDeadError)."""
+
+    def dead(self) -> bool:
+        return not self.ok
+
+
+class TestDeadEngine:
+    def test_a_worker_whose_engine_died_hands_its_work_back_and_stops_itself(
+        self, client: Client, conn: redis.Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        engine = DeadEngine(busy_calls=0)
+        worker = start_worker("w", max_batch=4, engine=engine)
+        client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
+        assert balancer(conn).dispatch_round() == 8
+        signals: list[tuple[int, int]] = []
+        monkeypatch.setattr("os.kill", lambda pid, sig: signals.append((pid, sig)))
+        engine.ok = False
+        worker.heartbeat()
+        assert signals == [(os.getpid(), signal.SIGTERM)] and worker.engine_died  # exits with code 3 after its drain
+        assert len(waiting(conn, "m")) == 8 and conn.llen(keys.rq_queue_key("w")) == 0
+        worker.heartbeat()
+        assert len(signals) == 1  # once

@@ -655,3 +655,16 @@ class TestNvml:
                 parse_gpu_list(bad)
         with pytest.raises(ConfigError, match="no GPU found"):
             parse_gpu_list("all", count=0)
+
+
+def test_a_vllm_engine_that_errored_is_dead_for_good() -> None:
+    from types import SimpleNamespace
+
+    from worker.backends.vllm_engine import VllmBackend
+
+    backend = VllmBackend("m")
+    assert not backend.dead()
+    backend._engine = SimpleNamespace(errored=False)
+    assert not backend.dead()
+    backend._engine = SimpleNamespace(errored=True)
+    assert backend.dead()

@@ -98,6 +98,11 @@ class Backend(ABC):
     def healthy(self) -> bool:
         return True
 
+    def dead(self) -> bool:
+        """The engine cannot come back in this process (vLLM's EngineDeadError): the worker should exit, so
+        that whatever supervises it (``gpulb workers``, compose, systemd) starts a fresh one."""
+        return False
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the model and any engine processes."""
 

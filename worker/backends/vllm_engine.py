@@ -254,6 +254,9 @@ class VllmBackend(ContinuousBackend):
             return False
         return True
 
+    def dead(self) -> bool:
+        return bool(getattr(self._engine, "errored", False))
+
     def shutdown(self) -> None:
         """Abort what still runs, then shut the engine down on its own loop (from another thread, its output
         handler sees the engine core vanish and logs an EngineDeadError)."""
