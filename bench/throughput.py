@@ -232,8 +232,8 @@ def run(parts: set[str], e2e_requests: int, rq_jobs: int, max_batch: int) -> lis
                         f"{rate:,.0f} req/s", f"{rq:,.0f} jobs/s", f"{rate / rq:.1f}x", ">= 30x",
                         rate / rq >= 30))  # fmt: skip
         rate, _ = gpulb_end_to_end(e2e_requests, max_batch, CONTINUOUS)
-        rows.append(Row(f"the same, 2 zero-cost continuous workers (default slots: each request admitted, timed and "
-                        f"recorded on its own)", f"{rate:,.0f} req/s", f"{rq:,.0f} jobs/s", f"{rate / rq:.1f}x", "-",
+        rows.append(Row("the same, 2 zero-cost continuous workers (default slots: each request admitted, timed and "
+                        "recorded on its own)", f"{rate:,.0f} req/s", f"{rq:,.0f} jobs/s", f"{rate / rq:.1f}x", "-",
                         True))  # fmt: skip
     if "submit" in parts:
         gpulb_rate, rq_rate = submit_rates(100_000)
