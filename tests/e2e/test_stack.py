@@ -86,7 +86,7 @@ class TestMixedFleet:
             table = gpulb("status", redis_url=redis_url)
             as_json = gpulb("status", "--json", redis_url=redis_url)
         assert table.returncode == 0, table.stderr
-        assert any(line.split()[:4] == ["a", "m", "simulated", "idle"] for line in table.stdout.splitlines())
+        assert any(line.split()[:5] == ["a", "m", "simulated", "idle", "0/128"] for line in table.stdout.splitlines())
         data = json.loads(as_json.stdout)
         assert {(w["worker_id"], w["model"], w["capacity"]) for w in data["workers"]} == {
             ("a", "m", 64),

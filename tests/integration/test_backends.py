@@ -151,3 +151,23 @@ class TestDeadEngine:
         assert len(waiting(conn, "m")) == 8 and conn.llen(keys.rq_queue_key("w")) == 0
         worker.heartbeat()
         assert len(signals) == 1  # once
+
+
+class TestStatusWhileBusy:
+    def test_status_shows_a_worker_busy_with_its_slots_in_use_while_requests_run(
+        self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        from gpulb.status import read_fleet_status, render_table
+        from tests.integration.test_reliability import work_until_admitted
+
+        w = start_worker("w", tokens_per_s=0.5, max_batch=3)  # requests stay in the engine for minutes
+        client.submit_batch([{"prompt": f"p{i}", "ignore_eos": True} for i in range(5)], model="m", max_tokens=50)
+        assert balancer(conn).dispatch_round() == 5
+        work_until_admitted(w, redis_url)  # the RQ jobs have ended: RQ says idle, the engine is busy
+        w.heartbeat()
+        (row,) = read_fleet_status(conn).workers
+        assert (row.state, row.running, row.slots, row.slots_text) == ("busy", 5, 128, "5/128")
+        assert any(
+            line.split()[3:5] == ["busy", "5/128"] for line in render_table(read_fleet_status(conn)).splitlines()
+        )
+        w.stop_runner()
