@@ -146,7 +146,7 @@ class Client:
         self, batch_id: str, probe: Callable[[], T | None], deadline: float | None, timeout: float | None, what: str
     ) -> T:
         fallback_s = self.settings.producer.poll_fallback_s
-        pubsub = self._conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self._conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8
         try:
             pubsub.subscribe(keys.batch_events_channel(batch_id))
             while (value := probe()) is None:
