@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import structlog
@@ -27,10 +28,11 @@ from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
 from balancer.rq_job import RqJobTemplate
 from gpulb import keys
-from gpulb.connection import CONNECTION_ERRORS
+from gpulb.connection import CONNECTION_ERRORS, REDIS_FULL, count_stat
+from gpulb.errors import BadPayload, GarbageInRedis
 from gpulb.logs import get_logger
 from gpulb.recovery import reap_dead_workers
-from gpulb.scripts import Scripts
+from gpulb.scripts import Scripts, garbage_refusal
 from gpulb.settings import Settings
 
 log = get_logger("gpulb.balancer")
@@ -101,15 +103,27 @@ class Balancer:
                 delay = 0.1
             except CONNECTION_ERRORS as exc:  # Redis restarting or unreachable: back off, keep going
                 log.warning("redis unavailable", error=str(exc), retry_in_s=delay)
-                self.fleet = None
-                self.stop_event.wait(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+                delay = self._back_off(delay)
+            except REDIS_FULL:  # nothing can move until memory is freed: back off, resume by itself
+                log.warning("redis is full (maxmemory, noeviction): waiting for memory", retry_in_s=delay)
+                count_stat(self.conn, "redis_full")
+                delay = self._back_off(delay)
+            except (redis.ResponseError, BadPayload) as exc:  # garbage the checks below missed: never stop
+                log.error("unexpected reply from redis: skipped", error=str(exc), retry_in_s=delay)
+                count_stat(self.conn, "unexpected_replies")
+                delay = self._back_off(delay)
         with contextlib.suppress(*CONNECTION_ERRORS):
             self.conn.delete(keys.balancer_heartbeat_key())
         log.info("balancer stopped", requests=self.dispatched_requests, micro_batches=self.dispatched_batches)
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _back_off(self, delay: float) -> float:
+        """Wait ``delay`` (a stop cuts it short), forget the snapshot; the next, longer delay."""
+        self.fleet = None
+        self.stop_event.wait(delay)
+        return min(delay * 2, self.max_backoff_s)
 
     def _beat(self) -> None:
         """Refresh the balancer's presence key (at most once a second) for ``gpulb status``."""
@@ -156,7 +170,12 @@ class Balancer:
         pipe.lrange(keys.wakeup_key(), 0, -1)
         pipe.delete(keys.wakeup_key())
         queue_backlog_reads(pipe, models)
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], redis.ResponseError):  # not a list: the MULTI deleted it, tokens are only hints
+            log.warning("dropped garbage at the wake-up list", error=str(replies[0]))
+            count_stat(self.conn, "garbage_keys")
+            replies[0] = []
+        _raise_first_error(replies)
         changed, self._changed = self._changed | set(replies[0]), set()
         workers = {t.removeprefix(keys.WAKE_WORKER) for t in changed if t.startswith(keys.WAKE_WORKER)}
         fleet = self.fleet
@@ -226,7 +245,7 @@ class Balancer:
         requests expected to run longest among the front ones, for the tail of a backlog)."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
         in_slots = self.policy.late_binding and worker.slots > 0  # credit in engine slots, not micro-batches
-        reply = self.scripts.dispatch(
+        reply = self._run_dispatch(
             keys=[
                 keys.ingress_key(worker.model), keys.ingress_tokens_key(worker.model), keys.load_key(worker.worker_id),
                 keys.credit_key(worker.worker_id), keys.inflight_key(worker.worker_id),
@@ -242,17 +261,32 @@ class Balancer:
                 *self._rq_job_fields(microbatch_id, worker.worker_id),
             ],
         )  # fmt: skip
+        if isinstance(reply, GarbageInRedis):
+            log.warning("worker skipped: garbage in its keys", worker_id=worker.worker_id, key=reply.key,
+                        problem=reply.what)  # fmt: skip
+            count_stat(self.conn, "garbage_keys")
+            return Dispatch(NOT_ACCEPTING, 0, 0, -1, 0)
         status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])
         result = Dispatch(status, requests, tokens, next_cost, dropped, str(reply[5]), str(reply[6]))
         if result.dropped:
             log.warning("dropped foreign ingress members", model=worker.model, count=result.dropped)
-            self.conn.hincrby(keys.stats_key(), "dropped_ingress_members", result.dropped)
+            count_stat(self.conn, "dropped_ingress_members", result.dropped)
         if result.status == DISPATCHED:
             self.dispatched_requests += result.requests
             self.dispatched_batches += 1
             if self.metrics is not None:
                 self.metrics.dispatched(worker.worker_id, worker.model, result.requests, result.tokens)
         return result
+
+    def _run_dispatch(self, *, keys: list[str], args: list[Any]) -> Any:
+        """The dispatch script's reply, or its refusal when it found garbage (it wrote nothing then)."""
+        try:
+            return self.scripts.dispatch(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            refusal = garbage_refusal(exc)
+            if refusal is None:
+                raise
+            return refusal
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:
         """The RQ job hash, exactly as RQ's own ``Job.save`` would write it (JSON serializer)."""
@@ -264,3 +298,9 @@ class Balancer:
                 self.conn, worker_id, timeout_s=self.settings.job_timeout_s, result_ttl_s=self.settings.job_result_ttl_s
             )
         return template.fields_for(microbatch_id)
+
+
+def _raise_first_error(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply

@@ -13,6 +13,7 @@ import redis
 
 from balancer.policy import WorkerView
 from gpulb import keys
+from gpulb.connection import count_stat
 from gpulb.errors import BadPayload
 from gpulb.logs import get_logger
 from gpulb.models import ACCEPTING_STATES, WorkerLoad
@@ -105,7 +106,7 @@ def read_fleet(
             _apply(view, load, credit)
             fleet.add(view)
     if fleet.malformed:
-        conn.hincrby(keys.stats_key(), "malformed_load_keys", fleet.malformed)
+        count_stat(conn, "malformed_load_keys", fleet.malformed)
     read_backlogs(conn, fleet, with_owners=with_owners)
     return fleet
 
@@ -163,8 +164,21 @@ def _read_workers(conn: redis.Redis, worker_ids: list[str]) -> list[tuple[str, d
     for worker_id in worker_ids:
         pipe.hgetall(keys.load_key(worker_id))
         pipe.hgetall(keys.credit_key(worker_id))
-    replies = pipe.execute()
-    return [(w, replies[2 * i], replies[2 * i + 1]) for i, w in enumerate(worker_ids)]
+    replies = pipe.execute(raise_on_error=False)
+    return [
+        (w, _hash_or_garbage(replies[2 * i]), _hash_or_garbage(replies[2 * i + 1])) for i, w in enumerate(worker_ids)
+    ]
+
+
+GARBAGE_HASH = {"state": "garbage: not a hash"}  # a load or credit key of another type: skipped as malformed
+
+
+def _hash_or_garbage(reply: Any) -> dict[str, str]:
+    if isinstance(reply, redis.ResponseError):
+        if "WRONGTYPE" not in str(reply):
+            raise reply
+        return GARBAGE_HASH
+    return reply  # type: ignore[no-any-return]
 
 
 def _parse(worker_id: str, load_raw: dict[str, str], fleet: Fleet) -> WorkerLoad | None:
@@ -179,7 +193,7 @@ def _parse(worker_id: str, load_raw: dict[str, str], fleet: Fleet) -> WorkerLoad
 def _apply(view: WorkerView, load: WorkerLoad, credit: dict[str, str]) -> None:
     view.capacity, view.tokens_per_s = load.capacity, load.tokens_per_s
     view.slots, view.queue_slots = load.slots, load.queue_slots
-    view.accepting = load.state in ACCEPTING_STATES
+    view.accepting = load.state in ACCEPTING_STATES and credit is not GARBAGE_HASH
     try:
         view.outstanding_batches = int(credit.get("batches", 0))
         view.outstanding_tokens = int(credit.get("tokens", 0))

@@ -6,6 +6,7 @@ Both come from the same URL and settings.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -14,10 +15,16 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from gpulb.errors import BrokerUnavailable
+from gpulb import keys
+from gpulb.errors import BrokerFull, BrokerUnavailable
 from gpulb.settings import Settings
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Redis at maxmemory with noeviction refuses writes, and every command inside a MULTI, reads included. Memory
+# comes back (results expire, a reader drains them, an operator raises maxmemory): a process backs off and
+# carries on, as after a connection blip. Never retried by redis-py itself: the same write would fail again.
+REDIS_FULL = redis.exceptions.OutOfMemoryError
+BLIP_ERRORS = (*CONNECTION_ERRORS, REDIS_FULL)
 
 
 def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> redis.Redis:
@@ -48,15 +55,24 @@ def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> red
 
 @contextmanager
 def broker_errors(url: str) -> Iterator[None]:
-    """Translate redis-py connection failures into :class:`BrokerUnavailable`."""
+    """Translate redis-py connection failures into :class:`BrokerUnavailable`, a full Redis into :class:`BrokerFull`."""
     try:
         yield
+    except REDIS_FULL as exc:
+        raise full(url) from exc
     except CONNECTION_ERRORS as exc:
         raise unavailable(url, exc) from exc
 
 
 def unavailable(url: str, exc: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(f"Redis at {redact_url(url)} is unreachable: {exc}")
+
+
+def full(url: str) -> BrokerFull:
+    return BrokerFull(
+        f"Redis at {redact_url(url)} is full (used memory > maxmemory, policy noeviction): nothing was written. "
+        "Free memory (read or delete finished batches, or let their results expire) or raise maxmemory, then retry"
+    )
 
 
 def redact_url(url: str) -> str:
@@ -69,3 +85,10 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def count_stat(conn: redis.Redis, field: str, amount: int = 1) -> None:
+    """Add to a counter of ``gpulb:stats`` (bad data seen, Redis full...), shown by ``gpulb status``. Best effort:
+    a Redis that is full or away loses the count, never the process."""
+    with contextlib.suppress(redis.RedisError):
+        conn.hincrby(keys.stats_key(), field, amount)

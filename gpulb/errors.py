@@ -24,6 +24,10 @@ class BrokerUnavailable(GpulbError):
     """Redis could not be reached (or answered with a connection error) within the time allowed."""
 
 
+class BrokerFull(BrokerUnavailable):
+    """Redis refused a write: it reached ``maxmemory`` and evicts nothing (``noeviction``). Nothing was written."""
+
+
 class BatchNotFound(GpulbError, KeyError):
     """No batch with this id exists (never submitted, or expired)."""
 
@@ -45,3 +49,12 @@ class BackendError(GpulbError):
 
 class BadPayload(GpulbError, ValueError):
     """Data read back from Redis does not have the shape gpulb wrote (foreign or corrupted)."""
+
+
+class GarbageInRedis(BadPayload):
+    """A gpulb script found a key that gpulb did not write as it is (wrong type, a counter that is not an integer)
+    and refused before writing anything."""
+
+    def __init__(self, key: str, what: str) -> None:
+        super().__init__(f"Redis holds data at {key} that gpulb did not write: it {what}; nothing was written")
+        self.key, self.what = key, what

@@ -50,11 +50,15 @@ model's ingress keys share a slot.
 | gpulb:gw:batch:ID:finalizing         | string | 300 s                | gateway (SET NX)           | gateway            |
 | gpulb:gw:batches, gpulb:gw:active    | zset   | none                 | gateway                    | gateway            |
 |   every gateway batch by created_at; those not final yet                                                     |
+| gpulb:gw:tenant:T:files, :batches    | zset   | none                 | gateway                    | gateway            |
+|   one tenant's files and batches (T: a hash of its API key, never the key); file hashes and batch records   |
+|   carry ``tenant`` too                                                                                       |
 | rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -98,6 +102,14 @@ def gateway_batches_key() -> str:
 
 def gateway_active_key() -> str:
     return f"{PREFIX}:gw:active"
+
+
+def gateway_tenant_files_key(tenant: str) -> str:
+    return f"{PREFIX}:gw:tenant:{tenant}:files"
+
+
+def gateway_tenant_batches_key(tenant: str) -> str:
+    return f"{PREFIX}:gw:tenant:{tenant}:batches"
 
 
 BATCH_INDEX_KEEP = 10_000  # batches listed by `gpulb batch list`; older ids drop out of the index
@@ -243,11 +255,16 @@ def ingress_member(batch_id: str, start: int, costs: Sequence[int], attempt: int
     return f"{batch_id}:{start}:{attempt}:{affinity}:{','.join(map(str, costs))}"
 
 
+# As the scripts' split_member reads them: ASCII only, bounded lengths (Lua would write a longer number as a float).
+_INGRESS_MEMBER = re.compile(r"([A-Za-z0-9]+):([0-9]{1,12}):([0-9]{1,6}):([A-Za-z0-9]*):([0-9]{1,10}(?:,[0-9]{1,10})*)")
+
+
 def parse_ingress_member(member: str) -> IngressMember:
     """Raises ValueError on a foreign member."""
-    batch_id, start, attempt, affinity, costs = member.split(":")
-    if not batch_id.isalnum() or not (affinity == "" or affinity.isalnum()):
+    match = _INGRESS_MEMBER.fullmatch(member)
+    if match is None:
         raise ValueError(f"not a gpulb ingress member: {member!r}")
+    batch_id, start, attempt, affinity, costs = match.groups()
     return IngressMember(batch_id, int(start), int(attempt), affinity, tuple(int(c) for c in costs.split(",")))
 
 

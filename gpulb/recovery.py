@@ -21,8 +21,9 @@ from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
 from gpulb import keys
+from gpulb.connection import count_stat
 from gpulb.logs import get_logger
-from gpulb.scripts import Scripts, as_ints
+from gpulb.scripts import Scripts, as_ints, garbage_refusal
 
 log = get_logger("gpulb.recovery")
 
@@ -53,7 +54,7 @@ def requeue_microbatch(
     entries, model = raw
     if entries is None or model is None:
         return Requeued(), False
-    batch_ids = list(dict.fromkeys(keys.parse_ingress_member(m).batch_id for m in entries.split()))
+    batch_ids = list(dict.fromkeys(_batch_ids(entries)))  # a member that is not ours is dropped by the script
     script_keys = [
         keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
         keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),
@@ -65,9 +66,25 @@ def requeue_microbatch(
     for batch_id in batch_ids:
         script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
         args += [batch_id, keys.batch_events_channel(batch_id)]
-    requeued, dead, queued = as_ints(scripts.requeue(keys=script_keys, args=args))
+    try:
+        requeued, dead, queued = as_ints(scripts.requeue(keys=script_keys, args=args))
+    except redis.ResponseError as exc:
+        if (refusal := garbage_refusal(exc)) is None:
+            raise
+        log.error("cannot requeue a micro-batch: garbage in redis", microbatch_id=microbatch_id, key=refusal.key,
+                  problem=refusal.what)  # fmt: skip
+        count_stat(conn, "garbage_keys")
+        return Requeued(), False
     moved = requeued + dead > 0 or queued > 0
     return Requeued(requeued, dead, 1 if moved else 0), queued > 0
+
+
+def _batch_ids(entries: str) -> list[str]:
+    ids = []
+    for member in entries.split():
+        with contextlib.suppress(ValueError):
+            ids.append(keys.parse_ingress_member(member).batch_id)
+    return ids
 
 
 def recover_worker(

@@ -12,14 +12,18 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
+from gpulb.errors import GarbageInRedis
+
 # Shared Lua: ingress members "BATCH:START:ATTEMPT:AFFINITY:COST,COST,..." (gpulb.keys.ingress_member).
 # split_member -> batch, start, attempt, affinity, the costs' text; nil if the member is foreign.
 # parse_member -> the same with the costs as a list of numbers.
 # Scores are integers below 2**53: '%.17g' writes them back exactly (Lua's own tostring would not).
 _MEMBERS = """
+-- Indices, attempts and costs are bounded in length: a longer one is not ours, and Lua would turn it into a float
+-- ('1.2345678901234e+14') when writing it back.
 local function split_member(member)
   local bid, start, attempt, affinity, text = string.match(member, '^(%w+):(%d+):(%d+):(%w*):([%d,]+)$')
-  if not bid then return nil end
+  if not bid or #start > 12 or #attempt > 6 or string.find(text, '%d%d%d%d%d%d%d%d%d%d%d') then return nil end
   return bid, tonumber(start), attempt, affinity, text
 end
 
@@ -32,7 +36,7 @@ local function parse_member(member)
 end
 
 local function member_of(bid, start, attempt, affinity, costs_text)
-  return bid .. ':' .. start .. ':' .. attempt .. ':' .. affinity .. ':' .. costs_text
+  return bid .. ':' .. string.format('%d', start) .. ':' .. attempt .. ':' .. affinity .. ':' .. costs_text
 end
 
 local function score_text(score)
@@ -42,8 +46,63 @@ end
 local PRIORITY_SPAN = 17592186044416  -- gpulb.keys.PRIORITY_SPAN (2**44): one priority's band of scores
 """
 
+# Shared Lua: Redis does not roll back a script that fails half-way, so every script checks what it reads
+# (types, numbers) before its first write, and either does everything or refuses with nothing written.
+# A refusal is an error reply 'GARBAGE <key> <what>' (gpulb.errors.GarbageInRedis on the Python side).
+# A model's ingress counters are only sums of what its ingress holds: garbage there is repaired by counting again.
+_GUARDS = """
+local function is_int(v)
+  return type(v) == 'string' and #v <= 15 and string.match(v, '^-?%d+$') ~= nil
+end
+
+local function refuse(key, what)
+  return redis.error_reply('GARBAGE ' .. key .. ' ' .. what)
+end
+
+-- nil if KEY is of type WANT (or missing) and its FIELDS, where set, are integers; else why not.
+local function bad_hash(key, fields)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' then return nil end
+  if t ~= 'hash' then return 'is a ' .. t .. ', not a hash' end
+  if fields and #fields > 0 then
+    local values = redis.call('HMGET', key, unpack(fields))
+    for i, f in ipairs(fields) do
+      if values[i] and not is_int(values[i]) then return 'field ' .. f .. ' is not an integer' end
+    end
+  end
+  return nil
+end
+
+local function bad_type(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' or t == want then return nil end
+  return 'is a ' .. t .. ', not a ' .. want
+end
+
+local function counter_sane(key)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or (t == 'string' and is_int(redis.call('GET', key)))
+end
+
+-- Count an ingress again (its tokens and its requests) when a counter of it is garbage; true if it did.
+local function repair_ingress_counters(zkey, tokens_key, requests_key)
+  if counter_sane(tokens_key) and counter_sane(requests_key) then return false end
+  local tokens, requests = 0, 0
+  for _, member in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
+    local _, _, _, _, text = split_member(member)
+    if text then
+      for c in string.gmatch(text, '%d+') do tokens = tokens + tonumber(c); requests = requests + 1 end
+    end
+  end
+  redis.call('SET', tokens_key, string.format('%d', tokens))
+  redis.call('SET', requests_key, string.format('%d', requests))
+  return true
+end
+"""
+
 DISPATCH = (
     _MEMBERS
+    + _GUARDS
     + """
 -- Cut one micro-batch from a model's ingress and enqueue it as ONE RQ job on a worker's queue.
 -- KEYS[1] ingress zset        KEYS[2] ingress_tokens     KEYS[3] worker load hash
@@ -71,10 +130,18 @@ if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 then
   local done = redis.call('HMGET', KEYS[6], 'count', 'tokens')
   return {1, tonumber(done[1] or '0'), tonumber(done[2] or '0'), 0, 0, '', ''}  -- next head unknown: look again
 end
+if bad_type(KEYS[3], 'hash') then return {-1, 0, 0, -1, 0, '', ''} end  -- a load key that is not ours: no worker
 local load = redis.call('HMGET', KEYS[3], 'state', 'model', 'slots', 'queue_slots')
 if (load[1] ~= 'idle' and load[1] ~= 'busy') or load[2] ~= ARGV[3] then
   return {-1, 0, 0, -1, 0, '', ''}
 end
+for _, check in ipairs({{KEYS[1], 'zset'}, {KEYS[5], 'set'}, {KEYS[8], 'list'}, {KEYS[9], 'set'},
+    {KEYS[10], 'hash'}, {KEYS[6], 'hash'}, {KEYS[7], 'hash'}}) do
+  local why = bad_type(check[1], check[2])
+  if why then return refuse(check[1], why) end
+end
+local why = bad_hash(KEYS[4], {'batches', 'requests', 'tokens'})
+if why then return refuse(KEYS[4], why) end
 local credit = redis.call('HMGET', KEYS[4], 'batches', 'requests')
 local slots = tonumber(load[3] or '0') or 0
 if tonumber(credit[1] or '0') >= tonumber(ARGV[6]) or (ARGV[13] == '1' and slots > 0
@@ -92,6 +159,7 @@ local function may_take(key)
 end
 local scan = max_count
 if affinity_on or ARGV[14] == '1' then scan = math.max(max_count, tonumber(ARGV[10])) end
+repair_ingress_counters(KEYS[1], KEYS[2], KEYS[11])  -- the first write: every read above was checked
 local head = redis.call('ZRANGE', KEYS[1], 0, scan - 1, 'WITHSCORES')
 
 -- In order: requests from the front while they fit the budget (at least one), splitting the member it stops in.
@@ -110,12 +178,12 @@ local function cut_in_order()
         if #members > 0 and (tokens + c > budget or #members >= max_count) then
           full = true
           if took > 0 then
-            rest = prefix .. (start + took) .. suffix .. string.sub(text, at)
+            rest = prefix .. string.format('%d', start + took) .. suffix .. string.sub(text, at)
             rest_score = score_text(tonumber(head[i + 1]) + took)
           end
           break
         end
-        members[#members + 1] = prefix .. (start + took) .. suffix .. cost
+        members[#members + 1] = prefix .. string.format('%d', start + took) .. suffix .. cost
         tokens = tokens + c
         took = took + 1
       end
@@ -232,6 +300,20 @@ local function custom_id_of(qkey, idx)
   return nil
 end
 
+local BATCH_FIELDS = {'total', 'running', 'completed', 'failed', 'cancelled', 'ttl_s'}
+
+-- What a script may write of a batch, checked before its first write: 'ok' all of it; 'gone' nothing (its record
+-- expired or was deleted: nobody waits); 'results' its results and payloads, not its record, which holds garbage;
+-- 'garbage' nothing (its results or payloads are not hashes).
+local function batch_condition(bkey, rkey, qkey)
+  if bad_type(rkey, 'hash') or bad_type(qkey, 'hash') then return 'garbage' end
+  local t = redis.call('TYPE', bkey)['ok']
+  if t == 'none' then return 'gone' end
+  if t ~= 'hash' then return 'garbage' end
+  if bad_hash(bkey, BATCH_FIELDS) then return 'results' end
+  return 'ok'
+end
+
 local function settle_batch(bkey, rkey, qkey, channel, now, completed, failed, cancelled)
   local done = redis.call('HINCRBY', bkey, 'completed', completed)
     + redis.call('HINCRBY', bkey, 'failed', failed)
@@ -265,24 +347,39 @@ local function release_credit(mbkey, inflight, credit, mb_id, wakeup, keep, work
 end
 """
 
-START = """
+START = (
+    _MEMBERS
+    + _GUARDS
+    + _SETTLE_BATCH
+    + """
 -- A worker hands a micro-batch's requests to its backend: from now on a crash costs each an attempt.
 -- KEYS[1] micro-batch hash  KEYS[2+3(b-1)..] for batch b: batch hash, requests hash, results hash
 -- ARGV per batch b: n, then n times: request field, its ingress member
 -- Reads each request's payload (unless its result is recorded) and its batch's submitted_at and
 -- cancelled_at; a request runs if it has a payload, no result and its batch is not cancelled.
 -- Records the members that run in the micro-batch ('ran') and counts them as running, once (a
--- retried call changes nothing and reports the members recorded the first time).
+-- retried call changes nothing and reports the members recorded the first time). A batch whose keys hold
+-- garbage runs nothing (its results could not be recorded), or runs without counts if only its record does.
 -- Returns nil if the micro-batch was taken back meanwhile: do not run it. Otherwise per batch:
 -- submitted_at, cancelled ('1' or ''), then per request: done ('1' or ''), runs ('1' or ''), payload.
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 or bad_type(KEYS[1], 'hash') then return false end
+local conditions, pos, b = {}, 1, 0
+while pos <= #ARGV do
+  conditions[b] = batch_condition(KEYS[2 + 3 * b], KEYS[4 + 3 * b], KEYS[3 + 3 * b])
+  pos, b = pos + 1 + 2 * tonumber(ARGV[pos]), b + 1
+end
 local before = redis.call('HGET', KEYS[1], 'ran')
 local known = {}
 for m in string.gmatch(before or '', '%S+') do known[m] = true end
-local out, ran, pos, b = {}, {}, 1, 0
+local out, ran = {}, {}
+pos, b = 1, 0
 while pos <= #ARGV do
-  local bkey, qkey, rkey = KEYS[2 + 3 * b], KEYS[3 + 3 * b], KEYS[4 + 3 * b]
-  local meta = redis.call('HMGET', bkey, 'submitted_at', 'cancelled_at')
+  local bkey, qkey, rkey, condition = KEYS[2 + 3 * b], KEYS[3 + 3 * b], KEYS[4 + 3 * b], conditions[b]
+  local meta = {false, false}
+  if condition == 'ok' or condition == 'results' then
+    meta = redis.call('HMGET', bkey, 'submitted_at', 'cancelled_at')
+  end
+  local readable = condition ~= 'garbage'
   local cancelled = meta[2] ~= false
   out[#out + 1] = meta[1] or '0'
   out[#out + 1] = cancelled and '1' or ''
@@ -291,17 +388,17 @@ while pos <= #ARGV do
   for i = 1, n do
     local field, member = ARGV[pos], ARGV[pos + 1]
     pos = pos + 2
-    local done = redis.call('HEXISTS', rkey, field) == 1
+    local done = readable and redis.call('HEXISTS', rkey, field) == 1
     local payload = false
-    if not done then payload = redis.call('HGET', qkey, field) end
+    if readable and not done then payload = redis.call('HGET', qkey, field) end
     local runs = known[member] == true
-    if not before then runs = not done and not cancelled and payload ~= false end
+    if not before then runs = not done and not cancelled and payload ~= false and condition ~= 'gone' end
     if runs then ran[#ran + 1] = member; started = started + 1 end
     out[#out + 1] = done and '1' or ''
     out[#out + 1] = runs and '1' or ''
     out[#out + 1] = payload
   end
-  if not before and started > 0 and redis.call('EXISTS', bkey) == 1 then
+  if not before and started > 0 and condition == 'ok' then
     redis.call('HINCRBY', bkey, 'running', started)
     if redis.call('HGET', bkey, 'state') == 'pending' then redis.call('HSET', bkey, 'state', 'running') end
   end
@@ -310,9 +407,12 @@ end
 if not before then redis.call('HSET', KEYS[1], 'ran', table.concat(ran, ' ')) end
 return out
 """
+)
 
 RECORD = (
-    _SETTLE_BATCH
+    _MEMBERS
+    + _GUARDS
+    + _SETTLE_BATCH
     + """
 -- Record finished requests of a micro-batch, each result only if none is recorded yet, and settle
 -- counters. A continuous worker records requests as each finishes (several calls per micro-batch);
@@ -330,17 +430,33 @@ RECORD = (
 -- call changes nothing twice): its credit (cost, one request) is given back and, if it was running, the
 -- batch's running count drops. A micro-batch that was taken back meanwhile (its worker looked dead)
 -- still records results that are not recorded yet, but no longer touches credit or running counts.
--- Returns the number of results newly recorded.
+-- Returns {results newly recorded, batches or keys left alone because they held garbage}.
+local garbage = 0
 local owned = redis.call('EXISTS', KEYS[1]) == 1
-local recorded, pos, b, freed_tokens, freed, wake = 0, 9, 0, 0, 0, true
+if owned and (bad_hash(KEYS[1], {'tokens', 'count'}) or bad_hash(KEYS[3], {'batches', 'tokens', 'requests'})
+    or bad_type(KEYS[2], 'set')) then
+  owned, garbage = false, garbage + 1  -- the credit of this micro-batch is garbage: record, touch no credit
+end
+local wakeable = bad_type(KEYS[4], 'list') == nil
+local learn = tonumber(ARGV[7]) > 0 and bad_hash(KEYS[5], {'count', 'tokens'}) == nil
+local conditions, pos, b = {}, 9, 0
+while pos <= #ARGV do
+  conditions[b] = batch_condition(KEYS[6 + 3 * b], KEYS[7 + 3 * b], KEYS[8 + 3 * b])
+  if conditions[b] == 'results' or conditions[b] == 'garbage' then garbage = garbage + 1 end
+  pos, b = pos + 2 + 6 * tonumber(ARGV[pos + 1]), b + 1
+end
+if not wakeable then garbage = garbage + 1 end
+-- every read is checked: from here on nothing fails
+local recorded, freed_tokens, freed, wake = 0, 0, 0, true
+pos, b = 9, 0
 while pos <= #ARGV do
   local bkey, rkey, qkey = KEYS[6 + 3 * b], KEYS[7 + 3 * b], KEYS[8 + 3 * b]
-  local channel, n = ARGV[pos], tonumber(ARGV[pos + 1])
+  local channel, n, condition = ARGV[pos], tonumber(ARGV[pos + 1]), conditions[b]
   pos = pos + 2
   local counts, running = {['0'] = 0, ['1'] = 0, ['2'] = 0}, 0
   for i = 1, n do
     local field, member, outcome = ARGV[pos], ARGV[pos + 1], ARGV[pos + 3]
-    if redis.call('HSETNX', rkey, field, ARGV[pos + 2]) == 1 then
+    if (condition == 'ok' or condition == 'results') and redis.call('HSETNX', rkey, field, ARGV[pos + 2]) == 1 then
       counts[outcome] = counts[outcome] + 1
       redis.call('HDEL', qkey, field)
     end
@@ -351,18 +467,21 @@ while pos <= #ARGV do
     end
     pos = pos + 6
   end
-  if running > 0 then redis.call('HINCRBY', bkey, 'running', -running) end
-  settle_batch(bkey, rkey, qkey, channel, ARGV[2], counts['0'], counts['1'], counts['2'])
+  if condition == 'ok' then
+    if running > 0 then redis.call('HINCRBY', bkey, 'running', -running) end
+    settle_batch(bkey, rkey, qkey, channel, ARGV[2], counts['0'], counts['1'], counts['2'])
+  end
   recorded = recorded + counts['0'] + counts['1'] + counts['2']
   b = b + 1
 end
-if tonumber(ARGV[7]) > 0 then
+if learn then
   local seen = redis.call('HINCRBY', KEYS[5], 'count', ARGV[7])
   local total = redis.call('HINCRBY', KEYS[5], 'tokens', ARGV[6])
   if seen > 20000 then  -- forget slowly: halve both, so the mean follows a model whose outputs change
     redis.call('HSET', KEYS[5], 'count', math.floor(seen / 2), 'tokens', math.floor(total / 2))
   end
 end
+if not wakeable then redis.call('DEL', KEYS[4]) end  -- wake-up tokens only say 'look again': a fresh list is safe
 if owned then
   if ARGV[5] == '1' then
     release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[4], ARGV[3], ARGV[4])
@@ -378,12 +497,13 @@ if wake and (not owned or ARGV[5] ~= '1') then
   redis.call('RPUSH', KEYS[4], 'w:' .. ARGV[4])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
 end
-return recorded
+return {recorded, garbage}
 """
 )
 
 REQUEUE = (
     _MEMBERS
+    + _GUARDS
     + _SETTLE_BATCH
     + """
 -- Take a micro-batch back from a worker and put its unfinished requests at the front of the
@@ -397,42 +517,56 @@ REQUEUE = (
 -- ARGV[1] micro-batch id  ARGV[2] mode  ARGV[3] now  ARGV[4] max attempts  ARGV[5] wakeup keep
 -- ARGV[6] worker id  ARGV[7] reason  ARGV[8..] per batch b: batch id, events channel
 -- Returns {requeued, dead_lettered, was_queued}.
+local why = bad_type(KEYS[1], 'hash') or bad_type(KEYS[6], 'zset')
+if why then return refuse(KEYS[1] .. ' or ' .. KEYS[6], why) end
 local mb = redis.call('HMGET', KEYS[1], 'entries', 'scores', 'tokens', 'ran')
 if not mb[1] then return {0, 0, 0} end
-local queued = redis.call('LREM', KEYS[4], 0, ARGV[1])
+local queue_ok = bad_type(KEYS[4], 'list') == nil
+local queued = 0
+if queue_ok then queued = redis.call('LREM', KEYS[4], 0, ARGV[1]) end  -- LREM of an absent id writes nothing
 if ARGV[2] == 'release' and queued == 0 then return {0, 0, 0} end
+-- every read below is checked before the first write that can fail
+local credit_ok = bad_hash(KEYS[1], {'tokens', 'count'}) == nil and bad_type(KEYS[2], 'set') == nil
+  and bad_hash(KEYS[3], {'batches', 'tokens', 'requests'}) == nil
+local slot, conditions = {}, {}
+for b = 0, (#ARGV - 9) / 2 do
+  slot[ARGV[8 + 2 * b]] = b
+  conditions[b] = batch_condition(KEYS[10 + 3 * b], KEYS[11 + 3 * b], KEYS[12 + 3 * b])
+end
+local scores = {}
+for first, count in string.gmatch(mb[2] or '', '(%S+)x(%d+)') do
+  for k = 0, tonumber(count) - 1 do scores[#scores + 1] = score_text((tonumber(first) or 0) + k) end
+end
+if bad_type(KEYS[8], 'list') then redis.call('DEL', KEYS[8]) end  -- wake-up tokens only say 'look again'
+repair_ingress_counters(KEYS[6], KEYS[7], KEYS[9])
 if queued > 0 then redis.call('DEL', KEYS[5]) end
 local ran = {}
 for m in string.gmatch(mb[4] or '', '%S+') do ran[m] = true end
 local now, max_attempts = ARGV[3], tonumber(ARGV[4])
-local slot = {}
-for b = 0, (#ARGV - 9) / 2 do slot[ARGV[8 + 2 * b]] = b end
-local scores = {}
-for first, count in string.gmatch(mb[2], '(%S+)x(%d+)') do
-  for k = 0, tonumber(count) - 1 do scores[#scores + 1] = score_text(tonumber(first) + k) end
-end
 local running, dead, tokens, requeued, i = {}, {}, 0, 0, 0
 for member in string.gmatch(mb[1], '%S+') do
   i = i + 1
   local bid, idx, attempt, affinity, costs = parse_member(member)  -- one request
-  local b = slot[bid]
-  local rkey = KEYS[11 + 3 * b]
-  if redis.call('HEXISTS', rkey, idx) == 0 then
+  local b = bid and slot[bid]
+  -- dropped: a member that is not ours, or of a batch that is gone or whose results could never be recorded
+  local condition = b and conditions[b] or 'gone'
+  if (condition == 'ok' or condition == 'results') and redis.call('HEXISTS', KEYS[11 + 3 * b], idx) == 0 then
+    local rkey, qkey = KEYS[11 + 3 * b], KEYS[12 + 3 * b]
     local next_attempt = tonumber(attempt)
     if ran[member] then
       next_attempt = next_attempt + 1
       running[b] = (running[b] or 0) + 1
     end
     if next_attempt >= max_attempts then
-      local submitted = tonumber(redis.call('HGET', KEYS[10 + 3 * b], 'submitted_at') or now)
-      redis.call('HSET', rkey, idx, cjson.encode({request_id = bid .. '-' .. idx, index = tonumber(idx),
+      local submitted = tonumber(redis.call('HGET', KEYS[10 + 3 * b], 'submitted_at') or now) or tonumber(now)
+      redis.call('HSET', rkey, idx, cjson.encode({request_id = bid .. '-' .. idx, index = idx,
         text = '', output_tokens = 0, worker = ARGV[6], error = ARGV[7], attempts = next_attempt,
         submitted_at = submitted, started_at = tonumber(now), finished_at = tonumber(now),
-        custom_id = custom_id_of(KEYS[12 + 3 * b], idx)}))
-      redis.call('HDEL', KEYS[12 + 3 * b], idx)
+        custom_id = custom_id_of(qkey, idx)}))
+      redis.call('HDEL', qkey, idx)
       dead[b] = (dead[b] or 0) + 1
     else
-      redis.call('ZADD', KEYS[6], scores[i], member_of(bid, idx, next_attempt, affinity, costs[1]))
+      redis.call('ZADD', KEYS[6], scores[i] or score_text(0), member_of(bid, idx, next_attempt, affinity, costs[1]))
       tokens = tokens + costs[1]
       requeued = requeued + 1
     end
@@ -441,15 +575,20 @@ end
 local dead_total = 0
 for b = 0, (#ARGV - 9) / 2 do
   local bkey = KEYS[10 + 3 * b]
-  if running[b] then redis.call('HINCRBY', bkey, 'running', -running[b]) end
-  if dead[b] then
-    dead_total = dead_total + dead[b]
-    settle_batch(bkey, KEYS[11 + 3 * b], KEYS[12 + 3 * b], ARGV[9 + 2 * b], now, 0, dead[b], 0)
+  if conditions[b] == 'ok' then
+    if running[b] then redis.call('HINCRBY', bkey, 'running', -running[b]) end
+    if dead[b] then settle_batch(bkey, KEYS[11 + 3 * b], KEYS[12 + 3 * b], ARGV[9 + 2 * b], now, 0, dead[b], 0) end
   end
+  dead_total = dead_total + (dead[b] or 0)
 end
 redis.call('INCRBY', KEYS[7], tokens)
 redis.call('INCRBY', KEYS[9], requeued)
-release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[8], ARGV[5], ARGV[6])
+if credit_ok then
+  release_credit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], KEYS[8], ARGV[5], ARGV[6])
+else  -- a micro-batch record or credit that is not ours: forget it, the balancer refuses garbage credit
+  redis.call('DEL', KEYS[1])
+  if bad_type(KEYS[2], 'set') == nil then redis.call('SREM', KEYS[2], ARGV[1]) end
+end
 return {requeued, dead_total, queued}
 """
 )
@@ -457,6 +596,7 @@ return {requeued, dead_total, queued}
 
 CANCEL = (
     _MEMBERS
+    + _GUARDS
     + _SETTLE_BATCH
     + """
 -- Cancel what of a batch still waits in the ingress: remove it and record it as cancelled.
@@ -466,13 +606,17 @@ CANCEL = (
 -- ARGV[1] now  ARGV[2] events channel  ARGV[3..] per ingress member: the member, then the cancelled
 -- result JSON of each of its requests in order
 -- Returns the number of requests cancelled here.
+local why = bad_type(KEYS[1], 'zset')
+if why then return refuse(KEYS[1], why) end
+if batch_condition(KEYS[3], KEYS[4], KEYS[5]) ~= 'ok' then return refuse(KEYS[3], 'is not a batch gpulb wrote') end
+repair_ingress_counters(KEYS[1], KEYS[2], KEYS[6])
 if not redis.call('HGET', KEYS[3], 'cancelled_at') then redis.call('HSET', KEYS[3], 'cancelled_at', ARGV[1]) end
 local n, removed, tokens, pos = 0, 0, 0, 3
 while pos <= #ARGV do
   local _, start, _, _, costs = parse_member(ARGV[pos])
   if redis.call('ZREM', KEYS[1], ARGV[pos]) == 1 then
     for k = 1, #costs do
-      local field = tostring(start + k - 1)
+      local field = string.format('%d', start + k - 1)
       local result = cjson.decode(ARGV[pos + k])
       result['custom_id'] = custom_id_of(KEYS[5], field)
       if redis.call('HSETNX', KEYS[4], field, cjson.encode(result)) == 1 then n = n + 1 end
@@ -491,6 +635,52 @@ return n
 )
 
 
+PUBLISH = (
+    _MEMBERS
+    + _GUARDS
+    + """
+-- Make a staged batch visible: its record, its ingress members and counters, a wake-up, all or nothing.
+-- KEYS[1] requests hash (staged payloads)  KEYS[2] batch hash  KEYS[3] batch index zset  KEYS[4] ingress zset
+-- KEYS[5] ingress_tokens  KEYS[6] ingress_requests  KEYS[7] models set  KEYS[8] wakeup list
+-- ARGV[1] '1' to list the batch  ARGV[2] how many batches the index keeps  ARGV[3] batch id
+-- ARGV[4] submitted_at  ARGV[5] tokens  ARGV[6] requests  ARGV[7] model  ARGV[8] wake-up token
+-- ARGV[9] wake-up list length to keep  ARGV[10] R  ARGV[11..10+2R] batch record field, value, ...
+-- ARGV[11+2R..] ingress score, member, ...
+-- Returns 1 when published, 0 when it was already (a retry whose first reply was lost).
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local why = bad_type(KEYS[1], 'hash')
+if why then return refuse(KEYS[1], why) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return refuse(KEYS[1], 'is gone: the staged requests expired') end
+for _, check in ipairs({{KEYS[3], 'zset'}, {KEYS[4], 'zset'}, {KEYS[7], 'set'}}) do
+  why = bad_type(check[1], check[2])
+  if why then return refuse(check[1], why) end
+end
+-- every read is checked: from here on nothing fails
+if bad_type(KEYS[8], 'list') then redis.call('DEL', KEYS[8]) end  -- wake-up tokens only say 'look again'
+repair_ingress_counters(KEYS[4], KEYS[5], KEYS[6])
+redis.call('PERSIST', KEYS[1])
+local r = tonumber(ARGV[10])
+redis.call('HSET', KEYS[2], unpack(ARGV, 11, 10 + 2 * r))
+if ARGV[1] == '1' then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[2]) - 1)
+end
+local first = 11 + 2 * r
+while first <= #ARGV do  -- in slices: unpack has a limit of a few thousand values
+  local last = math.min(#ARGV, first + 3999)
+  redis.call('ZADD', KEYS[4], unpack(ARGV, first, last))
+  first = last + 1
+end
+redis.call('INCRBY', KEYS[5], ARGV[5])
+redis.call('INCRBY', KEYS[6], ARGV[6])
+redis.call('SADD', KEYS[7], ARGV[7])
+redis.call('RPUSH', KEYS[8], ARGV[8])
+redis.call('LTRIM', KEYS[8], -tonumber(ARGV[9]), -1)
+return 1
+"""
+)
+
+
 class Scripts:
     """The scripts registered on one client (EVALSHA, reloaded by redis-py after a restart)."""
 
@@ -500,7 +690,17 @@ class Scripts:
         self.record: Script = conn.register_script(RECORD)
         self.requeue: Script = conn.register_script(REQUEUE)
         self.cancel: Script = conn.register_script(CANCEL)
+        self.publish: Script = conn.register_script(PUBLISH)
 
 
 def as_ints(reply: Any) -> list[int]:
     return [int(x) for x in reply]
+
+
+def garbage_refusal(exc: redis.ResponseError) -> GarbageInRedis | None:
+    """The refusal of a script that found garbage (``'GARBAGE <key> <what>'``, nothing written), else None."""
+    text = str(exc)
+    if not text.startswith("GARBAGE "):
+        return None
+    key, _, what = text.removeprefix("GARBAGE ").partition(" ")
+    return GarbageInRedis(key, what.split(" script:")[0])

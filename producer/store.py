@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import secrets
@@ -12,9 +13,9 @@ import redis
 
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
-from gpulb.errors import BadPayload, BatchNotFound
+from gpulb.errors import BadPayload, BatchNotFound, GarbageInRedis
 from gpulb.models import BatchState, BatchStatus, RequestSpec, Result, learned_mean_output
-from gpulb.scripts import Scripts
+from gpulb.scripts import Scripts, garbage_refusal
 from gpulb.settings import ProducerSettings
 
 STAGING_TTL_S = 3600  # a batch whose submit died half-way vanishes after this; it was never visible
@@ -36,34 +37,43 @@ def write_batch(
     metadata: Mapping[str, str] | None = None,
     listed: bool = True,
 ) -> None:
-    """Stage the payloads in chunks, then make the batch visible in one MULTI/EXEC.
+    """Stage the payloads in chunks, then make the batch visible in one script (all of it, or nothing).
 
-    Until the final transaction runs, no balancer can see any request; a producer that dies
-    before it leaves only a staging hash that expires. ``publish_conn`` must not retry on its own:
-    the transaction is not idempotent, so after a lost reply we look before publishing again.
+    Until the script runs, no balancer can see any request; a producer that dies before it leaves only a
+    staging hash that expires, and one refused (Redis full, garbage in a key) deletes its staging at once.
+    ``publish_conn`` does not retry on its own; the script is idempotent per batch id, so we retry it once.
     """
     requests_key = keys.batch_requests_key(batch_id)
-    for start in range(0, len(specs), limits.chunk_size):
-        chunk = specs[start : start + limits.chunk_size]
+    try:
+        _stage(conn, requests_key, specs, limits.chunk_size)
+        pipe = conn.pipeline(transaction=False)
+        pipe.incrby(keys.seq_key(), len(specs))
+        pipe.hmget(keys.output_lengths_key(model), ["count", "tokens"])
+        seq_end, lengths = pipe.execute()
+        publish = functools.partial(
+            _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
+            seq0=int(seq_end) - len(specs), limits=limits, metadata=metadata or {}, listed=listed,
+            learned_mean=learned_mean_output(lengths),
+        )  # fmt: skip
+        try:
+            publish()
+        except CONNECTION_ERRORS:
+            if conn.exists(keys.batch_key(batch_id)):
+                return  # it ran; only its reply was lost
+            publish()  # (the script publishes once per batch id even so)
+    except (redis.ResponseError, GarbageInRedis):  # a full Redis too: nothing was published: take the staging back now
+        with contextlib.suppress(redis.RedisError):
+            conn.delete(requests_key)  # DEL is allowed in a full Redis, and frees what the staging took
+        raise
+
+
+def _stage(conn: redis.Redis, requests_key: str, specs: Sequence[RequestSpec], chunk_size: int) -> None:
+    for start in range(0, len(specs), chunk_size):
+        chunk = specs[start : start + chunk_size]
         pipe = conn.pipeline(transaction=False)
         pipe.hset(requests_key, mapping={str(start + i): _payload_json(s) for i, s in enumerate(chunk)})
         pipe.expire(requests_key, STAGING_TTL_S)
         pipe.execute()
-    pipe = conn.pipeline(transaction=False)
-    pipe.incrby(keys.seq_key(), len(specs))
-    pipe.hmget(keys.output_lengths_key(model), ["count", "tokens"])
-    seq_end, lengths = pipe.execute()
-    publish = functools.partial(
-        _publish, publish_conn, batch_id, model=model, priority=priority, specs=specs,
-        seq0=int(seq_end) - len(specs), limits=limits, metadata=metadata or {}, listed=listed,
-        learned_mean=learned_mean_output(lengths),
-    )  # fmt: skip
-    try:
-        publish()
-    except CONNECTION_ERRORS:
-        if conn.exists(keys.batch_key(batch_id)):
-            return  # it ran; only its reply was lost
-        publish()
 
 
 def _publish(
@@ -79,25 +89,29 @@ def _publish(
     listed: bool,
     learned_mean: float | None = None,
 ) -> None:
-    pipe = conn.pipeline(transaction=True)
-    pipe.persist(keys.batch_requests_key(batch_id))
     record = _batch_record(model, priority, len(specs), limits)
     if metadata:
         record["metadata"] = json.dumps(dict(metadata))
-    pipe.hset(keys.batch_key(batch_id), mapping=record)  # type: ignore[arg-type]
-    if listed:
-        pipe.zadd(keys.batches_key(), {batch_id: float(record["submitted_at"])})
-        pipe.zremrangebyrank(keys.batches_key(), 0, -keys.BATCH_INDEX_KEEP - 1)
     costs = [spec.cost_tokens(learned_mean) for spec in specs]  # expected work: output lengths as learned
     runs = ingress_runs(batch_id, costs, [spec.affinity_key() for spec in specs], priority, seq0)
-    for start in range(0, len(runs), limits.chunk_size):
-        pipe.zadd(keys.ingress_key(model), dict(runs[start : start + limits.chunk_size]))
-    pipe.incrby(keys.ingress_tokens_key(model), sum(costs))
-    pipe.incrby(keys.ingress_requests_key(model), len(specs))
-    pipe.sadd(keys.models_key(), model)
-    pipe.rpush(keys.wakeup_key(), keys.wake_batch_token(batch_id))
-    pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
-    pipe.execute()
+    script_keys = [
+        keys.batch_requests_key(batch_id), keys.batch_key(batch_id), keys.batches_key(), keys.ingress_key(model),
+        keys.ingress_tokens_key(model), keys.ingress_requests_key(model), keys.models_key(), keys.wakeup_key(),
+    ]  # fmt: skip
+    args: list[str | int | float] = [
+        "1" if listed else "", keys.BATCH_INDEX_KEEP, batch_id, record["submitted_at"], sum(costs), len(specs), model,
+        keys.wake_batch_token(batch_id), keys.WAKEUP_KEEP, len(record),
+    ]  # fmt: skip
+    for field, value in record.items():
+        args += [field, value]
+    for member, score in runs:
+        args += [score, member]
+    try:
+        Scripts(conn).publish(keys=script_keys, args=args)
+    except redis.ResponseError as exc:
+        if (refusal := garbage_refusal(exc)) is None:
+            raise
+        raise refusal from exc
 
 
 def ingress_runs(
@@ -231,13 +245,22 @@ def _cancel_pass(
     for start in range(0, max(1, len(members)), chunk):
         args: list[str | float] = [now, keys.batch_events_channel(batch_id)]
         for member in members[start : start + chunk]:
+            try:
+                requests = keys.parse_ingress_member(member).requests()
+            except ValueError:
+                continue  # not ours: the balancer drops and counts it
             args.append(member)
-            for request in keys.parse_ingress_member(member).requests():
+            for request in requests:
                 result = Result(
                     request_id=keys.request_id(batch_id, request.start), index=request.start, text="", output_tokens=0,
                     worker="", error="cancelled", cancelled=True, attempts=request.attempt, submitted_at=submitted_at,
                     started_at=now, finished_at=now,
                 )  # fmt: skip
                 args.append(result.model_dump_json())
-        cancelled += int(scripts.cancel(keys=script_keys, args=args))
+        try:
+            cancelled += int(scripts.cancel(keys=script_keys, args=args))
+        except redis.ResponseError as exc:
+            if (refusal := garbage_refusal(exc)) is None:
+                raise
+            raise refusal from exc
     return cancelled

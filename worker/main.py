@@ -14,7 +14,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from gpulb import keys
-from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect
+from gpulb.connection import BLIP_ERRORS, broker_errors, connect
 from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
 from gpulb.metrics import serve_metrics
@@ -78,7 +78,7 @@ def _work(settings: Settings, runtime: WorkerRuntime, burst: bool) -> bool:
     try:
         retire_rq_worker(runtime.rq_conn, runtime.worker_id)  # our own record from before an outage
         build_rq_worker(settings, runtime).work(burst=burst, logging_level=settings.log_level.upper())
-    except CONNECTION_ERRORS as exc:
+    except BLIP_ERRORS as exc:  # lost, or full (maxmemory): wait for it, take back what we hold, carry on
         log.warning("lost redis", error=str(exc))
         return False
     return burst or runtime.draining

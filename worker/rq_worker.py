@@ -22,6 +22,7 @@ from rq.utils import as_text, get_version, now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from gpulb import keys
+from gpulb.connection import BLIP_ERRORS
 from gpulb.keys import JOB_FUNC
 from gpulb.logs import get_logger
 from gpulb.recovery import record_rq_failure
@@ -111,8 +112,8 @@ class GpulbWorker(SimpleWorker):
                 return self._dequeue(self.queues[0], timeout)
             except DequeueTimeout:
                 self.heartbeat()
-            except redis.exceptions.ConnectionError as exc:  # as RQ does: wait, retry
-                log.warning("rq dequeue: redis unreachable", error=str(exc), retry_in_s=backoff_s)
+            except BLIP_ERRORS as exc:  # as RQ does for a lost connection: wait, retry; a full Redis alike
+                log.warning("rq dequeue: redis unavailable", error=str(exc), retry_in_s=backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * self.exponential_backoff_factor, self.max_connection_wait_time)
 

@@ -15,7 +15,7 @@ import structlog
 from redis.exceptions import NoScriptError
 
 from gpulb import keys
-from gpulb.connection import CONNECTION_ERRORS
+from gpulb.connection import CONNECTION_ERRORS, REDIS_FULL, count_stat
 from gpulb.errors import WorkerIdInUse
 from gpulb.logs import get_logger
 from gpulb.models import Result, WorkerLoad, WorkerState, refill_batch
@@ -476,7 +476,11 @@ class WorkerRuntime(Sink):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [int(r) for r in replies[: len(arguments)]]
+        recorded = [(int(r[0]), int(r[1])) for r in replies[: len(arguments)]]
+        if garbage := sum(g for _, g in recorded):
+            log.warning("recorded around garbage in redis (batch records or credit left alone)", keys=garbage)
+            count_stat(self.conn, "garbage_keys", garbage)
+        return [r for r, _ in recorded]
 
     # -- the runner's sink (its recorder thread calls these) ------------------------------------
 
@@ -517,12 +521,18 @@ class WorkerRuntime(Sink):
         while True:
             try:
                 return step()
+            except REDIS_FULL:  # results wait in memory until Redis has room again, unless we are asked to stop
+                if self.draining and time.monotonic() + delay > deadline:
+                    raise
+                log.warning("redis is full (maxmemory, noeviction) while recording results; retrying",
+                            retry_in_s=delay)  # fmt: skip
+                count_stat(self.conn, "redis_full")
             except CONNECTION_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("redis unavailable while recording results; retrying", error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
-                delay = min(delay * 2, self.settings.redis.max_backoff_s)
+            time.sleep(delay)
+            delay = min(delay * 2, self.settings.redis.max_backoff_s)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import fakeredis
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,8 +34,11 @@ REQUEST = st.one_of(st.text(max_size=10), st.dictionaries(FIELD_NAMES, FIELD_VAL
 class TestValidationProperty:
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(requests=st.lists(REQUEST, max_size=6), priority=st.integers(-300, 300))
-    def test_a_batch_is_stored_whole_or_not_at_all(self, requests: list[Any], priority: int) -> None:
-        fake = fakeredis.FakeRedis(decode_responses=True)
+    def test_a_batch_is_stored_whole_or_not_at_all(
+        self, redis_server: RedisServer, requests: list[Any], priority: int
+    ) -> None:
+        fake = redis.Redis.from_url(redis_server.url, decode_responses=True)  # a real one: publishing is a script
+        fake.flushall()
         client = Client(settings=Settings(_env_file=None), connection=fake)  # type: ignore[call-arg]
         try:
             batch = client.submit_batch(requests, model="m", priority=priority)
