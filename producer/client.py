@@ -21,6 +21,7 @@ from producer.validation import (
     validate_model,
     validate_priority,
     validate_requests,
+    validate_result_ttl,
 )
 
 T = TypeVar("T")
@@ -79,6 +80,7 @@ class Client:
         model = validate_model(model)
         priority = validate_priority(priority)
         metadata = validate_metadata(metadata)
+        result_ttl_s = validate_result_ttl(result_ttl_s)
         specs = validate_requests(requests, max_tokens=max_tokens, limits=self.settings.producer)
         batch_id = store.new_batch_id()
         with self._errors():

@@ -30,6 +30,18 @@ def validate_priority(priority: object) -> int:
     return priority
 
 
+MAX_RESULT_TTL_S = 10 * 365 * 24 * 3600
+
+
+def validate_result_ttl(ttl_s: object) -> int | None:
+    """Whole seconds (Redis's EXPIRE takes no fraction), from 1 s to 10 years; None keeps the default."""
+    if ttl_s is None:
+        return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_RESULT_TTL_S:
+        raise InvalidRequest(f"result_ttl_s: {ttl_s!r} must be a whole number of seconds from 1 to {MAX_RESULT_TTL_S}")
+    return ttl_s
+
+
 MAX_METADATA_PAIRS = 16
 
 
