@@ -97,6 +97,27 @@ class TestRedisRestart:
             server.stop()
 
 
+class TestFullRedis:
+    def test_every_process_rides_out_a_full_redis_and_resumes_by_itself(self, redis_url: str, tmp_path: Path) -> None:
+        """maxmemory with noeviction refuses writes and every MULTI: before, the balancer exited on its wake-up
+        read and each worker quit when its load HSET failed after a RECORD."""
+        workers = [WorkerSpec("a", "m", 2000, max_batch=8), WorkerSpec("b", "m", 2000, max_batch=8)]
+        conn = redis.Redis.from_url(redis_url, decode_responses=True)
+        with LocalStack(redis_url, workers, tmp_path, env=FAST_FAILURE_ENV) as stack, Client(redis_url) as client:
+            batch = client.submit_batch([{"prompt": f"p{i}", "max_tokens": 40} for i in range(300)], model="m")
+            while batch.status().completed < 50:
+                time.sleep(0.05)
+            conn.config_set("maxmemory", 1)  # full: nothing can be written until memory is freed
+            try:
+                time.sleep(4.0)  # past the workers' 1.5 s TTL: their load keys expire, the reaper cannot write
+                assert all(p.poll() is None for p in stack.procs.values()), "a process exited on a full Redis"
+            finally:
+                conn.config_set("maxmemory", 0)
+            assert_exactly_once(client, batch.id, 300)
+            assert all(p.poll() is None for p in stack.procs.values()), "a process exited after a full Redis"
+        assert "redis is full" in read_logs(tmp_path)
+
+
 class TestSecurity:
     PASSWORD = "s3cret-Pa55"
 
