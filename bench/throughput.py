@@ -1,7 +1,7 @@
 """gpulb's own overhead against plain RQ on the same machine, in one run (issue 7's targets).
 
     python -m bench.throughput                 # the table, every part
-    python -m bench.throughput --only e2e      # one part: e2e, submit, dispatch, latency, gateway, memory,
+    python -m bench.throughput --only e2e      # one part: e2e, submit, durability, dispatch, latency, gateway, memory,
                                                # results, rss
 
 Each figure is a rate or a time measured here and now, beside plain RQ measured in the same run,
@@ -115,6 +115,17 @@ def submit_rates(requests: int) -> tuple[float, float]:
             client.submit_batch(prompts, model="m", max_tokens=1)
             gpulb_rate = requests / (time.perf_counter() - started)
     return gpulb_rate, rq_rate
+
+
+def durable_submit_rate(fsync: str, batches: int = 200, size: int = 10) -> float:
+    """Small batches per second through ``submit_batch``, Redis with AOF on and ``appendfsync`` ``fsync``."""
+    with tempfile.TemporaryDirectory(prefix="gpulb-aof-") as workdir, \
+            RedisServer(Path(workdir), appendonly=True, extra_args=["--appendfsync", fsync]) as server, \
+            Client(server.url) as client:  # fmt: skip
+        started = time.perf_counter()
+        for _ in range(batches):
+            client.submit_batch([f"prompt {i}" for i in range(size)], model="m", max_tokens=1)
+        return batches / (time.perf_counter() - started)
 
 
 def dispatch_rate(requests: int, workers: int, capacity: int) -> float:
@@ -239,6 +250,11 @@ def run(parts: set[str], e2e_requests: int, rq_jobs: int, max_batch: int) -> lis
         gpulb_rate, rq_rate = submit_rates(100_000)
         rows.append(Row("submit_batch of 100,000 vs enqueue_many", f"{gpulb_rate:,.0f} req/s", f"{rq_rate:,.0f} jobs/s",
                         f"{gpulb_rate / rq_rate:.1f}x", ">= 5x", gpulb_rate / rq_rate >= 5))  # fmt: skip
+    if "durability" in parts:
+        always, everysec = durable_submit_rate("always"), durable_submit_rate("everysec")
+        rows.append(Row("submit_batch of 10 requests, AOF: appendfsync always (acknowledged once on disk) vs "
+                        "everysec (the default: up to 1 s lost on power loss)", f"{always:,.0f} batches/s",
+                        f"{everysec:,.0f} batches/s", f"{always / everysec:.2f}x", "measured", True))  # fmt: skip
     if "dispatch" in parts:
         for capacity in (64, 1024):
             rate = dispatch_rate(200_000, 8, capacity)
@@ -278,7 +294,7 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-ALL_PARTS = ("e2e", "submit", "dispatch", "latency", "gateway", "memory", "results", "rss")
+ALL_PARTS = ("e2e", "submit", "durability", "dispatch", "latency", "gateway", "memory", "results", "rss")
 
 
 def main() -> None:
