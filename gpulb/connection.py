@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from gpulb import keys
-from gpulb.errors import BrokerFull, BrokerUnavailable
+from gpulb.errors import BrokerFull, BrokerUnavailable, ConfigError
 from gpulb.settings import Settings
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -34,6 +34,7 @@ def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> red
     must not run twice (a transaction whose reply may be lost after it ran).
     """
     cfg = settings.redis
+    check_tls(settings)
     password = cfg.password.get_secret_value() if cfg.password else None
     kwargs: dict[str, object] = {
         "decode_responses": decode,
@@ -51,6 +52,16 @@ def connect(settings: Settings, *, decode: bool = True, retries: int = 2) -> red
         return redis.Redis.from_url(settings.redis_url, **kwargs)
     except ValueError as exc:
         raise BrokerUnavailable(f"invalid redis URL {redact_url(settings.redis_url)}: {exc}") from exc
+
+
+def check_tls(settings: Settings) -> None:
+    """A CA file is for TLS: with a plain ``redis://`` URL redis-py would fail every command with a TypeError."""
+    scheme = urlsplit(settings.redis_url).scheme
+    if settings.redis.ssl_ca_certs and scheme != "rediss":
+        raise ConfigError(
+            f"ssl_ca_certs (GPULB_REDIS__SSL_CA_CERTS) is set but the URL is {scheme}:// "
+            f"({redact_url(settings.redis_url)}): use rediss:// for TLS, or unset ssl_ca_certs"
+        )
 
 
 @contextmanager

@@ -22,6 +22,8 @@ PROMPT_BYTES_PER_COST_TOKEN = 32
 # Requests whose prompts share this many leading bytes share an affinity key (a prefix block that
 # an engine's prefix cache can reuse); shorter prompts have none.
 PREFIX_AFFINITY_BYTES = 256
+# Integers a request may carry: what engines take (int64), and never so long that str() of one raises (4,300 digits)
+MAX_INT64 = 2**63 - 1
 
 
 def _short_hash(data: bytes) -> str:
@@ -31,18 +33,18 @@ def _short_hash(data: bytes) -> str:
 class SamplingParams(BaseModel):
     """Per-request sampling fields, named as vLLM's ``SamplingParams`` names them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # JSON has no inf: it would be null
 
     temperature: float | None = Field(default=None, ge=0.0, le=10.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT64)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-MAX_INT64 - 1, le=MAX_INT64)
     stop: list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    min_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_INT64)
     ignore_eos: bool | None = None
 
 

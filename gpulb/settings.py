@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Checked with re.fullmatch, never re.match: "$" alone matches before a final newline ("demo\n")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./:@+-]{0,255}$"
 
@@ -121,14 +122,14 @@ class WorkerSettings(BaseModel):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(ID_PATTERN, value):
+        if value is not None and not re.fullmatch(ID_PATTERN, value):
             raise ValueError(f"worker id {value!r} must match {ID_PATTERN} (it names an RQ queue)")
         return value
 
     @field_validator("model")
     @classmethod
     def _valid_model(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(MODEL_PATTERN, value):
+        if value is not None and not re.fullmatch(MODEL_PATTERN, value):
             raise ValueError(f"model {value!r} must match {MODEL_PATTERN}")
         return value
 

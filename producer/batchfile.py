@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -104,10 +105,7 @@ def parse_batch_lines(
 def _parse_line(
     line: str, default_max_tokens: int, limits: ProducerSettings, endpoint: str | None
 ) -> tuple[str, str, dict[str, Any]]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    obj = _load_json(line)
     if not isinstance(obj, dict):
         raise InvalidRequest("expected a JSON object with custom_id, method, url and body")
     custom_id, body = obj.get("custom_id"), obj.get("body")
@@ -123,6 +121,19 @@ def _parse_line(
         raise InvalidRequest("body: required, a JSON object")
     model = validate_model(body.get("model"))
     return model, obj["url"], request_from_body(obj["url"], custom_id, body, default_max_tokens, limits)
+
+
+def _load_json(line: str) -> object:
+    """The line's JSON; any line json cannot load (a number past Python's 4,300 digits, nesting past the
+    recursion limit) is an :class:`InvalidRequest`, never a traceback."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError:  # the int/str conversion limit
+        raise InvalidRequest(f"not JSON gpulb accepts: a number over {sys.get_int_max_str_digits():,} digits") from None
+    except RecursionError:
+        raise InvalidRequest("not JSON gpulb accepts: nested too deeply") from None
 
 
 def request_from_body(

@@ -13,19 +13,32 @@ from gpulb.keys import MAX_ABS_PRIORITY
 from gpulb.models import RequestSpec
 from gpulb.settings import MODEL_PATTERN, ProducerSettings
 
-BATCH_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+BATCH_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")  # checked with fullmatch: "$" alone lets a final newline through
+HUGE_INT_BITS = 64  # an integer wider than this is shown by its size: str() of one over 4,300 digits raises
+SHOWN_CHARS = 80
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, never raising: a huge integer by its size, long text cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > HUGE_INT_BITS:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a container holding a huge integer
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def validate_model(model: object) -> str:
-    if not isinstance(model, str) or not re.match(MODEL_PATTERN, model):
-        raise InvalidRequest(f"model: {model!r} is not a valid model name (must match {MODEL_PATTERN})")
+    if not isinstance(model, str) or not re.fullmatch(MODEL_PATTERN, model):
+        raise InvalidRequest(f"model: {shown(model)} is not a valid model name (must match {MODEL_PATTERN})")
     return model
 
 
 def validate_priority(priority: object) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_ABS_PRIORITY:
         raise InvalidRequest(
-            f"priority: {priority!r} must be an integer from {-MAX_ABS_PRIORITY} to {MAX_ABS_PRIORITY}"
+            f"priority: {shown(priority)} must be an integer from {-MAX_ABS_PRIORITY} to {MAX_ABS_PRIORITY}"
         )
     return priority
 
@@ -38,7 +51,9 @@ def validate_result_ttl(ttl_s: object) -> int | None:
     if ttl_s is None:
         return None
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_RESULT_TTL_S:
-        raise InvalidRequest(f"result_ttl_s: {ttl_s!r} must be a whole number of seconds from 1 to {MAX_RESULT_TTL_S}")
+        raise InvalidRequest(
+            f"result_ttl_s: {shown(ttl_s)} must be a whole number of seconds from 1 to {MAX_RESULT_TTL_S}"
+        )
     return ttl_s
 
 
@@ -53,13 +68,15 @@ def validate_metadata(metadata: object) -> dict[str, str]:
         raise InvalidRequest(f"metadata: expected a mapping of at most {MAX_METADATA_PAIRS} string pairs")
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str) or not 0 < len(key) <= 64 or len(value) > 512:
-            raise InvalidRequest(f"metadata: {key!r}: keys must be 1-64 characters, values strings of up to 512")
+            raise InvalidRequest(f"metadata: {shown(key)}: keys must be 1-64 characters, values strings of up to 512")
+        check_text("metadata key", key)
+        check_text(f"metadata.{key}", value)
     return dict(metadata)
 
 
 def validate_batch_id(batch_id: object) -> str:
-    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.match(batch_id):
-        raise InvalidRequest(f"batch_id: {batch_id!r} is not a gpulb batch id (16 lowercase hex digits)")
+    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
+        raise InvalidRequest(f"batch_id: {shown(batch_id)} is not a gpulb batch id (16 lowercase hex digits)")
     return batch_id
 
 
@@ -100,6 +117,7 @@ def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSet
 
 def check_limits(spec: RequestSpec, limits: ProducerSettings) -> None:
     """The producer's size limits; raises :class:`InvalidRequest` naming the field and its setting."""
+    check_text("", spec.model_dump(exclude_none=True))
     size = len(spec.input_text().encode())
     if size > limits.max_prompt_bytes:
         field = "prompt" if spec.prompt is not None else "messages"
@@ -109,9 +127,29 @@ def check_limits(spec: RequestSpec, limits: ProducerSettings) -> None:
         )
     if spec.max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(
-            f"max_tokens: {spec.max_tokens} exceeds the limit of {limits.max_tokens_limit} "
+            f"max_tokens: {shown(spec.max_tokens)} exceeds the limit of {limits.max_tokens_limit} "
             "(GPULB_PRODUCER__MAX_TOKENS_LIMIT)"
         )
+
+
+def check_text(field: str, value: object) -> None:
+    """Every string in ``value`` must be encodable as UTF-8: a lone surrogate ("\\ud800") can be neither sent nor
+    stored. Raises :class:`InvalidRequest` naming the field (``messages.0.content``, ``stop.1``)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            where = f"{field}: " if field else ""
+            bad = value[exc.start]
+            raise InvalidRequest(
+                f"{where}{bad!r} at character {exc.start} is a lone surrogate, not text (it has no UTF-8 encoding)"
+            ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_text(f"{field}.{key}" if field else str(key), item)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_text(f"{field}.{index}", item)
 
 
 def describe_error(exc: ValidationError) -> str:

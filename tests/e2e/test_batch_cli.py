@@ -127,6 +127,32 @@ class TestWithoutWorkers:
         assert "line 3: body.temperature: Input should be greater than or equal to 0" in done.stderr
         assert conn.keys("gpulb:*") == []
 
+    @pytest.mark.parametrize(
+        ("bad_line", "message"),
+        [
+            ('{"custom_id": "q", "body": {"max_tokens": ' + "9" * 5000 + "}}",
+             "not JSON gpulb accepts: a number over 4,300 digits"),
+            ("[" * 100_000 + "]" * 100_000, "not JSON gpulb accepts: nested too deeply"),
+            (json.dumps(chat_line(1)).replace("say 1", "say \\ud800"),
+             "messages.0.content: '\\ud800' at character 4 is a lone surrogate"),
+            (json.dumps(chat_line(1, stop="\\udfff")).replace("\\\\udfff", "\\udfff"),
+             "stop.0: '\\udfff' at character 0 is a lone surrogate"),
+            (json.dumps(chat_line(1, model="m\n")), "model: 'm\\n' is not a valid model name"),
+        ],
+    )  # fmt: skip
+    def test_a_line_python_cannot_take_is_one_clear_error_not_a_traceback(
+        self, redis_url: str, conn: redis.Redis, tmp_path: Path, bad_line: str, message: str
+    ) -> None:
+        source = tmp_path / "in.jsonl"
+        source.write_text(json.dumps(chat_line(0)) + "\n" + bad_line + "\n")
+        done = gpulb("submit", str(source), redis_url=redis_url)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        summary, reported = done.stderr.splitlines()
+        assert summary == f"gpulb: error: {source}: 1 bad line(s), nothing was submitted:"
+        assert reported.startswith(f"  line 2: {message}")
+        assert conn.keys("*") == []
+
     def test_unknown_batch_is_a_clear_error(self, redis_url: str) -> None:
         done = gpulb("batch", "status", "0123456789abcdef", redis_url=redis_url)
         assert done.returncode == 1 and "batch 0123456789abcdef not found" in done.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from gpulb.models import Result
 from gpulb.settings import ProducerSettings
-from producer.batchfile import BadBatchFile, output_line, parse_batch_lines, write_output
+from producer.batchfile import BadBatchFile, output_line, parse_batch_lines, read_batch_file, write_output
 
 LIMITS = ProducerSettings()
 
@@ -49,6 +49,43 @@ class TestLines:
         assert messages[3] == "body.n: 2 is not supported (only 1)"
         assert messages[4] == "custom_id: 'a' is already used on line 1"
         assert "does not match the batch's endpoint" in messages[5]
+
+    def test_lines_json_cannot_load_or_text_cannot_encode_are_reported_by_number(self, tmp_path: Path) -> None:
+        """A 5,000-digit number, 100,000-deep nesting, lone surrogates and a model with a final newline: each line
+        is reported with its number (they raised ValueError, RecursionError, UnicodeEncodeError or passed)."""
+        source = tmp_path / "in.jsonl"
+        source.write_text("\n".join(EDGE_LINES) + "\n", encoding="utf-8")
+        with pytest.raises(BadBatchFile) as info:
+            read_batch_file(source, default_max_tokens=7, limits=LIMITS)
+        assert [n for n, _ in info.value.lines] == list(range(2, len(EDGE_LINES) + 1))
+        messages = dict(info.value.lines)
+        assert messages[2] == "not JSON gpulb accepts: a number over 4,300 digits"
+        assert messages[3] == "not JSON gpulb accepts: nested too deeply"
+        assert messages[4] == "not JSON gpulb accepts: nested too deeply"
+        assert messages[5].startswith("messages.0.content: '\\ud800' at character 3 is a lone surrogate")
+        assert messages[6].startswith("stop.0: '\\udfff' at character 0 is a lone surrogate")
+        assert messages[7].startswith("body.prompt: Input should be a valid string")
+        assert messages[8].startswith("model: 'm\\n' is not a valid model name")
+        assert messages[9] == "body.seed: Input should be less than or equal to 9223372036854775807"
+        str(info.value).encode()  # printable as it is
+
+
+def completion(cid: str, body: str) -> str:
+    """A completions line whose body is given as JSON text (to hold what json.dumps would not write)."""
+    return f'{{"custom_id": "{cid}", "url": "/v1/completions", "body": {{"model": "m", {body}}}}}'
+
+
+EDGE_LINES = [
+    line("ok"),
+    completion("big", '"prompt": "x", "max_tokens": ' + "9" * 5000),
+    "[" * 100_000 + "]" * 100_000,
+    completion("deep", '"prompt": "x", "stop": ' + "[" * 100_000 + "]" * 100_000),
+    line("chat", messages=[{"role": "user", "content": "hi \\ud800"}]).replace("\\\\ud800", "\\ud800"),
+    completion("stop", '"prompt": "x", "stop": "\\udfff"'),
+    completion("prompt", '"prompt": "\\ud800"'),
+    line("nl", model="m\n"),
+    line("seed", seed=2**63),
+]
 
 
 class TestOutput:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from gpulb import keys
-from gpulb.cli import build_parser, settings_from_args
-from gpulb.connection import redact_url
+from gpulb.cli import build_parser, main, settings_from_args
+from gpulb.connection import connect, redact_url
 from gpulb.errors import BadPayload, ConfigError
 from gpulb.models import RequestSpec, WorkerLoad, WorkerState, request_cost
-from gpulb.settings import Settings
+from gpulb.settings import RedisSettings, Settings
 from worker.backends.simulated import LinearSimulatedBackend, echo_text
 
 
@@ -110,6 +111,28 @@ class TestSettings:
         args = build_parser(Settings()).parse_args(["worker", "--id", "bad id!", "--model", "m"])
         with pytest.raises(ConfigError, match=r"worker\.id"):
             settings_from_args(args)
+
+    @pytest.mark.parametrize("section", [{"id": "g0\n"}, {"model": "m\n"}, {"id": "g0\n", "model": "m"}])
+    def test_worker_id_and_model_with_a_final_newline_are_refused(self, section: dict[str, str]) -> None:
+        """Python's "$" matches before a final newline: the patterns are checked with fullmatch."""
+        with pytest.raises(ValidationError, match=r"must match"):
+            Settings(_env_file=None, worker=section)  # type: ignore[call-arg]
+
+    def test_a_ca_file_with_a_plain_redis_url_is_a_clear_config_error(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """redis-py would take ssl kwargs on a plain connection and fail every command with a TypeError."""
+        url, tls = "redis://:pw@127.0.0.1:1/0", RedisSettings(ssl_ca_certs="/ca.pem")
+        settings = Settings(_env_file=None, redis_url=url, redis=tls)  # type: ignore[call-arg]
+        with pytest.raises(ConfigError, match=r"ssl_ca_certs .* is set but the URL is redis://.*use rediss://") as info:
+            connect(settings)
+        assert "pw" not in str(info.value)
+        connect(settings.model_copy(update={"redis_url": "rediss://127.0.0.1:1/0"}))  # TLS: fine (connects lazily)
+        monkeypatch.setenv("GPULB_REDIS__SSL_CA_CERTS", "/ca.pem")
+        assert main(["--redis-url", "redis://127.0.0.1:1/0", "batch", "list"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("gpulb: error: ssl_ca_certs (GPULB_REDIS__SSL_CA_CERTS) is set but the URL is redis://")
+        assert err.count("\n") == 1 and "Traceback" not in err
 
     def test_default_worker_id_names_host_and_gpu(self) -> None:
         s = Settings(_env_file=None, worker={"gpu": 3})  # type: ignore[call-arg]

@@ -73,6 +73,42 @@ BAD_BATCHES: list[tuple[Any, dict[str, Any], str]] = [
     (["p"], {"priority": True}, "priority: True must be an integer"),
 ]
 
+HUGE = 10**5000  # str() of it raises ValueError (Python's 4,300-digit int/str conversion limit)
+# What an adversary tried at the edges: each used to pass, hang a batch, or raise a traceback
+EDGE_BATCHES: list[tuple[Any, dict[str, Any], str]] = [
+    (["p"], {"model": "m\n"}, "model: 'm\\n' is not a valid model name"),  # "$" matched before the newline
+    ([{"prompt": "p", "max_tokens": HUGE}], {}, "request 0: max_tokens: an integer of about 5,001 digits exceeds"),
+    (["p"], {"max_tokens": HUGE}, "request 0: max_tokens: an integer of about 5,001 digits exceeds the limit of 4096"),
+    ([{"prompt": "p", "seed": HUGE}], {}, "request 0: seed: Input should be less than or equal to 9223372036854775807"),
+    ([{"prompt": "p", "min_tokens": HUGE}], {}, "request 0: min_tokens: Input should be less than or equal to"),
+    ([{"prompt": "p", "top_k": HUGE}], {}, "request 0: top_k: Input should be less than or equal to"),
+    (["p"], {"priority": HUGE}, "priority: an integer of about 5,001 digits must be an integer from -255 to 255"),
+    (["p"], {"priority": -HUGE}, "priority: an integer of about 5,001 digits must be an integer"),
+    (["p"], {"result_ttl_s": HUGE}, "result_ttl_s: an integer of about 5,001 digits must be a whole number"),
+    (["p"], {"model": HUGE}, "model: an integer of about 5,001 digits is not a valid model name"),
+    (["p"], {"metadata": {"k": "ok \ud800"}}, "metadata.k: '\\ud800' at character 3 is a lone surrogate"),
+    (["p"], {"metadata": {"\udfff": "v"}}, "metadata key: '\\udfff' at character 0 is a lone surrogate"),
+    (["ok", "\ud800"], {}, "request 1: prompt: Input should be a valid string, unable to parse raw data as a unicode"),
+    (
+        ["ok", {"messages": [{"role": "user", "content": "hi \ud800"}]}],
+        {},
+        "request 1: messages.0.content: '\\ud800' at character 3 is a lone surrogate, not text",
+    ),
+    (
+        [{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc80"}]}]}],
+        {},
+        "request 0: messages.0.content.0.text: '\\udc80' at character 0 is a lone surrogate",
+    ),
+    (
+        [{"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}],
+        {},
+        "request 0: messages.0.name: '\\ud800' at character 0 is a lone surrogate",
+    ),
+    ([{"prompt": "p", "stop": ["END", "\ud800"]}], {}, "request 0: stop.1: '\\ud800' at character 0 is a lone"),
+    ([{"prompt": "p", "repetition_penalty": float("inf")}], {}, "request 0: repetition_penalty: Input should be"),
+    ([{"prompt": "p", "temperature": float("nan")}], {}, "request 0: temperature: Input should be a finite number"),
+]
+
 
 class TestBatchValidation:
     @pytest.mark.parametrize(("requests", "overrides", "message"), BAD_BATCHES)
@@ -84,6 +120,22 @@ class TestBatchValidation:
             client.submit_batch(requests, **kwargs)
         assert message in str(info.value)
         assert isinstance(info.value, ValueError) and isinstance(info.value, GpulbError)
+        assert fake.keys("*") == []
+
+    @pytest.mark.parametrize(("requests", "overrides", "message"), EDGE_BATCHES)
+    def test_edge_input_is_refused_with_named_field_never_a_traceback(
+        self, client: Client, fake: fakeredis.FakeRedis, requests: Any, overrides: dict[str, Any], message: str
+    ) -> None:
+        """Huge integers, lone surrogates, non-finite floats and a model with a final newline: InvalidRequest."""
+        with pytest.raises(InvalidRequest) as info:
+            client.submit_batch(requests, **{"model": "m", **overrides})
+        assert message in str(info.value)
+        str(info.value).encode()  # the message itself prints anywhere: no raw surrogate, no huge number
+        assert fake.keys("*") == []
+
+    def test_single_submit_refuses_a_huge_max_tokens(self, client: Client, fake: fakeredis.FakeRedis) -> None:
+        with pytest.raises(InvalidRequest, match="request 0: max_tokens: an integer of about 5,001 digits"):
+            client.submit("hello", model="m", max_tokens=HUGE)
         assert fake.keys("*") == []
 
     def test_single_submit_refuses_unknown_sampling_field(self, client: Client, fake: fakeredis.FakeRedis) -> None:
@@ -106,6 +158,8 @@ class TestBatchValidation:
     def test_get_batch_refuses_a_malformed_id(self, client: Client) -> None:
         with pytest.raises(InvalidRequest, match="batch_id: 'gpulb:\\*' is not a gpulb batch id"):
             client.get_batch("gpulb:*")
+        with pytest.raises(InvalidRequest, match="batch_id: '0123456789abcdef\\\\n' is not a gpulb batch id"):
+            client.get_batch("0123456789abcdef\n")
 
 
 class TestUnreachableRedis:
