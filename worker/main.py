@@ -7,6 +7,7 @@ held but can no longer run, and carries on; it exits only on SIGTERM/SIGINT (or 
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 
 import redis
@@ -14,7 +15,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from gpulb import keys
-from gpulb.connection import BLIP_ERRORS, broker_errors, connect
+from gpulb.connection import BLIP_ERRORS, REDIS_FULL, broker_errors, connect
 from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
 from gpulb.metrics import serve_metrics
@@ -51,7 +52,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     with broker_errors(settings.redis_url):
         runtime.conn.ping()
         runtime.backend.start()
-        runtime.register()
+        _register(runtime, settings)
     heartbeat = Heartbeat(runtime.heartbeat, cfg.heartbeat_s)
     heartbeat.start()
     try:
@@ -62,6 +63,19 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     finally:
         _shut_down(settings, runtime, heartbeat)
     return ENGINE_DIED_EXIT if runtime.engine_died else 0
+
+
+def _register(runtime: WorkerRuntime, settings: Settings) -> None:
+    """Register; a full Redis is waited out, as at any other time (an unreachable one fails the start)."""
+    delay = 0.1
+    while True:
+        try:
+            runtime.register()
+            return
+        except REDIS_FULL:
+            log.warning("redis is full (maxmemory, noeviction): waiting to register", retry_in_s=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, settings.redis.max_backoff_s)
 
 
 def build_rq_worker(settings: Settings, runtime: WorkerRuntime) -> GpulbWorker:

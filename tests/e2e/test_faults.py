@@ -41,6 +41,13 @@ class TestKillLoop:
         assert report.kills == 20 and report.worker_kills > 0 and report.balancer_kills > 0
         assert (report.lost, report.recorded_twice, report.failed) == (0, 0, 0)
 
+    def test_kills_full_redis_spells_and_garbage_lose_nothing_and_stop_no_process(
+        self, redis_url: str, tmp_path: Path
+    ) -> None:
+        report = run_chaos(redis_url, tmp_path, kills=20, requests=1000, seed=5, edges=True)
+        assert report.full_spells > 0 and report.garbage_planted > 0
+        assert (report.lost, report.recorded_twice, report.failed, report.unexpected_exits) == (0, 0, 0, 0)
+
 
 class TestPausedWorker:
     def test_sigstop_past_the_ttl_then_resume_records_nothing_twice(self, redis_url: str, tmp_path: Path) -> None:
