@@ -29,6 +29,8 @@ model's ingress keys share a slot.
 | gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
 |   fields v, model, backend, state, capacity, slots, queue_slots, running, queued, tokens_per_s, host,      |
 |   pid, gpu, engine and GPU figures, ts                                                                        |
+| gpulb:worker:W:claim                 | string | 30 s (deleted)       | worker (SET NX)            | worker             |
+|   ``HOST:PID`` of the worker registering as W; of two racing for one id only one sets it                    |
 | gpulb:worker:W:credit                | hash   | none                 | balancer (+), worker (-)   | balancer           |
 |   fields batches, tokens, requests: handed to W and not yet recorded (requests leave one by one)           |
 | gpulb:worker:W:inflight              | set    | none                 | balancer (+), worker (-)   | recovery           |
@@ -165,6 +167,10 @@ def workers_key() -> str:
 
 def load_key(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}:load"
+
+
+def worker_claim_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}:claim"
 
 
 def credit_key(worker_id: str) -> str:

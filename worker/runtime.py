@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,6 +46,7 @@ CANCELLED = "cancelled"
 ORPHAN_SWEEP_BEATS = 30  # heartbeats between two sweeps for orphaned micro-batches
 DEFAULT_SLOTS = 128  # a continuous engine that cannot tell its slots (vLLM's max_num_seqs on a GPU is 256-1024)
 ROOM_WAIT_S = 5.0  # the RQ worker waits this long for a free slot between its own heartbeats
+ID_CLAIM_S = 30  # the longest a registering worker holds its id's claim key; once registered, its load key does
 
 
 class ThroughputMeter:
@@ -209,6 +211,7 @@ class WorkerRuntime(Sink):
         pipe.sadd(keys.rq_queues_key(), keys.rq_queue_key(self.worker_id))  # `rq info` lists the queue at once
         pipe.rpush(keys.wakeup_key(), keys.wake_worker_token(self.worker_id))
         pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
+        pipe.delete(keys.worker_claim_key(self.worker_id))  # the load key guards the id from now on
         pipe.execute()
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
         log.info("worker registered", model=self.model, backend=self.backend.name, capacity=self.cfg.max_batch,
@@ -238,18 +241,43 @@ class WorkerRuntime(Sink):
             self.runner.stop()
 
     def _wait_for_predecessor(self) -> None:
-        """A load key under our id is either a live worker (refuse) or a dead one's (wait out its TTL)."""
-        deadline = time.monotonic() + self.cfg.load_ttl_s + 1
-        while (raw := self.conn.hgetall(keys.load_key(self.worker_id))):  # fmt: skip
-            if raw.get("host") == socket.gethostname() and not _pid_alive(int(raw.get("pid", 0) or 0)):
-                self.conn.delete(keys.load_key(self.worker_id))  # our host, its process is gone
-                return
-            if time.monotonic() > deadline:
-                raise WorkerIdInUse(
-                    f"worker id {self.worker_id!r} is in use by a live worker (its load key keeps being "
-                    "refreshed); pick another --id or stop that worker"
-                )
+        """Claim the id, then look at its load key: a live worker's refuses, a dead one's is waited out (at once if
+        its pid is gone on this host). Of workers racing for one id, exactly one gets past; the others refuse."""
+        deadline: float | None = None  # a load key still refreshed a TTL after we first saw it is a live worker's
+        while (blocker := self._claim_id()) is not None:
+            if blocker == "load key":
+                deadline = deadline or time.monotonic() + self.cfg.load_ttl_s + 1
+                if time.monotonic() > deadline:
+                    raise WorkerIdInUse(
+                        f"worker id {self.worker_id!r} is in use by a live worker (its load key keeps being "
+                        "refreshed); pick another --id or stop that worker"
+                    )
             self.stopping.wait(0.25)
+
+    def _claim_id(self) -> str | None:
+        """None once the id is ours (SET NX of its claim key, then no live load key); else what holds it."""
+        claim, load = keys.worker_claim_key(self.worker_id), keys.load_key(self.worker_id)
+        if not self.conn.set(claim, f"{socket.gethostname()}:{os.getpid()}", nx=True, ex=ID_CLAIM_S):
+            self._drop_dead_claim(claim)
+            return "claim"  # another worker is registering under this id
+        raw: dict[str, str] = self.conn.hgetall(load)  # type: ignore[assignment]
+        if not raw:
+            return None
+        if _gone_here(raw.get("host", ""), raw.get("pid", "")):
+            self.conn.delete(load)  # our host, its process is gone
+            return None
+        self.conn.delete(claim)
+        return "load key"
+
+    def _drop_dead_claim(self, claim: str) -> None:
+        """Delete a claim whose holder was a process of this host that is gone (checked and deleted atomically)."""
+        with self.conn.pipeline() as pipe, contextlib.suppress(redis.WatchError):
+            pipe.watch(claim)  # type: ignore[no-untyped-call]
+            host, _, pid = str(pipe.get(claim) or "").rpartition(":")
+            if _gone_here(host, pid):
+                pipe.multi()
+                pipe.delete(claim)
+                pipe.execute()
 
     def start_draining(self) -> None:
         self.state = WorkerState.DRAINING
@@ -533,6 +561,11 @@ class WorkerRuntime(Sink):
                 log.warning("redis unavailable while recording results; retrying", error=str(exc), retry_in_s=delay)
             time.sleep(delay)
             delay = min(delay * 2, self.settings.redis.max_backoff_s)
+
+
+def _gone_here(host: str, pid: str) -> bool:
+    """True if ``host`` is ours and no process ``pid`` runs on it (a pid that is not a number proves nothing)."""
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import threading
+import time
 import zlib
 
 import pytest
@@ -289,6 +293,52 @@ class TestWorkerLifecycle:
                 start_worker("w1", load_ttl_s=1.0)
         finally:
             beat.stop()
+
+    def test_workers_racing_for_one_id_register_exactly_once(
+        self, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        """They all found no load key; RQ then killed all but one with a traceback. Now the id is claimed with SET
+        NX first: one registers, the others refuse with WorkerIdInUse once its load key proves it live."""
+        racers = 4
+        gate = threading.Barrier(racers)
+        winners: list[Heartbeat] = []
+        refused: list[str] = []
+
+        def race() -> None:
+            gate.wait()
+            try:
+                runtime = start_worker("w1", load_ttl_s=1.0)
+            except WorkerIdInUse as exc:
+                refused.append(str(exc))
+                return
+            winners.append(Heartbeat(runtime.heartbeat, 0.1))
+            winners[-1].start()
+
+        threads = [threading.Thread(target=race) for _ in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        try:
+            assert len(winners) == 1 and len(refused) == racers - 1
+            assert all("worker id 'w1' is in use by a live worker" in message for message in refused)
+            assert conn.smembers(keys.workers_key()) == {"w1"} and conn.exists(keys.load_key("w1"))
+            assert not conn.exists(keys.worker_claim_key("w1"))  # registered: the load key guards the id
+        finally:
+            for beat in winners:
+                beat.stop()
+
+    def test_a_claim_left_by_a_dead_process_of_this_host_is_taken_over_at_once(
+        self, conn: redis.Redis, start_worker: StartWorker
+    ) -> None:
+        """Killed while registering and restarted at once (as the chaos runs do): no wait for the claim's TTL."""
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        conn.set(keys.worker_claim_key("w1"), f"{socket.gethostname()}:{gone.pid}", ex=30)
+        started = time.monotonic()
+        start_worker("w1", load_ttl_s=1.0)
+        assert time.monotonic() - started < 1.0
+        assert conn.smembers(keys.workers_key()) == {"w1"} and not conn.exists(keys.worker_claim_key("w1"))
 
     def test_a_dead_predecessor_is_waited_out_and_its_work_taken_back(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
