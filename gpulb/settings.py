@@ -148,7 +148,14 @@ class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys: list[SecretStr] = Field(default_factory=list)  # GPULB_GATEWAY__API_KEYS='["sk-1", "sk-2"]'
+    # keys that see every tenant's files and batches: GPULB_GATEWAY__ADMIN_API_KEYS='["sk-admin"]'
+    admin_api_keys: list[SecretStr] = Field(default_factory=list)
     max_file_bytes: int = Field(default=200 << 20, ge=1)
+    max_json_bytes: int = Field(default=4 << 20, ge=1)  # the body of a JSON endpoint (batches, completions, chat)
+    header_timeout_s: PositiveFloat = 10.0  # a connection without a whole request head for this long is closed
+    body_timeout_s: PositiveFloat = 30.0  # a request body must arrive within this, extended by body_min_bytes_per_s
+    body_min_bytes_per_s: int = Field(default=65_536, ge=1)  # each this many bytes received add 1 s to it
+    keep_alive_timeout_s: int = Field(default=5, ge=1)  # an idle keep-alive connection is closed after this
     file_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)  # uploads and output files, as OpenAI keeps them
     online_result_ttl_s: int = Field(default=60, ge=1)  # an online request's result, once answered
     online_priority: int = Field(default=100, ge=-255, le=255)  # online requests go before batch traffic

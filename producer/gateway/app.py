@@ -8,17 +8,17 @@ traffic in the ingress; waiting for their results happens in worker threads (a b
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from gpulb import keys
 from gpulb.connection import connect
@@ -28,30 +28,13 @@ from gpulb.settings import Settings
 from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
 from producer.client import Client
 from producer.gateway.batches import BatchService
-from producer.gateway.store import BatchRecords, FileStore, FileTooLarge
+from producer.gateway.guard import GuardMiddleware, Keys, Refused, guarded_protocol
+from producer.gateway.responses import OpenAIError, error_response
+from producer.gateway.store import BatchRecords, FileStore, FileTooLarge, Tenant
 
 log = get_logger("gpulb.gateway")
 FINALIZE_EVERY_S = 1.0
 SERVED_MODELS_FRESH_S = 1.0
-
-
-class OpenAIError(Exception):
-    """An error answered in the OpenAI shape: ``{"error": {"message", "type", "code", "param"}}``."""
-
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-        *, retry: bool = True,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.retry = status, message, kind, code, retry
-
-
-def error_response(
-    status: int, message: str, kind: str, code: str | None = None, *, retry: bool = True
-) -> JSONResponse:
-    """The OpenAI error shape; ``retry=False`` tells the openai client not to send the request again."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers={} if retry else {"x-should-retry": "false"})
 
 
 class BatchCreate(BaseModel):
@@ -73,7 +56,7 @@ class Gateway:
         self.records = BatchRecords(conn)
         self.batches = BatchService(self.client, self.files, self.records, settings)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
-        self.keys = [k.get_secret_value().encode() for k in settings.gateway.api_keys]
+        self.keys = Keys(settings.gateway)
         self._served: tuple[float, frozenset[str]] = (0.0, frozenset())
 
     def serves(self, model: str) -> bool:
@@ -92,43 +75,13 @@ class Gateway:
             pipe.hget(keys.load_key(worker_id), "model")
         return sorted({m for m in pipe.execute() if m})
 
-    def authorized(self, header: str | None) -> bool:
-        if not self.keys:
-            return True
-        token = (header or "").removeprefix("Bearer ").strip().encode()
-        return any(hmac.compare_digest(token, key) for key in self.keys)
+
+def _tenant(request: Request) -> Tenant:
+    tenant: Tenant = request.state.tenant  # set by GuardMiddleware for every request
+    return tenant
 
 
-class GuardMiddleware:
-    """Refuse, before a byte of the body is read: a missing or wrong key (401), an upload too large (413)."""
-
-    MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
-
-    def __init__(self, app: Any, gateway: Gateway) -> None:
-        self.app, self.gateway = app, gateway
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        refusal = self._refusal(headers)
-        if refusal is None:
-            await self.app(scope, receive, send)
-        else:
-            await refusal(scope, receive, send)
-
-    def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
-        if not self.gateway.authorized(headers.get("authorization")):
-            return error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        most = self.gateway.settings.gateway.max_file_bytes
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > most + self.MULTIPART_SLACK:
-            message = (
-                f"request of {int(length):,} bytes exceeds the limit of {most:,} bytes (GPULB_GATEWAY__MAX_FILE_BYTES)"
-            )
-            return error_response(413, message, "invalid_request_error", "file_too_large", retry=False)
-        return None
+Caller = Annotated[Tenant, Depends(_tenant)]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -136,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not gateway.keys:
+        if gateway.keys.open:
             log.warning("NO API KEYS CONFIGURED: the gateway accepts every request. Set GPULB_GATEWAY__API_KEYS.")
         task = asyncio.create_task(_finalize_loop(gateway))
         yield
@@ -144,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
         gateway.client.close()
 
     app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan)
-    app.add_middleware(GuardMiddleware, gateway=gateway)
+    app.add_middleware(GuardMiddleware, keys=gateway.keys, settings=settings.gateway)
 
     _install_error_handlers(app)
     _add_file_routes(app, gateway)  # every route is behind GuardMiddleware's key check
@@ -187,36 +140,51 @@ def _install_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return error_response(400, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, Refused):  # cut off while the body came in: read no more of it
+            return error_response(exc.status_code, exc.detail, "invalid_request_error", exc.code,
+                                  retry=exc.status_code != 413, close=True)  # fmt: skip
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else exc.detail
+        return error_response(exc.status_code, message, "invalid_request_error", None)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # its traceback goes to the log
+        return error_response(500, "internal error in the gateway; its log has the details", "server_error", None)
+
 
 def _add_file_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v1/files")
-    async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    async def upload(
+        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()], tenant: Caller
+    ) -> dict[str, Any]:
         if purpose != "batch":
             raise OpenAIError(400, f"purpose: {purpose!r} is not supported; use 'batch'", code="invalid_purpose")
         content = await file.read(gateway.settings.gateway.max_file_bytes + 1)
+        name = file.filename or "upload.jsonl"
         stored = await anyio.to_thread.run_sync(
-            lambda: gateway.files.put(content, filename=file.filename or "upload.jsonl", purpose=purpose)
+            lambda: gateway.files.put(content, filename=name, purpose=purpose, tenant=tenant.id)
         )
         return stored.as_openai()
 
     @app.get("/v1/files")
-    async def list_files() -> dict[str, Any]:
-        files = await anyio.to_thread.run_sync(gateway.files.list)
+    async def list_files(tenant: Caller) -> dict[str, Any]:
+        files = await anyio.to_thread.run_sync(gateway.files.list, tenant)
         return {"object": "list", "data": [f.as_openai() for f in files], "has_more": False}
 
     @app.get("/v1/files/{file_id}")
-    async def get_file(file_id: str) -> dict[str, Any]:
-        return (await anyio.to_thread.run_sync(gateway.files.get, file_id)).as_openai()
+    async def get_file(file_id: str, tenant: Caller) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(gateway.files.get, file_id, tenant)).as_openai()
 
     @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str) -> Response:
-        content = await anyio.to_thread.run_sync(gateway.files.content, file_id)
+    async def file_content(file_id: str, tenant: Caller) -> Response:
+        content = await anyio.to_thread.run_sync(gateway.files.content, file_id, tenant)
         return Response(content, media_type="application/jsonl")
 
     @app.delete("/v1/files/{file_id}")
-    async def delete_file(file_id: str) -> dict[str, Any]:
-        await anyio.to_thread.run_sync(gateway.files.delete, file_id)
+    async def delete_file(file_id: str, tenant: Caller) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(gateway.files.delete, file_id, tenant)
         return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -224,27 +192,28 @@ def _add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
     service = gateway.batches
 
     @app.post("/v1/batches")
-    async def create_batch(body: BatchCreate) -> dict[str, Any]:
+    async def create_batch(body: BatchCreate, tenant: Caller) -> dict[str, Any]:
         def create() -> dict[str, Any]:
             record = service.create(input_file_id=body.input_file_id, endpoint=body.endpoint,
-                                    completion_window=body.completion_window, metadata=body.metadata)  # fmt: skip
+                                    completion_window=body.completion_window, metadata=body.metadata,
+                                    tenant=tenant)  # fmt: skip
             return record.as_openai()
 
         return await anyio.to_thread.run_sync(create)
 
     @app.get("/v1/batches/{batch_id}")
-    async def get_batch(batch_id: str) -> dict[str, Any]:
-        return (await anyio.to_thread.run_sync(service.get, batch_id)).as_openai()
+    async def get_batch(batch_id: str, tenant: Caller) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(service.get, batch_id, tenant)).as_openai()
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    async def cancel_batch(batch_id: str) -> dict[str, Any]:
-        return (await anyio.to_thread.run_sync(service.cancel, batch_id)).as_openai()
+    async def cancel_batch(batch_id: str, tenant: Caller) -> dict[str, Any]:
+        return (await anyio.to_thread.run_sync(service.cancel, batch_id, tenant)).as_openai()
 
     @app.get("/v1/batches")
-    async def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+    async def list_batches(tenant: Caller, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise OpenAIError(400, "limit: must be from 1 to 100", code="invalid_limit")
-        records, more = await anyio.to_thread.run_sync(lambda: gateway.records.page(after, limit))
+        records, more = await anyio.to_thread.run_sync(lambda: gateway.records.page(after, limit, tenant))
         data = [r.as_openai() for r in records]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
@@ -312,5 +281,7 @@ def run_gateway(settings: Settings) -> None:
     import uvicorn
 
     cfg = settings.gateway
-    log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}/v1", keys=len(cfg.api_keys))
-    uvicorn.run(create_app(settings), host=cfg.host, port=cfg.port, log_config=None, access_log=False)
+    log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}/v1", keys=len(cfg.api_keys),
+             admin_keys=len(cfg.admin_api_keys))  # fmt: skip
+    uvicorn.run(create_app(settings), host=cfg.host, port=cfg.port, log_config=None, access_log=False,
+                http=guarded_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_timeout_s)  # fmt: skip

@@ -13,7 +13,7 @@ from gpulb.models import BatchState, BatchStatus, Result
 from gpulb.settings import Settings
 from producer.batchfile import ENDPOINTS, BadBatchFile, output_line, parse_batch_lines
 from producer.client import Client
-from producer.gateway.store import COMPLETION_WINDOWS, FINAL, BatchRecord, BatchRecords, FileStore
+from producer.gateway.store import COMPLETION_WINDOWS, EVERYONE, FINAL, BatchRecord, BatchRecords, FileStore, Tenant
 
 log = get_logger("gpulb.gateway")
 OUTPUT_PURPOSE = "batch_output"
@@ -24,14 +24,14 @@ class BatchService:
         self.client, self.files, self.records, self.settings = client, files, records, settings
 
     def create(self, *, input_file_id: str, endpoint: str, completion_window: str,
-               metadata: dict[str, str] | None) -> BatchRecord:  # fmt: skip
+               metadata: dict[str, str] | None, tenant: Tenant) -> BatchRecord:  # fmt: skip
         if endpoint not in ENDPOINTS:
             raise InvalidRequest(f"endpoint: {endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}")
         if completion_window not in COMPLETION_WINDOWS:
             raise InvalidRequest(f"completion_window: {completion_window!r} is not supported; use '24h'")
-        content = self.files.content(input_file_id).decode("utf-8", errors="replace")
+        content = self.files.content(input_file_id, tenant).decode("utf-8", errors="replace")
         record = BatchRecord(f"batch_{secrets.token_hex(8)}", endpoint, input_file_id, completion_window,
-                             int(time.time()), metadata=dict(metadata or {}))  # fmt: skip
+                             int(time.time()), metadata=dict(metadata or {}), tenant=tenant.id)  # fmt: skip
         try:
             batch_file = parse_batch_lines(
                 content.split("\n"), default_max_tokens=self.settings.gateway.default_max_tokens,
@@ -48,7 +48,7 @@ class BatchService:
         record.times["in_progress_at"] = int(time.time())
         record.counts["total"] = handle.total
         self.records.save(record)
-        log.info("batch created", batch=record.id, gpulb_batch=handle.id, requests=handle.total)
+        log.info("batch created", batch=record.id, gpulb_batch=handle.id, requests=handle.total, tenant=tenant.id)
         return record
 
     def _failed(self, record: BatchRecord, errors: list[dict[str, Any]]) -> BatchRecord:
@@ -57,9 +57,10 @@ class BatchService:
         self.records.save(record)
         return record
 
-    def get(self, batch_id: str) -> BatchRecord:
-        """The batch as it stands now; a batch whose requests are all answered is finalized here."""
-        record = self.records.get(batch_id)
+    def get(self, batch_id: str, tenant: Tenant) -> BatchRecord:
+        """The batch as it stands now, if ``tenant`` may read it; a batch whose requests are all answered is
+        finalized here."""
+        record = self.records.get(batch_id, tenant)
         if record.status in FINAL:
             return record
         status = self.client.batch_status(record.gpulb_batch)
@@ -71,7 +72,7 @@ class BatchService:
         if not status.finished and time.time() > record.expires_at and "expired_at" not in record.times:
             record.times["expired_at"] = int(time.time())  # the window closed: stop what has not started
             if not self.records.save(record, unless_final=True):
-                return self.records.get(batch_id)
+                return self.records.get(batch_id, EVERYONE)
             self.client.get_batch(record.gpulb_batch).cancel()
             status = self.client.batch_status(record.gpulb_batch)
         if status.finished and self.records.claim_finalize(batch_id):
@@ -82,19 +83,19 @@ class BatchService:
                 raise
         return record
 
-    def cancel(self, batch_id: str) -> BatchRecord:
-        record = self.records.get(batch_id)
+    def cancel(self, batch_id: str, tenant: Tenant) -> BatchRecord:
+        record = self.records.get(batch_id, tenant)
         if record.status not in FINAL:
             record.status = "cancelling"
             record.times.setdefault("cancelling_at", int(time.time()))
         if record.status in FINAL or not self.records.save(record, unless_final=True):
-            final = self.records.get(batch_id)  # it finished meanwhile
+            final = self.records.get(batch_id, EVERYONE)  # it finished meanwhile
             raise InvalidRequest(f"Cannot cancel a batch with status {final.status!r}")
         self.client.get_batch(record.gpulb_batch).cancel()
-        return self.get(batch_id)
+        return self.get(batch_id, EVERYONE)
 
     def _finalize(self, batch_id: str, status: BatchStatus) -> BatchRecord:
-        record = self.records.get(batch_id)  # re-read under the claim: a cancel may have landed meanwhile
+        record = self.records.get(batch_id, EVERYONE)  # re-read under the claim: a cancel may have landed meanwhile
         if record.status in FINAL:
             return record
         record.counts = {"total": status.total, "completed": status.completed,
@@ -118,7 +119,8 @@ class BatchService:
                 if line["error"] and line["error"]["code"] == "cancelled":
                     line["error"]["code"] = "batch_expired"
         content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-        stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE, limited=False)
+        stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE,
+                                 tenant=record.tenant, limited=False)  # fmt: skip
         return stored.id
 
     def finalize_due(self) -> int:
@@ -126,7 +128,7 @@ class BatchService:
         finalized = 0
         for batch_id in self.records.active():
             try:
-                finalized += self.get(batch_id).status in FINAL
+                finalized += self.get(batch_id, EVERYONE).status in FINAL
             except Exception as exc:  # one broken record must not stop the others
                 log.warning("could not refresh batch", batch=batch_id, error=f"{type(exc).__name__}: {exc}")
         return finalized

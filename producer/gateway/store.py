@@ -3,11 +3,17 @@
 A gateway batch wraps one gpulb batch. Its OpenAI status is worked out from the gpulb batch's
 state while it runs; once every request is answered, the gateway writes the output and error
 files (``finalizing``) and stores the final status, so later reads need no gpulb batch at all.
+
+Each file and batch belongs to a tenant (a hash of the API key that made it); a tenant reads only its own, and
+what it may not read answers exactly as what does not exist. An id of the wrong shape does not exist either: it
+never reaches a Redis key name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -20,6 +26,28 @@ from gpulb.errors import BatchNotFound, InvalidRequest
 
 FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,64}")
+BATCH_ID = re.compile(r"batch_[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Who asks. ``id`` is recorded on what it creates; ``sees_all`` (an admin key) reads every tenant's."""
+
+    id: str
+    sees_all: bool = False
+
+    def owns(self, owner: str) -> bool:
+        return self.sees_all or owner == self.id
+
+
+# The gateway itself (finalizer, outputs), and every caller of a gateway without keys: one tenant, as before.
+EVERYONE = Tenant("", sees_all=True)
+
+
+def tenant_id(api_key: bytes) -> str:
+    """A short, non-reversible name for an API key's tenant; the key itself is never stored or logged."""
+    return hashlib.sha256(b"gpulb gateway tenant:" + api_key).hexdigest()[:16]
 
 
 class FileNotFound(BatchNotFound):
@@ -41,6 +69,7 @@ class StoredFile:
     created_at: int
     filename: str
     purpose: str
+    tenant: str = ""
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -48,51 +77,61 @@ class StoredFile:
 
 
 class FileStore:
-    FIELDS = ("id", "bytes", "created_at", "filename", "purpose")
+    FIELDS = ("id", "bytes", "created_at", "filename", "purpose", "tenant")
 
     def __init__(self, conn: redis.Redis, max_bytes: int, ttl_s: int) -> None:
         self.conn, self.max_bytes, self.ttl_s = conn, max_bytes, ttl_s
 
-    def put(self, content: bytes, *, filename: str, purpose: str, limited: bool = True) -> StoredFile:
+    def put(self, content: bytes, *, filename: str, purpose: str, tenant: str, limited: bool = True) -> StoredFile:
         """Store a file for ``ttl_s``; ``limited``: refuse one over ``max_bytes`` (uploads, not our own outputs)."""
         if limited and len(content) > self.max_bytes:
             raise FileTooLarge(f"file of {len(content):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
                                "(GPULB_GATEWAY__MAX_FILE_BYTES)")  # fmt: skip
-        stored = StoredFile(new_file_id(), len(content), int(time.time()), filename, purpose)
+        stored = StoredFile(new_file_id(), len(content), int(time.time()), filename, purpose, tenant)
         pipe = self.conn.pipeline(transaction=True)
         fields: dict[str, str | int | bytes] = {**_as_fields(stored), "content": content}
         pipe.hset(keys.gateway_file_key(stored.id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.gateway_file_key(stored.id), self.ttl_s)
         pipe.zadd(keys.gateway_files_key(), {stored.id: stored.created_at})
+        if tenant:
+            pipe.zadd(keys.gateway_tenant_files_key(tenant), {stored.id: stored.created_at})
         pipe.execute()
         return stored
 
-    def get(self, file_id: str) -> StoredFile:
-        values = self.conn.hmget(keys.gateway_file_key(file_id), list(self.FIELDS))
-        if values[0] is None:
+    def get(self, file_id: str, tenant: Tenant) -> StoredFile:
+        """The file, if it exists and ``tenant`` may read it; else FileNotFound, the same either way."""
+        values: list[Any] = [None]
+        if FILE_ID.fullmatch(file_id):
+            values = self.conn.hmget(keys.gateway_file_key(file_id), list(self.FIELDS))
+        owner = _text(values[-1] or b"")  # none on a file from before tenants
+        if values[0] is None or not tenant.owns(owner):
             raise FileNotFound(f"No such File object: {file_id}")
-        raw = [_text(v) for v in values]
-        return StoredFile(raw[0], int(raw[1]), int(raw[2]), raw[3], raw[4])
+        raw = [_text(v) for v in values[:5]]
+        return StoredFile(raw[0], int(raw[1]), int(raw[2]), raw[3], raw[4], owner)
 
-    def content(self, file_id: str) -> bytes:
-        self.get(file_id)
+    def content(self, file_id: str, tenant: Tenant) -> bytes:
+        self.get(file_id, tenant)
         data = self.conn.hget(keys.gateway_file_key(file_id), "content")
         return data if isinstance(data, bytes) else str(data or "").encode()
 
-    def delete(self, file_id: str) -> None:
-        self.get(file_id)
+    def delete(self, file_id: str, tenant: Tenant) -> None:
+        stored = self.get(file_id, tenant)
         pipe = self.conn.pipeline(transaction=True)
         pipe.delete(keys.gateway_file_key(file_id))
         pipe.zrem(keys.gateway_files_key(), file_id)
+        if stored.tenant:
+            pipe.zrem(keys.gateway_tenant_files_key(stored.tenant), file_id)
         pipe.execute()
 
-    def list(self, limit: int = 100) -> list[StoredFile]:
+    def list(self, tenant: Tenant, limit: int = 100) -> list[StoredFile]:
+        """The newest files ``tenant`` may read (an admin: everyone's)."""
+        index = keys.gateway_files_key() if tenant.sees_all else keys.gateway_tenant_files_key(tenant.id)
         files = []
-        for file_id in (_text(i) for i in self.conn.zrevrange(keys.gateway_files_key(), 0, limit - 1)):
+        for file_id in (_text(i) for i in self.conn.zrevrange(index, 0, limit - 1)):
             try:
-                files.append(self.get(file_id))
+                files.append(self.get(file_id, tenant))
             except FileNotFound:  # expired: drop it from the index
-                self.conn.zrem(keys.gateway_files_key(), file_id)
+                self.conn.zrem(index, file_id)
         return files
 
 
@@ -102,7 +141,7 @@ def _text(value: object) -> str:
 
 def _as_fields(stored: StoredFile) -> dict[str, str | int | bytes]:
     return {"id": stored.id, "bytes": stored.bytes, "created_at": stored.created_at, "filename": stored.filename,
-            "purpose": stored.purpose}  # fmt: skip
+            "purpose": stored.purpose, "tenant": stored.tenant}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -122,6 +161,7 @@ class BatchRecord:
     times: dict[str, int] = field(default_factory=dict)  # in_progress_at, finalizing_at, completed_at, ...
     output_file_id: str | None = None
     error_file_id: str | None = None
+    tenant: str = ""  # who created it (empty: a gateway without keys, or a record from before tenants)
     counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
 
     @property
@@ -164,29 +204,34 @@ class BatchRecords:
 
     def _write(self, pipe: redis.client.Pipeline, record: BatchRecord) -> None:
         pipe.hset(keys.gateway_batch_key(record.id), "record", json.dumps(_record_dict(record)))
-        pipe.zadd(keys.gateway_batches_key(), {record.id: time.time()}, nx=True)  # sub-second order for listing
+        now = time.time()  # sub-second order for listing
+        pipe.zadd(keys.gateway_batches_key(), {record.id: now}, nx=True)
+        if record.tenant:
+            pipe.zadd(keys.gateway_tenant_batches_key(record.tenant), {record.id: now}, nx=True)
         if record.status in FINAL:
             pipe.zrem(keys.gateway_active_key(), record.id)
         else:
             pipe.zadd(keys.gateway_active_key(), {record.id: record.created_at})
 
-    def get(self, batch_id: str) -> BatchRecord:
-        raw = self.conn.hget(keys.gateway_batch_key(batch_id), "record")
-        if raw is None:
+    def get(self, batch_id: str, tenant: Tenant) -> BatchRecord:
+        """The batch, if it exists and ``tenant`` may read it; else BatchNotFound, the same either way."""
+        raw = self.conn.hget(keys.gateway_batch_key(batch_id), "record") if BATCH_ID.fullmatch(batch_id) else None
+        record = BatchRecord(**json.loads(raw)) if raw is not None else None
+        if record is None or not tenant.owns(record.tenant):
             raise BatchNotFound(f"No such Batch object: {batch_id}")
-        return BatchRecord(**json.loads(raw))
+        return record
 
-    def page(self, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
-        """Newest first, starting after ``after``; and whether more follow."""
+    def page(self, after: str | None, limit: int, tenant: Tenant) -> tuple[list[BatchRecord], bool]:
+        """Newest first of those ``tenant`` may read, starting after ``after``; and whether more follow."""
+        index = keys.gateway_batches_key() if tenant.sees_all else keys.gateway_tenant_batches_key(tenant.id)
         start = 0
         if after is not None:
-            rank = self.conn.zrevrank(keys.gateway_batches_key(), after)
+            rank = self.conn.zrevrank(index, after) if BATCH_ID.fullmatch(after) else None
             if rank is None:
                 raise BatchNotFound(f"No such Batch object: {after}")
             start = int(rank) + 1  # type: ignore[arg-type]
-        ids = self.conn.zrevrange(keys.gateway_batches_key(), start, start + limit)
-        names = [_text(i) for i in ids]
-        return [self.get(i) for i in names[:limit]], len(names) > limit
+        names = [_text(i) for i in self.conn.zrevrange(index, start, start + limit)]
+        return [self.get(i, tenant) for i in names[:limit]], len(names) > limit
 
     def active(self) -> list[str]:
         return [

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +29,48 @@ def chat_line(i: int, model: str = "m", url: str = "/v1/chat/completions", **bod
                        "body": {"model": model, "messages": messages, "max_tokens": 2, **body}})  # fmt: skip
 
 
-@pytest.fixture
-def gateway(redis_url: str, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def running_gateway(redis_url: str, log_path: Path, **settings: str) -> Iterator[str]:
+    """A ``gpulb gateway`` process on a free port, with ``GPULB_GATEWAY__<NAME>`` settings; yields its URL once it
+    answers."""
     port = free_port()
-    env = {**os.environ, "GPULB_REDIS_URL": redis_url, "GPULB_GATEWAY__API_KEYS": json.dumps([KEY]),
-           "GPULB_GATEWAY__MAX_FILE_BYTES": "20000", "GPULB_LOG_FORMAT": "json"}  # fmt: skip
-    log = (tmp_path / "gateway.log").open("wb")
+    env = {**os.environ, "GPULB_REDIS_URL": redis_url, "GPULB_LOG_FORMAT": "json",
+           **{f"GPULB_GATEWAY__{name.upper()}": value for name, value in settings.items()}}  # fmt: skip
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", "gateway", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    faults = ("--simulate-faults", "yes")  # a prompt with @@fail fails
-    workers = [WorkerSpec("g0", "m", 50_000, args=faults), WorkerSpec("g1", "m", 50_000, args=faults)]
     try:
-        with LocalStack(redis_url, workers, tmp_path / "stack", env={"GPULB_WORKER__RETRY_BACKOFF_S": "0.05"}):
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"{url}/v1/models", timeout=1)
-                    break
-                except httpx.TransportError:
-                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-                    time.sleep(0.1)
-            yield url
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        yield url
     finally:
         proc.terminate()
         proc.wait(15)
         log.close()
+
+
+@contextmanager
+def simulated_fleet(redis_url: str, where: Path, count: int = 2) -> Iterator[None]:
+    faults = ("--simulate-faults", "yes")  # a prompt with @@fail fails
+    workers = [WorkerSpec(f"g{i}", "m", 50_000, args=faults) for i in range(count)]
+    with LocalStack(redis_url, workers, where, env={"GPULB_WORKER__RETRY_BACKOFF_S": "0.05"}):
+        yield
+
+
+@pytest.fixture
+def gateway(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    with (
+        simulated_fleet(redis_url, tmp_path / "stack"),
+        running_gateway(redis_url, tmp_path / "gateway.log", api_keys=json.dumps([KEY]), max_file_bytes="20000") as url,
+    ):
+        yield url
 
 
 @pytest.fixture

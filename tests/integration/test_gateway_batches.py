@@ -8,7 +8,7 @@ import redis
 
 from producer import Client
 from producer.gateway.batches import BatchService
-from producer.gateway.store import BatchRecords, FileStore
+from producer.gateway.store import EVERYONE, BatchRecords, FileStore
 from tests.conftest import make_settings
 
 
@@ -22,20 +22,20 @@ def service(redis_url: str) -> tuple[BatchService, Client]:
 def upload(svc: BatchService, count: int) -> str:
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                          "body": {"model": "m", "prompt": "p", "max_tokens": 1}}) for i in range(count)]  # fmt: skip
-    return svc.files.put("\n".join(lines).encode(), filename="in.jsonl", purpose="batch").id
+    return svc.files.put("\n".join(lines).encode(), filename="in.jsonl", purpose="batch", tenant="").id
 
 
 class TestExpiry:
     def test_a_batch_past_its_window_expires_with_its_requests_in_the_error_file(self, redis_url: str) -> None:
         svc, client = service(redis_url)
         record = svc.create(input_file_id=upload(svc, 3), endpoint="/v1/completions", completion_window="24h",
-                            metadata=None)  # fmt: skip
+                            metadata=None, tenant=EVERYONE)  # fmt: skip
         record.created_at -= 25 * 3600  # no worker ever came, and the window has closed
         svc.records.save(record)
-        expired = svc.get(record.id)
+        expired = svc.get(record.id, EVERYONE)
         assert expired.status == "expired" and expired.output_file_id is None
         assert expired.counts == {"total": 3, "completed": 0, "failed": 3}
-        errors = [json.loads(x) for x in svc.files.content(expired.error_file_id or "").decode().splitlines()]
+        errors = [json.loads(x) for x in svc.files.content(expired.error_file_id or "", EVERYONE).decode().splitlines()]
         assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"r{i}", "batch_expired") for i in range(3)]
         assert svc.records.active() == []
         client.close()
@@ -45,12 +45,15 @@ class TestCancelRace:
     def test_a_cancel_after_the_batch_finished_is_refused_and_changes_nothing(self, redis_url: str) -> None:
         svc, client = service(redis_url)
         record = svc.create(input_file_id=upload(svc, 2), endpoint="/v1/completions", completion_window="24h",
-                            metadata=None)  # fmt: skip
-        stale = svc.records.get(record.id)  # a cancel read this ...
+                            metadata=None, tenant=EVERYONE)  # fmt: skip
+        stale = svc.records.get(record.id, EVERYONE)  # a cancel read this ...
         client.get_batch(record.gpulb_batch).cancel()
-        final = svc.get(record.id)  # ... then the finalizer finished the batch
+        final = svc.get(record.id, EVERYONE)  # ... then the finalizer finished the batch
         assert final.status == "cancelled"
         stale.status = "cancelling"
         assert not svc.records.save(stale, unless_final=True)  # the stale copy cannot overwrite it
-        assert svc.records.get(record.id).status == "cancelled" and svc.records.get(record.id).error_file_id
+        assert (
+            svc.records.get(record.id, EVERYONE).status == "cancelled"
+            and svc.records.get(record.id, EVERYONE).error_file_id
+        )
         client.close()
