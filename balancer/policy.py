@@ -42,6 +42,7 @@ class PolicyName(StrEnum):
 # slow engines from starting the tail's long requests (bench.fleet, 1:1:2:4: makespan 14.4-14.6 s -> 13.5 s).
 TAIL_RISK = 1.25
 
+
 @dataclass(slots=True)
 class WorkerView:
     """What the balancer knows of one worker at decision time."""
