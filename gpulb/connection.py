@@ -7,8 +7,10 @@ Both come from the same URL and settings.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -16,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from gpulb import keys
-from gpulb.errors import BrokerFull, BrokerUnavailable, ConfigError
+from gpulb.errors import BrokerFull, BrokerUnavailable, ConfigError, NotDurable
 from gpulb.settings import Settings
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -103,3 +105,50 @@ def count_stat(conn: redis.Redis, field: str, amount: int = 1) -> None:
     a Redis that is full or away loses the count, never the process."""
     with contextlib.suppress(redis.RedisError):
         conn.hincrby(keys.stats_key(), field, amount)
+
+
+# -- durable acknowledgements (settings.redis.durable_acks) -------------------------------------------------------
+# WAITAOF blocks the client until its own previous writes are fsynced to the AOF. The AOF is one sequence, so the
+# fsync of a later write confirms every earlier one, whoever made it: a reader confirms what it read by one write.
+
+
+def queue_durable_wait(pipe: redis.client.Pipeline, settings: Settings) -> None:
+    """Queue ``WAITAOF 1 0 T`` after the writes of ``pipe``, on their connection: it waits for its own client's."""
+    pipe.execute_command("WAITAOF", 1, 0, int(settings.redis.durable_timeout_s * 1000))  # type: ignore[no-untyped-call]
+
+
+def durable(reply: Any) -> bool:
+    """Whether a WAITAOF reply says the local AOF has the writes on disk."""
+    return isinstance(reply, list | tuple) and len(reply) == 2 and int(reply[0]) >= 1
+
+
+def confirm_durable(conn: redis.Redis, settings: Settings, what: str) -> None:
+    """Wait until every write Redis acknowledged so far is fsynced; :class:`NotDurable` after ``durable_timeout_s``."""
+    deadline = time.monotonic() + settings.redis.durable_timeout_s
+    while True:
+        pipe = conn.pipeline(transaction=False)
+        pipe.incr(keys.durable_mark_key())
+        queue_durable_wait(pipe, settings)
+        if durable(pipe.execute()[1]):
+            return
+        if time.monotonic() >= deadline:
+            raise NotDurable(
+                f"Redis at {redact_url(settings.redis_url)} did not fsync {what} to its AOF within "
+                f"{settings.redis.durable_timeout_s:g} s: it is in Redis's memory but may not survive a power loss"
+            )
+
+
+def check_durable_acks(conn: redis.Redis, settings: Settings) -> None:
+    """With ``durable_acks`` the server must offer WAITAOF (Redis >= 7.2, Valkey) and keep an AOF, else ConfigError."""
+    if not settings.redis.durable_acks:
+        return
+    try:
+        conn.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]  # 1 ms; refused where no AOF
+    except redis.ResponseError as exc:
+        text = str(exc)
+        reason = "it has no AOF (appendonly no)" if "appendonly" in text else "it has no WAITAOF (Redis >= 7.2 has)"
+        raise ConfigError(
+            f"durable_acks (GPULB_REDIS__DURABLE_ACKS) needs a Redis that can confirm an fsync, but "
+            f"{redact_url(settings.redis_url)} cannot: {reason}. Turn durable_acks off, or run Redis >= 7.2 with "
+            f"appendonly yes (or any Redis with appendfsync always, which makes every write durable)"
+        ) from exc

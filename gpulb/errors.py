@@ -28,6 +28,11 @@ class BrokerFull(BrokerUnavailable):
     """Redis refused a write: it reached ``maxmemory`` and evicts nothing (``noeviction``). Nothing was written."""
 
 
+class NotDurable(BrokerUnavailable):
+    """``durable_acks`` is on and Redis did not confirm, within the time allowed, that a write is fsynced to its AOF.
+    The write itself was made: it is in Redis's memory, but may not survive a power loss."""
+
+
 class BatchNotFound(GpulbError, KeyError):
     """No batch with this id exists (never submitted, or expired)."""
 

@@ -42,6 +42,8 @@ model's ingress keys share a slot.
 |   tokens ``w:WORKER`` (its load or credit changed) and ``b:BATCH`` (submitted)                                 |
 | gpulb:stats                          | hash   | none                 | balancer, worker (HINCRBY) | status             |
 |   bad data seen and skipped: malformed_load_keys, dropped_ingress_members, refused_jobs, malformed_payloads     |
+| gpulb:durable                        | string | none                 | producer, worker (INCR)    | -                  |
+|   a write whose fsync (WAITAOF) confirms every earlier write: durable_acks only                                |
 | gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
 |   fields host, pid, ts, requests, micro_batches                                                                |
 | gpulb:gw:file:F                      | hash   | none (DELETE)        | gateway                    | gateway            |
@@ -199,6 +201,10 @@ def wake_worker_token(worker_id: str) -> str:
 
 def wake_batch_token(batch_id: str) -> str:
     return f"{WAKE_BATCH}{batch_id}"
+
+
+def durable_mark_key() -> str:
+    return f"{PREFIX}:durable"
 
 
 def stats_key() -> str:

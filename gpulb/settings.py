@@ -48,6 +48,10 @@ class RedisSettings(BaseModel):
     password: SecretStr | None = None
     ssl_ca_certs: str | None = None
     max_backoff_s: PositiveFloat = 5.0
+    # Acknowledge a submitted batch, a recorded result and a result read only once Redis has fsynced it to its AOF
+    # (WAITAOF: Redis >= 7.2 or Valkey, with appendonly yes). Costs about one fsync period per acknowledgement.
+    durable_acks: bool = False
+    durable_timeout_s: PositiveFloat = 5.0
 
 
 class ProducerSettings(BaseModel):

@@ -9,7 +9,14 @@ from typing import Any, TypeVar
 import redis
 
 from gpulb import keys
-from gpulb.connection import CONNECTION_ERRORS, broker_errors, connect, unavailable
+from gpulb.connection import (
+    CONNECTION_ERRORS,
+    broker_errors,
+    check_durable_acks,
+    confirm_durable,
+    connect,
+    unavailable,
+)
 from gpulb.errors import ResultTimeout
 from gpulb.models import BatchStatus, Result
 from gpulb.scripts import Scripts
@@ -52,6 +59,7 @@ class Client:
         self._conn = connection if connection is not None else connect(settings)
         self._publish_conn = connection if connection is not None else connect(settings, retries=0)
         self._scripts = Scripts(self._conn)
+        self._durability_checked = False
 
     def submit(self, prompt: str, *, model: str, max_tokens: int = 16, priority: int = 0, **sampling: Any) -> JobHandle:
         """Submit one request; ``sampling`` takes vLLM-style fields (temperature, top_p, seed, stop...)."""
@@ -76,6 +84,8 @@ class Client:
         ``metadata`` (up to 16 string pairs) is kept with the batch and shown by ``gpulb batch``.
         ``result_ttl_s`` overrides how long results stay once the batch is done; ``listed=False``
         keeps the batch out of ``gpulb batch list`` (short-lived batches, such as online requests).
+        With ``durable_acks`` it returns once Redis has fsynced the batch (``NotDurable`` if it did not in time: the
+        batch was accepted and runs, but may not survive a power loss).
         """
         model = validate_model(model)
         priority = validate_priority(priority)
@@ -84,6 +94,7 @@ class Client:
         specs = validate_requests(requests, max_tokens=max_tokens, limits=self.settings.producer)
         batch_id = store.new_batch_id()
         with self._errors():
+            self._check_durability()  # before anything is written: a ConfigError must not leave a batch running
             store.write_batch(
                 self._conn,
                 self._publish_conn,
@@ -96,6 +107,7 @@ class Client:
                 metadata=metadata,
                 listed=listed,
             )  # fmt: skip
+            self._confirm_durable(f"batch {batch_id}")
         return BatchHandle(self, batch_id, total=len(specs))
 
     def list_batches(self, limit: int = 20) -> list[BatchStatus]:
@@ -121,6 +133,17 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _confirm_durable(self, what: str) -> None:
+        """With ``durable_acks``: wait until what Redis acknowledged so far is on disk (checked once per client)."""
+        if self.settings.redis.durable_acks:
+            self._check_durability()
+            confirm_durable(self._conn, self.settings, what)
+
+    def _check_durability(self) -> None:
+        if self.settings.redis.durable_acks and not self._durability_checked:
+            check_durable_acks(self._conn, self.settings)
+            self._durability_checked = True
 
     def _errors(self) -> Any:
         return broker_errors(self.settings.redis_url)
@@ -194,7 +217,9 @@ class BatchHandle:
         """Every result in submission order, waiting up to ``timeout`` for the batch to finish."""
         self.wait(timeout)
         with self.client._errors():
-            return store.read_results(self.client._conn, self.id, self.total)
+            results = store.read_results(self.client._conn, self.id, self.total)
+            self.client._confirm_durable(f"the results of batch {self.id}")
+        return results
 
     def __repr__(self) -> str:
         return f"BatchHandle(id={self.id!r}, total={self.total})"
@@ -215,7 +240,10 @@ class JobHandle:
         def probe() -> Result | None:
             return store.read_result(client._conn, self.batch.id, self.index)
 
-        return client._wait_for(self.batch.id, probe, timeout, f"request {self.id}")
+        result = client._wait_for(self.batch.id, probe, timeout, f"request {self.id}")
+        with client._errors():
+            client._confirm_durable(f"the result of {self.id}")
+        return result
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r})"

@@ -16,8 +16,16 @@ import structlog
 from redis.exceptions import NoScriptError
 
 from gpulb import keys
-from gpulb.connection import CONNECTION_ERRORS, REDIS_FULL, count_stat
-from gpulb.errors import WorkerIdInUse
+from gpulb.connection import (
+    CONNECTION_ERRORS,
+    REDIS_FULL,
+    check_durable_acks,
+    confirm_durable,
+    count_stat,
+    durable,
+    queue_durable_wait,
+)
+from gpulb.errors import NotDurable, WorkerIdInUse
 from gpulb.logs import get_logger
 from gpulb.models import Result, WorkerLoad, WorkerState, refill_batch
 from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
@@ -108,6 +116,8 @@ class WorkerRuntime(Sink):
         self._prepared: tuple[str, list[Item] | None] | None = None  # started by the RQ worker's pipeline
         self._beats = 0
         self._orphan_suspects: frozenset[str] = frozenset()  # micro-batches that looked orphaned at the last sweep
+        self._redis_run_id: str | None = None  # changes when Redis restarts
+        self._prompt_sweeps = 0  # sweeps due at the next beats, whatever ORPHAN_SWEEP_BEATS says
 
     # -- load key -------------------------------------------------------------------------------
 
@@ -170,7 +180,14 @@ class WorkerRuntime(Sink):
         Every ``ORPHAN_SWEEP_BEATS`` beats it also takes back micro-batches this worker holds but
         will never run (neither queued nor running: a start or a give-back that Redis refused).
         """
-        self.queued = int(self.conn.llen(keys.rq_queue_key(self.worker_id)))
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.llen(keys.rq_queue_key(self.worker_id))
+        pipe.info("server")
+        queued, server = pipe.execute(raise_on_error=False)
+        if isinstance(queued, Exception):
+            raise queued
+        self.queued = int(queued)
+        self._notice_restart(server)
         if self.state is WorkerState.STARTING:
             return
         self.refresh_engine_status()
@@ -185,15 +202,30 @@ class WorkerRuntime(Sink):
             released = self.release_queued()
             log.warning("engine unhealthy: queued work handed back", released_requests=released)
         self._beats += 1
-        if self._beats % ORPHAN_SWEEP_BEATS == 0 and self.state is not WorkerState.DRAINING:
+        due = self._prompt_sweeps > 0 or self._beats % ORPHAN_SWEEP_BEATS == 0
+        if due and self.state is not WorkerState.DRAINING:
+            self._prompt_sweeps = max(0, self._prompt_sweeps - 1)
             swept = self.sweep_orphans()
             if swept.microbatches:
                 log.warning("took back orphaned micro-batches", requeued=swept.requests)
+
+    def _notice_restart(self, server_info: object) -> None:
+        """A Redis that restarted may have come back from an older state (the last second of an ``everysec`` AOF
+        lost in a power cut): a micro-batch this worker finished may be held again, with nothing to run it. Sweep
+        at this beat and the next, so that it is back in the ingress in about one heartbeat, not one minute."""
+        if not isinstance(server_info, dict):  # INFO refused (an ACL without it): no restart detection
+            return
+        run_id = str(server_info.get("run_id", ""))
+        if self._redis_run_id is not None and run_id != self._redis_run_id:
+            log.warning("redis restarted: looking for micro-batches it holds that nothing here runs")
+            self._prompt_sweeps = 2
+        self._redis_run_id = run_id
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def register(self) -> Requeued:
         """Claim the worker id, take back what a dead predecessor of this id held, announce idle."""
+        check_durable_acks(self.conn, self.settings)
         self._wait_for_predecessor()
         retire_rq_worker(self.rq_conn, self.worker_id)
         recovered = recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
@@ -212,7 +244,11 @@ class WorkerRuntime(Sink):
         pipe.rpush(keys.wakeup_key(), keys.wake_worker_token(self.worker_id))
         pipe.ltrim(keys.wakeup_key(), -keys.WAKEUP_KEEP, -1)
         pipe.delete(keys.worker_claim_key(self.worker_id))  # the load key guards the id from now on
-        pipe.execute()
+        pipe.info("server")
+        replies = pipe.execute(raise_on_error=False)
+        if error := next((r for r in replies[:-1] if isinstance(r, Exception)), None):
+            raise error
+        self._notice_restart(replies[-1])
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
         log.info("worker registered", model=self.model, backend=self.backend.name, capacity=self.cfg.max_batch,
                  slots=self.slots, queue_slots=self.queue_slots, recovered_requests=recovered.requests)  # fmt: skip
@@ -497,6 +533,8 @@ class WorkerRuntime(Sink):
         for script_keys, args in arguments:
             pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
         self.publish_load(pipe)
+        if self.settings.redis.durable_acks:
+            queue_durable_wait(pipe, self.settings)  # the results count as recorded once they are on disk
         replies = pipe.execute(raise_on_error=False)
         for i, (script_keys, args) in enumerate(arguments):
             if isinstance(replies[i], NoScriptError):  # Redis restarted and lost its scripts: load, run again
@@ -504,6 +542,8 @@ class WorkerRuntime(Sink):
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        if self.settings.redis.durable_acks and not durable(replies[-1]):
+            confirm_durable(self.conn, self.settings, "results")
         recorded = [(int(r[0]), int(r[1])) for r in replies[: len(arguments)]]
         if garbage := sum(g for _, g in recorded):
             log.warning("recorded around garbage in redis (batch records or credit left alone)", keys=garbage)
@@ -555,7 +595,7 @@ class WorkerRuntime(Sink):
                 log.warning("redis is full (maxmemory, noeviction) while recording results; retrying",
                             retry_in_s=delay)  # fmt: skip
                 count_stat(self.conn, "redis_full")
-            except CONNECTION_ERRORS as exc:
+            except (*CONNECTION_ERRORS, NotDurable) as exc:  # not fsynced in time: recording again is harmless
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("redis unavailable while recording results; retrying", error=str(exc), retry_in_s=delay)
