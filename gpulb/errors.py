@@ -7,6 +7,9 @@ caller passed in also derive from :class:`ValueError`, and time-outs from the bu
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class GpulbError(Exception):
     """Base class of every error gpulb raises on purpose."""
@@ -63,3 +66,14 @@ class GarbageInRedis(BadPayload):
     def __init__(self, key: str, what: str) -> None:
         super().__init__(f"Redis holds data at {key} that gpulb did not write: it {what}; nothing was written")
         self.key, self.what = key, what
+
+
+def field_error(error: Mapping[str, Any], skip: Sequence[str] = ()) -> tuple[str, str]:
+    """``(field, message)`` of one pydantic error (``ValidationError.errors()[i]``), for a person to read: the field
+    as a dotted path (``''`` for the whole object; ``skip`` drops parts such as FastAPI's ``body``), and the
+    message without pydantic's ``Value error,`` / ``Assertion failed,`` prefix."""
+    field = ".".join(str(part) for part in error.get("loc", ()) if part not in skip)
+    message = str(error.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return field, message
