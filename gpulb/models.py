@@ -169,6 +169,9 @@ class Result(BaseModel):
     finish_reason: str | None = None  # "stop", "length"; None for a failed or cancelled request
     worker: str
     error: str | None = None
+    # the HTTP status of an engine's refusal of the request itself (400: a prompt over the context length, a bad
+    # parameter); None for a success, a cancellation, or a failure that was not the request's fault
+    error_status: int | None = None
     cancelled: bool = False
     attempts: int = 1
     submitted_at: float

@@ -316,7 +316,8 @@ class Runner:
             custom_id=item.payload.custom_id if item.payload else None, text=output.text,
             output_tokens=output.output_tokens, prompt_tokens=output.prompt_tokens,
             finish_reason=None if output.error else output.finish_reason, worker=self.worker_id,
-            error=output.error, cancelled=item.cancelled, attempts=item.attempt + tries,
+            error=output.error, error_status=output.error_status, cancelled=item.cancelled,
+            attempts=item.attempt + tries,
             submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
         )  # fmt: skip
         self.output_tokens += output.output_tokens

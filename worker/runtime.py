@@ -511,7 +511,8 @@ class WorkerRuntime(Sink):
                 custom_id=item.payload.custom_id if item.payload else None, text=out.text,
                 output_tokens=out.output_tokens, prompt_tokens=out.prompt_tokens,
                 finish_reason=None if out.error else out.finish_reason, worker=self.worker_id,
-                error=out.error, cancelled=item.cancelled, attempts=item.attempt + outcome.tries,
+                error=out.error, error_status=out.error_status, cancelled=item.cancelled,
+                attempts=item.attempt + outcome.tries,
                 submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
             )  # fmt: skip
         return results

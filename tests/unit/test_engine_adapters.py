@@ -341,9 +341,9 @@ class TestVllmBackend:
         backend = VllmBackend("m")
         backend.start()
         over, fits = backend.generate([BackendRequest("too many", 600), BackendRequest("fits", 512)])
-        assert (over.error, over.retryable, over.output_tokens) == (
+        assert (over.error, over.retryable, over.output_tokens, over.error_status) == (
             "vLLM refused the request: max_tokens=600 cannot be greater than max_model_len=512. "
-            "Please request fewer output tokens.", False, 0,
+            "Please request fewer output tokens.", False, 0, 400,
         )  # fmt: skip
         assert (fits.error, fits.output_tokens) == (None, 512)
         assert [text for text, _ in FakeAsyncLLM.instance.seen] == ["fits"]
@@ -352,12 +352,11 @@ class TestVllmBackend:
     def test_engine_errors_map_to_busy_refused_failed_or_dead(self, vllm_backend: VllmBackend) -> None:
         busy, invalid, boom = vllm_backend.generate([BackendRequest(m, 2) for m in ("@@busy", "@@invalid", "@@boom")])
         assert busy.retryable and busy.error is not None and busy.error.startswith("vLLM is busy: The engine is")
-        assert (invalid.retryable, invalid.error) == (
-            False,
-            "vLLM refused the request: The decoder prompt cannot be empty",
-        )
-        assert (boom.retryable, boom.error) == (
-            False, "vLLM failed the request: EngineGenerateError (from KeyError: 'kv block')",
+        assert (invalid.retryable, invalid.error_status, invalid.error) == (
+            False, 400, "vLLM refused the request: The decoder prompt cannot be empty",
+        )  # fmt: skip
+        assert (boom.retryable, boom.error_status, boom.error) == (
+            False, None, "vLLM failed the request: EngineGenerateError (from KeyError: 'kv block')",
         )  # fmt: skip
         dead = vllm_backend.submit(BackendRequest("@@dead", 2))
         with pytest.raises(EngineUnavailable, match="vLLM engine died: EngineDeadError"):
@@ -521,6 +520,7 @@ class TestTensorRTLLM:
         ok, bad = trt.generate([BackendRequest("ok", 1), BackendRequest("bad", 1, {"typical_p": 0.5})])
         assert ok.error is None
         assert bad.error is not None and bad.error.startswith("TensorRT-LLM refused the request: ")
+        assert bad.error_status == 400
 
     def test_load_uses_the_newest_iteration_then_idles(self, trt: TensorRTLLMBackend) -> None:
         trt.generate([BackendRequest("abc", 5)])

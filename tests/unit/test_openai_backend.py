@@ -202,8 +202,8 @@ class TestErrors:
         outputs = backend.generate([prompt("ok one", 2), prompt("TOO-LONG here", 2), chat("ok two", 2)])
         assert [(o.text, o.error) for o in (outputs[0], outputs[2])] == [("ok one", None), ("be brief", None)]
         bad = outputs[1]
-        assert (bad.retryable, bad.error) == (
-            False, "HTTP 400 from /v1/completions: This model's maximum context length is 4096 tokens.",
+        assert (bad.retryable, bad.error_status, bad.error) == (
+            False, 400, "HTTP 400 from /v1/completions: This model's maximum context length is 4096 tokens.",
         )  # fmt: skip
         [outcome] = executor(backend).run([prompt("TOO-LONG", 1)], tokens_per_s=1e6)
         assert outcome.tries == 1 and outcome.output.error is not None

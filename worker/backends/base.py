@@ -42,14 +42,20 @@ class BackendOutput:
     finish_reason: str | None = None
     error: str | None = None
     retryable: bool = False
+    error_status: int | None = None  # the engine refused the request itself, as this HTTP status would say (400)
 
 
 class EngineUnavailable(BackendError):
     """The engine cannot serve anything now (dead, restarting, overloaded): not the requests' fault."""
 
 
-def failed(error: str, *, retryable: bool = False) -> BackendOutput:
-    return BackendOutput(text="", output_tokens=0, error=error, retryable=retryable)
+def failed(error: str, *, retryable: bool = False, status: int | None = None) -> BackendOutput:
+    return BackendOutput(text="", output_tokens=0, error=error, retryable=retryable, error_status=status)
+
+
+def refused(error: str) -> BackendOutput:
+    """The engine refuses the request itself (a prompt over the context length, a bad parameter): a 400."""
+    return failed(error, status=400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from worker.backends.base import (
     BackendOutput,
     BackendRequest,
     EngineLoad,
-    failed,
     import_engine,
+    refused,
 )
 
 EXTRA = "transformers"  # pip install 'gpulb[transformers]'
@@ -138,11 +138,11 @@ class TransformersBackend(Backend):
         if request.messages is None:
             return _Row(index, request, tokenizer(request.prompt or "")["input_ids"])
         if not tokenizer.chat_template:
-            return failed(f"model {self.model_path!r} has no chat template; send a prompt instead")
+            return refused(f"model {self.model_path!r} has no chat template; send a prompt instead")
         try:
             text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template may raise on purpose (e.g. "roles must alternate")
-            return failed(f"the chat template refused these messages: {type(exc).__name__}: {exc}")
+            return refused(f"the chat template refused these messages: {type(exc).__name__}: {exc}")
         return _Row(index, request, tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _generate_group(self, rows: list[_Row]) -> list[BackendOutput]:

@@ -174,8 +174,9 @@ class OpenAIServerBackend(ContinuousBackend):
         except httpx.HTTPError as exc:
             return failed(f"engine server request failed ({path}): {type(exc).__name__}: {exc}")
         if response.status_code != 200:
-            return failed(f"HTTP {response.status_code} from {path}: {error_message(response)}",
-                          retryable=response.status_code in RETRYABLE_STATUSES)  # fmt: skip
+            retryable = response.status_code in RETRYABLE_STATUSES
+            return failed(f"HTTP {response.status_code} from {path}: {error_message(response)}", retryable=retryable,
+                          status=None if retryable else response.status_code)  # fmt: skip
         return parse_completion(response)
 
     def _check_model(self) -> None:

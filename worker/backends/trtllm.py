@@ -27,6 +27,7 @@ from worker.backends.base import (
     failed,
     import_engine,
     one_output,
+    refused,
 )
 from worker.backends.loop import EventLoopThread
 
@@ -126,7 +127,7 @@ class TensorRTLLMBackend(ContinuousBackend):
             prompt = request.prompt if request.messages is None else self._chat_prompt(request.messages)
             pending = self._llm.generate_async(prompt, self._sampling_cls(**trtllm_sampling_kwargs(request)))
         except (TypeError, ValueError) as exc:
-            return failed(f"TensorRT-LLM refused the request: {exc}")
+            return refused(f"TensorRT-LLM refused the request: {exc}")
         with self._lock:
             self._in_flight += 1
         try:

@@ -32,6 +32,7 @@ from worker.backends.base import (
     failed,
     import_engine,
     one_output,
+    refused,
 )
 from worker.backends.loop import EventLoopThread
 
@@ -182,14 +183,14 @@ class VllmBackend(ContinuousBackend):
         return built or positive_int(self.engine_args.get("max_model_len"))
 
     async def _generate_one(self, request: BackendRequest) -> BackendOutput:
-        refused = budget_error(request.max_tokens, self.max_model_len())
-        if refused is not None:
-            return failed(f"vLLM refused the request: {refused}")
+        too_long = budget_error(request.max_tokens, self.max_model_len())
+        if too_long is not None:
+            return refused(f"vLLM refused the request: {too_long}")
         try:
             prompt = await self._engine_input(request)
             params = self._sampling_cls(**vllm_sampling_kwargs(request), output_kind=self._final_only)
         except self._refusals as exc:  # vLLM refuses a parameter, the prompt's length, or the chat template fails
-            return failed(f"vLLM refused the request: {exc}")
+            return refused(f"vLLM refused the request: {exc}")
         return await self._run(prompt, params)
 
     async def _run(self, prompt: Any, params: Any) -> BackendOutput:
@@ -204,7 +205,7 @@ class VllmBackend(ContinuousBackend):
             await self._engine.abort(request_id)
             raise
         except self._refusals as exc:
-            return failed(f"vLLM refused the request: {exc}")
+            return refused(f"vLLM refused the request: {exc}")
         except Exception as exc:  # mapped to an output, or to EngineUnavailable; logged with its traceback
             return self._failure(exc)
         if final is None:
