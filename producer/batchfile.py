@@ -201,8 +201,8 @@ def response_body(result: Result, model: str, endpoint: str) -> dict[str, Any]:
              "total_tokens": result.prompt_tokens + result.output_tokens}  # fmt: skip
     common = {"created": int(result.finished_at), "model": model, "usage": usage}
     if endpoint == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                  "finish_reason": result.finish_reason}  # fmt: skip
+        message = {"role": "assistant", "content": result.text, "refusal": None}  # the spec requires refusal
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
         return {"id": f"chatcmpl-{result.request_id}", "object": "chat.completion", "choices": [choice], **common}
     choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
     return {"id": f"cmpl-{result.request_id}", "object": "text_completion", "choices": [choice], **common}

@@ -1,0 +1,66 @@
+"""What the OpenAI spec says a batch file or request body may hold, and what an answer must hold."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gpulb.models import Result
+from gpulb.settings import ProducerSettings
+from producer.batchfile import (
+    CHAT,
+    COMPLETIONS,
+    BadBatchFile,
+    output_line,
+    parse_batch_lines,
+    response_body,
+)
+
+LIMITS = ProducerSettings()
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat_line(cid: str = "a", **body: Any) -> str:
+    body = {"model": "m", "messages": HI, **body}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": CHAT, "body": body})
+
+
+def completion_line(cid: str = "a", **body: Any) -> str:
+    body = {"model": "m", "prompt": "p", **body}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": COMPLETIONS, "body": body})
+
+
+def parse(text: str) -> Any:
+    """As the gateway parses an uploaded file: decoded text split on newlines."""
+    return parse_batch_lines(text.split("\n"), default_max_tokens=7, limits=LIMITS)
+
+
+def refusals(*lines: str) -> dict[int, str]:
+    with pytest.raises(BadBatchFile) as info:
+        parse("\n".join(lines))
+    return dict(info.value.lines)
+
+
+def result() -> Result:
+    return Result(request_id="b-0", index=0, custom_id="q", text="hello", output_tokens=2, prompt_tokens=3,
+                  finish_reason="stop", worker="w", submitted_at=1.0, started_at=2.0, finished_at=3.0)  # fmt: skip
+
+
+class TestChatMessage:
+    def test_an_answer_carries_a_null_refusal(self) -> None:
+        """The spec requires ``refusal`` in a chat completion's message; strict clients fail without it."""
+        body = response_body(result(), "m", CHAT)
+        assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello", "refusal": None},
+                                    "logprobs": None, "finish_reason": "stop"}]  # fmt: skip
+
+    def test_a_batch_output_line_carries_it_too(self) -> None:
+        line = output_line(result(), model="m", endpoint=CHAT, batch_id="b")
+        assert line["response"]["body"]["choices"][0]["message"] == {
+            "role": "assistant", "content": "hello", "refusal": None,
+        }  # fmt: skip
+
+    def test_a_text_completion_has_no_message(self) -> None:
+        body = response_body(result(), "m", COMPLETIONS)
+        assert body["choices"] == [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "stop"}]
