@@ -62,7 +62,7 @@ class BatchFile:
 def read_batch_file(path: Path, *, default_max_tokens: int, limits: ProducerSettings) -> BatchFile:
     """Parse and check every line; raises :class:`InvalidRequest` listing the bad lines by number."""
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             return parse_batch_lines(handle, default_max_tokens=default_max_tokens, limits=limits, source=str(path))
     except OSError as exc:
         raise InvalidRequest(f"{path}: cannot read: {exc.strerror}") from exc
@@ -78,7 +78,7 @@ def parse_batch_lines(
     errors: list[tuple[int, str]] = []
     batch: BatchFile | None = None
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_without_bom(lines), start=1):
         if not line.strip():
             continue
         try:
@@ -100,6 +100,13 @@ def parse_batch_lines(
         count, most = len(batch.requests), limits.max_batch_requests
         raise InvalidRequest(f"{source}: {count} requests exceed the limit of {most} per batch")
     return batch
+
+
+def _without_bom(lines: Iterable[str]) -> Iterator[str]:
+    """The lines, the first without a UTF-8 byte order mark (Windows editors write one; the gateway decodes with
+    plain utf-8, so it reaches here as U+FEFF)."""
+    for number, line in enumerate(lines):
+        yield line.removeprefix("\ufeff") if number == 0 else line
 
 
 def _parse_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from producer.batchfile import (
     BadBatchFile,
     output_line,
     parse_batch_lines,
+    read_batch_file,
     response_body,
 )
 
@@ -64,3 +66,18 @@ class TestChatMessage:
     def test_a_text_completion_has_no_message(self) -> None:
         body = response_body(result(), "m", COMPLETIONS)
         assert body["choices"] == [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "stop"}]
+
+
+class TestByteOrderMark:
+    def test_a_file_starting_with_a_bom_is_read(self, tmp_path: Path) -> None:
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"\xef\xbb\xbf" + (chat_line("a") + "\n" + chat_line("b") + "\n").encode())
+        assert read_batch_file(source, default_max_tokens=7, limits=LIMITS).custom_ids == ["a", "b"]
+
+    def test_text_starting_with_a_bom_is_parsed(self) -> None:
+        """The gateway decodes an uploaded file with utf-8, which keeps the BOM as U+FEFF."""
+        text = (b"\xef\xbb\xbf" + chat_line().encode()).decode("utf-8")
+        assert parse(text).custom_ids == ["a"]
+
+    def test_a_bom_alone_on_the_first_line_is_a_blank_line(self) -> None:
+        assert parse("\ufeff\n" + chat_line()).custom_ids == ["a"]
