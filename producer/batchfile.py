@@ -134,7 +134,7 @@ def _load_json(line: str) -> object:
     """The line's JSON; any line json cannot load (a number past Python's 4,300 digits, nesting past the
     recursion limit) is an :class:`InvalidRequest`, never a traceback."""
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip("\r\n"))  # with its newline, an error at the end is "line 2, column 1"
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"not JSON: {exc.msg} (column {exc.colno})") from None
     except ValueError:  # the int/str conversion limit

@@ -81,3 +81,17 @@ class TestByteOrderMark:
 
     def test_a_bom_alone_on_the_first_line_is_a_blank_line(self) -> None:
         assert parse("\ufeff\n" + chat_line()).custom_ids == ["a"]
+
+
+class TestJsonErrorColumn:
+    def test_an_error_at_the_end_of_a_line_names_its_column(self, tmp_path: Path) -> None:
+        source = tmp_path / "in.jsonl"
+        source.write_text(chat_line() + '\n{"custom_id": "b"\n', encoding="utf-8")
+        with pytest.raises(BadBatchFile) as info:
+            read_batch_file(source, default_max_tokens=7, limits=LIMITS)
+        assert info.value.lines == [(2, "not JSON: Expecting ',' delimiter (column 18)")]
+
+    def test_a_windows_line_end_is_not_counted(self) -> None:
+        """The gateway splits on \n only, so a line keeps its \r."""
+        lines = refusals(chat_line() + '\r\n{"custom_id": "b"\r\n')
+        assert lines == {2: "not JSON: Expecting ',' delimiter (column 18)"}
