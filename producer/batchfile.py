@@ -162,7 +162,7 @@ def request_from_body(
     try:
         spec = RequestSpec.model_validate(request)
     except ValidationError as exc:
-        raise InvalidRequest(f"body.{describe_error(exc)}") from None
+        raise InvalidRequest(describe_error(exc, within="body")) from None
     check_limits(spec, limits)
     return request
 
@@ -170,6 +170,8 @@ def request_from_body(
 def _expect_input(url: str, request: dict[str, Any]) -> None:
     if url == CHAT and "prompt" in request:
         raise InvalidRequest(f"body.prompt: {CHAT} takes messages, not a prompt")
+    if url == CHAT and request.get("messages") is None:
+        raise InvalidRequest("body.messages: required, a list of chat messages")
     if url == COMPLETIONS and "messages" in request:
         raise InvalidRequest(f"body.messages: {COMPLETIONS} takes a prompt, not messages")
     if url == COMPLETIONS and not isinstance(request.get("prompt"), str):

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gpulb.errors import InvalidRequest
+from gpulb.errors import InvalidRequest, field_error
 from gpulb.keys import MAX_ABS_PRIORITY
 from gpulb.models import RequestSpec
 from gpulb.settings import MODEL_PATTERN, ProducerSettings
@@ -152,8 +152,10 @@ def check_text(field: str, value: object) -> None:
             check_text(f"{field}.{index}", item)
 
 
-def describe_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "request"
+def describe_error(exc: ValidationError, within: str = "") -> str:
+    """The first error as ``field: message`` (and how many more); ``within`` prefixes the field (``body.top_p``) and
+    names an error about the whole object, else ``request`` does."""
+    field, message = field_error(exc.errors()[0])
+    path = ".".join(part for part in (within, field) if part) or "request"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{field}: {first['msg']}{more}"
+    return f"{path}: {message}{more}"

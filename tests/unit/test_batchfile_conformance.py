@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from gpulb.models import Result
+from gpulb.errors import InvalidRequest
+from gpulb.models import RequestSpec, Result
 from gpulb.settings import ProducerSettings
 from producer.batchfile import (
     CHAT,
@@ -19,6 +21,7 @@ from producer.batchfile import (
     read_batch_file,
     response_body,
 )
+from producer.validation import describe_error, validate_requests
 
 LIMITS = ProducerSettings()
 HI = [{"role": "user", "content": "hi"}]
@@ -95,3 +98,28 @@ class TestJsonErrorColumn:
         """The gateway splits on \n only, so a line keeps its \r."""
         lines = refusals(chat_line() + '\r\n{"custom_id": "b"\r\n')
         assert lines == {2: "not JSON: Expecting ',' delimiter (column 18)"}
+
+
+class TestErrorMessages:
+    def test_an_error_about_the_whole_request_has_no_pydantic_prefix(self) -> None:
+        with pytest.raises(ValidationError) as info:
+            RequestSpec.model_validate({"max_tokens": 3})
+        whole = "give exactly one of prompt (text completion) or messages (chat)"
+        assert describe_error(info.value) == f"request: {whole}"
+        assert describe_error(info.value, within="body") == f"body: {whole}"
+
+    def test_a_field_error_is_prefixed_with_where_it_is(self) -> None:
+        with pytest.raises(ValidationError) as info:
+            RequestSpec.model_validate({"prompt": "p", "max_tokens": 3, "top_p": 0, "top_k": "x"})
+        assert describe_error(info.value, within="body") == "body.top_p: Input should be greater than 0 (and 1 more)"
+
+    def test_client_batches_report_it_without_the_prefix(self) -> None:
+        with pytest.raises(InvalidRequest) as info:
+            validate_requests([{"max_tokens": 3}], max_tokens=7, limits=LIMITS)
+        assert str(info.value) == "request 0: request: give exactly one of prompt (text completion) or messages (chat)"
+
+    def test_a_chat_body_without_messages_says_so(self) -> None:
+        assert refusals(chat_line("a", messages=None), completion_line("b", prompt=None)) == {
+            1: "body.messages: required, a list of chat messages",
+            2: "body.prompt: required, one string (lists of prompts or token ids are not supported)",
+        }

@@ -34,12 +34,12 @@ BAD_BATCHES: list[tuple[Any, dict[str, Any], str]] = [
     (
         [{"max_tokens": 3}],
         {},
-        "request 0: request: Value error, give exactly one of prompt (text completion) or messages",
+        "request 0: request: give exactly one of prompt (text completion) or messages (chat)",
     ),
     (
         [{"prompt": "p", "messages": [{"role": "user", "content": "hi"}]}],
         {},
-        "request 0: request: Value error, give exactly one",
+        "request 0: request: give exactly one of prompt (text completion) or messages (chat)",
     ),
     ([{"messages": []}], {}, "request 0: messages: List should have at least 1 item"),
     ([{"messages": [{"role": "robot", "content": "hi"}]}], {}, "request 0: messages.0.role: Input should be 'system'"),
