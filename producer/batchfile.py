@@ -27,13 +27,18 @@ from pydantic import ValidationError
 from gpulb.errors import InvalidRequest
 from gpulb.models import RequestSpec, Result
 from gpulb.settings import ProducerSettings
-from producer.validation import check_limits, describe_error, validate_model
+from producer.validation import check_limits, describe_error, shown, validate_model
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)
-# Body fields taken only with their default meaning (or none), then dropped; model is checked apart.
-DEFAULT_ONLY_FIELDS: dict[str, object] = {"stream": False, "n": 1, "logprobs": False, "echo": False, "store": False}
+# Body fields taken only with their default meaning (or null), then dropped; model is checked apart.
+DEFAULT_ONLY_FIELDS: dict[str, object] = {
+    "stream": False, "n": 1, "best_of": 1, "logprobs": False, "echo": False, "store": False,
+    "logit_bias": None, "stream_options": None, "top_logprobs": None, "service_tier": None, "suffix": None,
+}  # fmt: skip
+# Fields the OpenAI spec lets be null, meaning "the default": dropped when null, so the default applies.
+NULL_IS_DEFAULT_FIELDS = frozenset({"max_tokens", "max_completion_tokens"})
 DROPPED_FIELDS = frozenset({"model", "user", "metadata", "custom_id"})  # custom_id: the line's own, not the body's
 MAX_REPORTED_ERRORS = 20
 
@@ -148,11 +153,10 @@ def request_from_body(
 ) -> dict[str, Any]:
     request: dict[str, Any] = {"custom_id": custom_id}
     for name, value in body.items():
-        if name in DROPPED_FIELDS:
+        if name in DROPPED_FIELDS or (value is None and name in NULL_IS_DEFAULT_FIELDS):
             continue
         if name in DEFAULT_ONLY_FIELDS:
-            if value not in (DEFAULT_ONLY_FIELDS[name], None):
-                raise InvalidRequest(f"body.{name}: {value!r} is not supported (only {DEFAULT_ONLY_FIELDS[name]!r})")
+            _expect_default(name, value)
             continue
         request["max_tokens" if name == "max_completion_tokens" else name] = value
     _expect_input(url, request)
@@ -165,6 +169,13 @@ def request_from_body(
         raise InvalidRequest(describe_error(exc, within="body")) from None
     check_limits(spec, limits)
     return request
+
+
+def _expect_default(name: str, value: object) -> None:
+    default = DEFAULT_ONLY_FIELDS[name]
+    # compared with its type: 0 == False and True == 1 would let "stream": 0 or "n": true through
+    if value is not None and (type(value) is not type(default) or value != default):
+        raise InvalidRequest(f"body.{name}: {shown(value)} is not supported (only {json.dumps(default)})")
 
 
 def _expect_input(url: str, request: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from producer.batchfile import (
     output_line,
     parse_batch_lines,
     read_batch_file,
+    request_from_body,
     response_body,
 )
 from producer.validation import describe_error, validate_requests
@@ -69,6 +70,60 @@ class TestChatMessage:
     def test_a_text_completion_has_no_message(self) -> None:
         body = response_body(result(), "m", COMPLETIONS)
         assert body["choices"] == [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "stop"}]
+
+
+class TestNullMeansDefault:
+    def test_null_parameters_of_a_chat_body_are_accepted(self) -> None:
+        """Clients generated from the spec send every optional parameter, as null when unset."""
+        names = ("max_tokens", "max_completion_tokens", "logit_bias", "stream_options", "top_logprobs", "service_tier",
+                 "best_of", "n", "stream", "temperature")  # fmt: skip
+        nulls: dict[str, Any] = dict.fromkeys(names)
+        batch = parse(chat_line(**nulls))
+        assert batch.requests == [{"custom_id": "a", "messages": HI, "max_tokens": 7, "temperature": None}]
+
+    def test_null_parameters_of_a_completions_body_are_accepted(self) -> None:
+        batch = parse(completion_line(suffix=None, best_of=None, max_tokens=None, logit_bias=None, echo=None))
+        assert batch.requests == [{"custom_id": "a", "prompt": "p", "max_tokens": 7}]
+
+    def test_best_of_one_is_the_default_and_accepted(self) -> None:
+        assert parse(completion_line(best_of=1, max_tokens=5)).requests == [
+            {"custom_id": "a", "prompt": "p", "max_tokens": 5}
+        ]
+
+    def test_a_null_max_tokens_leaves_max_completion_tokens_in_force(self) -> None:
+        batch = parse(chat_line(max_tokens=None, max_completion_tokens=5))
+        assert batch.requests[0]["max_tokens"] == 5
+
+    def test_an_online_body_with_null_max_tokens_gets_the_default_it_is_given(self) -> None:
+        body = {"model": "m", "prompt": "p", "max_tokens": None, "suffix": None}
+        assert request_from_body(COMPLETIONS, None, body, 99, LIMITS) == {"custom_id": None, "prompt": "p",
+                                                                          "max_tokens": 99}  # fmt: skip
+
+    def test_values_other_than_the_default_are_refused_by_name(self) -> None:
+        messages = refusals(
+            completion_line("a", best_of=3),
+            chat_line("b", logit_bias={"50256": -100}),
+            chat_line("c", stream_options={"include_usage": True}),
+            chat_line("d", top_logprobs=2),
+            chat_line("e", service_tier="flex"),
+            completion_line("f", suffix="end"),
+            chat_line("g", stream=0),
+            chat_line("h", n=True),
+            chat_line("i", temprature=0.5),
+            chat_line("j", max_tokens=0),
+        )
+        assert messages == {
+            1: "body.best_of: 3 is not supported (only 1)",
+            2: "body.logit_bias: {'50256': -100} is not supported (only null)",
+            3: "body.stream_options: {'include_usage': True} is not supported (only null)",
+            4: "body.top_logprobs: 2 is not supported (only null)",
+            5: "body.service_tier: 'flex' is not supported (only null)",
+            6: "body.suffix: 'end' is not supported (only null)",
+            7: "body.stream: 0 is not supported (only false)",
+            8: "body.n: True is not supported (only 1)",
+            9: "body.temprature: Extra inputs are not permitted",
+            10: "body.max_tokens: Input should be greater than or equal to 1",
+        }
 
 
 class TestByteOrderMark:
