@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    GPULB_LOG_FORMAT=json
+    GPULB_LOG_FORMAT=json \
+    HF_HOME=/var/cache/huggingface
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -19,8 +20,12 @@ COPY balancer ./balancer
 COPY worker ./worker
 
 ARG EXTRAS="gateway"
+# The model cache (compose mounts the hf-cache volume here) is made now, owned by gpulb: a volume mounted on a path
+# the image lacks is created root-owned, and the worker could not download a model into it.
 RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
- && useradd --system --uid 10001 --create-home gpulb
+ && groupadd --system --gid 10001 gpulb \
+ && useradd --system --uid 10001 --gid gpulb --create-home gpulb \
+ && install -d -o gpulb -g gpulb -m 0755 "$HF_HOME"
 
 USER gpulb
 # Prometheus metrics (--metrics-port 9100); the gateway (--port 8000)

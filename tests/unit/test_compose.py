@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,19 +34,70 @@ def compose_command() -> list[str]:
     pytest.fail("neither docker-compose nor the docker compose plugin is installed (./dev test installs it)")
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def resolve_compose(**env: str) -> dict[str, Any]:
     """The file as Compose resolves it (anchors merged, ${VAR:-default} filled), every profile on."""
     profiles = [arg for p in PROFILES for arg in ("--profile", p)]
     done = subprocess.run([*compose_command(), "-f", str(ROOT / "docker-compose.yml"), *profiles, "config"],
-                          capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+                          capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env})  # fmt: skip
     assert done.returncode == 0, done.stderr
     resolved: dict[str, Any] = yaml.safe_load(done.stdout)
     return resolved
 
 
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return resolve_compose()
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each volume, in either syntax ``config`` writes (long in Compose v2, short in v1)."""
+    return [
+        (v["source"], v["target"]) if isinstance(v, dict) else (v.split(":")[0], v.split(":")[1])
+        for v in service.get("volumes", [])
+    ]
+
+
 def gpulb_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in compose["services"].items() if svc.get("image", "").startswith("gpulb")}
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions in order, (KEYWORD, arguments), continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    current = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker drops comment lines inside a continued instruction too
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (current + stripped).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        current = ""
+    return instructions
+
+
+def dockerfile_variables(keyword: str) -> dict[str, str]:
+    """Every ENV (or ARG, with its default) of the Dockerfile, by name."""
+    pairs = [word.partition("=") for kw, args in dockerfile() if kw == keyword for word in shlex.split(args)]
+    return {name: value for name, _, value in pairs}
+
+
+def run_commands() -> list[tuple[int, str]]:
+    """Each shell command of each RUN (split at ``&&``), with the index of its instruction."""
+    return [(i, c.strip()) for i, (kw, args) in enumerate(dockerfile()) if kw == "RUN" for c in args.split("&&")]
+
+
+def argv(command: str, **env: str) -> list[str]:
+    """The arguments a shell command gets once bash has expanded it, quotes and ``${X:+...}`` included.
+
+    Only for the Dockerfile's own commands, and only those the test picked by name: bash runs any ``$(...)`` in them.
+    """
+    program, _, arguments = command.partition(" ")
+    done = subprocess.run(["bash", "-c", f"printf '%s\\n' {program} {arguments}"],
+                          capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", **env})  # fmt: skip
+    return done.stdout.splitlines()
 
 
 def settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Settings]:
@@ -64,10 +116,7 @@ class TestCompose:
         command = " ".join(redis["command"])
         assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
         assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-        mounts = [
-            (v["source"], v["target"]) if isinstance(v, dict) else tuple(v.split(":")[:2]) for v in redis["volumes"]
-        ]
-        assert ("redis-data", "/data") in mounts
+        assert ("redis-data", "/data") in mounts(redis)
         assert "redis-data" in compose["volumes"]
 
     def test_every_gpulb_service_waits_for_redis_and_reads_it_from_the_environment(
@@ -133,3 +182,28 @@ class TestDockerfile:
             assert f"COPY {package} ./{package}" in dockerfile, package
         assert 'ENTRYPOINT ["gpulb"]' in dockerfile and "USER gpulb" in dockerfile
         assert 'pip install ".${EXTRAS:+[$EXTRAS]}"' in dockerfile
+
+    def test_the_model_cache_is_made_in_the_image_owned_by_gpulb_and_is_where_compose_mounts_it(
+        self, compose: dict[str, Any]
+    ) -> None:
+        """A volume mounted on a path the image lacks is created root-owned: uid 10001 could not download a model."""
+        instructions = dockerfile()
+        hf_home = dockerfile_variables("ENV")["HF_HOME"]
+        made = [
+            (i, args)
+            for i, command in run_commands()
+            if command.startswith("install ") and hf_home in (args := argv(command, HF_HOME=hf_home))
+        ]
+        assert made, f"no RUN makes {hf_home} (install -d -o gpulb -g gpulb)"
+        (index, args), *_ = made
+        assert "-d" in args and args[args.index("-o") + 1] == "gpulb" and args[args.index("-g") + 1] == "gpulb"
+        user_made = [i for i, command in run_commands() if command.startswith("useradd") and command.endswith(" gpulb")]
+        assert user_made and user_made[0] <= index < instructions.index(("USER", "gpulb"))
+
+        hf_mounts = {name: target for name, svc in compose["services"].items() for source, target in mounts(svc)
+                     if source == "hf-cache"}  # fmt: skip
+        assert {"worker-gpu0", "worker-gpu1"} <= set(hf_mounts)
+        assert set(hf_mounts.values()) == {hf_home}
+        for name in hf_mounts:
+            assert compose["services"][name]["environment"].get("HF_HOME", hf_home) == hf_home, name
+            assert "user" not in compose["services"][name], name  # the image's gpulb, who owns the cache
