@@ -172,6 +172,20 @@ class TestCompose:
         workers = {n for n, s in gpulb_services(compose).items() if s["command"][0] == "worker"}
         assert names == workers
 
+    def test_the_cli_writes_data_as_the_host_user(self, compose: dict[str, Any]) -> None:
+        """``docker compose run --rm cli submit ... -o /data/out.jsonl``: ./data is the host user's."""
+        cli = compose["services"]["cli"]
+        assert any(target == "/data" and Path(source).name == "data" for source, target in mounts(cli))
+        assert cli["user"] == "1000:1000"
+        assert resolve_compose(GPULB_UID="1234", GPULB_GID="4321")["services"]["cli"]["user"] == "1234:4321"
+        # No passwd entry for that uid in the image: Docker would set HOME=/, which only root can write.
+        assert cli["environment"]["HOME"] == "/tmp"
+        for name, svc in gpulb_services(compose).items():
+            assert name == "cli" or "user" not in svc, name
+        assert "GPULB_UID=$(id -u) GPULB_GID=$(id -g) docker compose run" in " ".join(
+            (ROOT / "README.md").read_text().replace("\\\n", " ").split()
+        )
+
 
 class TestDockerfile:
     def test_copies_every_package_and_runs_the_cli(self) -> None:
