@@ -8,16 +8,20 @@ the same code path ``gpulb`` uses.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from gpulb.cli import build_parser, settings_from_args
 from gpulb.settings import Settings
@@ -98,6 +102,10 @@ def argv(command: str, **env: str) -> list[str]:
     done = subprocess.run(["bash", "-c", f"printf '%s\\n' {program} {arguments}"],
                           capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", **env})  # fmt: skip
     return done.stdout.splitlines()
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Settings]:
@@ -221,3 +229,58 @@ class TestDockerfile:
         for name in hf_mounts:
             assert compose["services"][name]["environment"].get("HF_HOME", hf_home) == hf_home, name
             assert "user" not in compose["services"][name], name  # the image's gpulb, who owns the cache
+
+    def test_the_install_is_pinned_by_the_constraints_file(self) -> None:
+        """Every build installs the versions in constraints.txt, and it pins every runtime dependency exactly."""
+        instructions, args = dockerfile(), dockerfile_variables("ARG")
+        assert args["CONSTRAINTS"] == "constraints.txt"
+        (index, pip), *_ = [(i, c) for i, c in run_commands() if c.startswith("pip install")]
+        assert argv(pip, EXTRAS=args["EXTRAS"], CONSTRAINTS=args["CONSTRAINTS"]) == [
+            "pip",
+            "install",
+            f".[{args['EXTRAS']}]",
+            "-c",
+            "constraints.txt",
+        ]
+        unpinned = argv(pip, EXTRAS="vllm", CONSTRAINTS="")  # --build-arg CONSTRAINTS= (README: a GPU build)
+        assert unpinned == ["pip", "install", ".[vllm]"]
+        copied = [i for i, (kw, a) in enumerate(instructions)
+                  if kw == "COPY" and any(fnmatch.fnmatch("constraints.txt", s) for s in a.split()[:-1])]  # fmt: skip
+        assert copied and copied[0] < index, "constraints.txt is not copied into the image before the install"
+        ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+        assert not any(fnmatch.fnmatch("constraints.txt", pattern) for pattern in ignored if pattern)
+
+        pins: dict[str, str] = {}
+        for line in (ROOT / "constraints.txt").read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                pinned = Requirement(line)
+                (spec,) = pinned.specifier
+                assert spec.operator == "==" and not pinned.url and not pinned.marker, line
+                pins[canonical(pinned.name)] = spec.version
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][args["EXTRAS"]]]
+        for requirement in wanted:
+            assert canonical(requirement.name) in pins, f"{requirement.name} is not pinned in constraints.txt"
+            assert pins[canonical(requirement.name)] in requirement.specifier, requirement
+            for extra in requirement.extras:  # redis[hiredis]: what the extra brings is pinned too
+                brought = [Requirement(r) for r in metadata.requires(requirement.name) or []]
+                brought = [
+                    r for r in brought if r.marker and "extra" in str(r.marker) and r.marker.evaluate({"extra": extra})
+                ]
+                assert brought, requirement
+                for r in brought:
+                    assert canonical(r.name) in pins, f"{r.name} ({requirement}) is not pinned in constraints.txt"
+        for engine in ("vllm", "tensorrt", "transformers"):  # a GPU build pins its own (README)
+            for requirement in map(Requirement, project["optional-dependencies"][engine]):
+                assert canonical(requirement.name) not in pins, requirement.name
+
+    def test_the_gpu_build_is_given_a_constraints_file_the_image_copies(self, compose: dict[str, Any]) -> None:
+        copy_sources = [src for kw, a in dockerfile() if kw == "COPY" for src in a.split()[:-1]]
+        for name in ("worker-gpu0", "worker-gpu1"):
+            build_args = compose["services"][name]["build"]["args"]
+            assert build_args["EXTRAS"] == "vllm"
+            assert (ROOT / build_args["CONSTRAINTS"]).is_file(), name
+            assert any(fnmatch.fnmatch(build_args["CONSTRAINTS"], src) for src in copy_sources), name
+        own = resolve_compose(GPULB_GPU_CONSTRAINTS="constraints-vllm.txt")["services"]["worker-gpu0"]["build"]["args"]
+        assert own["CONSTRAINTS"] == "constraints-vllm.txt"
+        assert any(fnmatch.fnmatch("constraints-vllm.txt", src) for src in copy_sources)
