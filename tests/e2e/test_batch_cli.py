@@ -58,7 +58,7 @@ class TestSubmit:
             assert line["error"] is None and line["response"]["status_code"] == 200
             assert (body["object"], body["model"]) == ("chat.completion", "m")
             assert body["choices"][0]["finish_reason"] == "length"
-            assert body["choices"][0]["message"] == {"role": "assistant", "content": f"user: say {i}"}
+            assert body["choices"][0]["message"] == {"role": "assistant", "content": f"user: say {i}", "refusal": None}
             assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
         assert "300/300 done (100%)" in done.stderr and "wrote 300 lines" in done.stderr
 
