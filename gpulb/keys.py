@@ -47,7 +47,7 @@ model's ingress keys share a slot.
 | gpulb:balancer:heartbeat             | hash   | 10 s, refreshed      | balancer                   | status             |
 |   fields host, pid, ts, requests, micro_batches                                                                |
 | gpulb:gw:file:F                      | hash   | none (DELETE)        | gateway                    | gateway            |
-|   fields id, bytes, created_at, filename, purpose, content (an uploaded or produced JSONL file)              |
+|   fields id, bytes, created_at, filename, purpose, content (an uploaded or produced JSONL file), expires_at  |
 | gpulb:gw:files                       | zset   | none                 | gateway                    | gateway            |
 | gpulb:gw:batch:ID                    | hash   | none                 | gateway                    | gateway            |
 |   field record: the OpenAI batch object's state as JSON (with gpulb_batch, the gpulb batch id)               |

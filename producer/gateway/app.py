@@ -9,39 +9,46 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
-from gpulb import keys
 from gpulb.connection import connect
-from gpulb.errors import BatchNotFound, BrokerUnavailable, GpulbError, InvalidRequest, ResultTimeout
+from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
 from gpulb.settings import Settings
 from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
 from producer.client import Client
 from producer.gateway.batches import BatchService
-from producer.gateway.guard import GuardMiddleware, Keys, Refused, guarded_protocol
-from producer.gateway.responses import OpenAIError, error_response
-from producer.gateway.store import BatchRecords, FileStore, FileTooLarge, Tenant
+from producer.gateway.fleet import ServedModels
+from producer.gateway.guard import GuardMiddleware, Keys, guarded_protocol
+from producer.gateway.handlers import install_error_handlers
+from producer.gateway.responses import OpenAIError
+from producer.gateway.store import BatchRecords, FilePage, FileStore, Tenant
+from producer.validation import validate_metadata
 
 log = get_logger("gpulb.gateway")
 FINALIZE_EVERY_S = 1.0
-SERVED_MODELS_FRESH_S = 1.0
+MIN_EXPIRES_S, MAX_EXPIRES_S = 3600, 30 * 24 * 3600  # expires_after's seconds, as the OpenAI API allows
+MAX_FILES_LISTED, MAX_BATCHES_LISTED = 10_000, 100
+
+
+class ExpiresAfter(BaseModel):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=MIN_EXPIRES_S, le=MAX_EXPIRES_S)
 
 
 class BatchCreate(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: str = "24h"
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: object = None  # checked by validate_metadata, so that every refusal names "metadata"
+    output_expires_after: ExpiresAfter | None = None
 
 
 class Gateway:
@@ -50,30 +57,30 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = Client(settings.redis_url, settings=settings)
-        conn = self.client._conn
         gw = settings.gateway
         self.files = FileStore(connect(settings, decode=False), gw.max_file_bytes, gw.file_ttl_s)  # bytes in and out
-        self.records = BatchRecords(conn)
-        self.batches = BatchService(self.client, self.files, self.records, settings)
+        self.records = BatchRecords(self.client._conn)
+        self.served = ServedModels(self.client._conn)
+        self.batches = BatchService(self.client, self.files, self.records, settings, serves=self.served.serves)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
         self.keys = Keys(settings.gateway)
-        self._served: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self.started_at = int(time.time())
 
-    def serves(self, model: str) -> bool:
-        """Whether a live worker serves ``model``, read at most once a second (online requests ask each time)."""
-        read_at, served = self._served
-        if time.monotonic() - read_at > SERVED_MODELS_FRESH_S or model not in served:
-            served = frozenset(self.served_models())
-            self._served = (time.monotonic(), served)
-        return model in served
+    def model_object(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": self.started_at, "owned_by": "gpulb"}
 
-    def served_models(self) -> list[str]:
-        conn = self.client._conn
-        worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
-        pipe = conn.pipeline(transaction=False)
-        for worker_id in worker_ids:
-            pipe.hget(keys.load_key(worker_id), "model")
-        return sorted({m for m in pipe.execute() if m})
+    def check_ttl(self, seconds: int, param: str) -> int:
+        """``seconds`` of an expiry policy, if files are kept that long (``gateway.file_ttl_s``)."""
+        if seconds > self.settings.gateway.file_ttl_s:
+            raise OpenAIError(400, f"{param}: {seconds} s is longer than this gateway keeps files "
+                                   f"({self.settings.gateway.file_ttl_s} s, GPULB_GATEWAY__FILE_TTL_S)",
+                              code="invalid_expires_after", param=param)  # fmt: skip
+        return seconds
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model {model!r} does not exist or no live worker serves it", code="model_not_found",
+                       param="model")  # fmt: skip
 
 
 def _tenant(request: Request) -> Tenant:
@@ -96,10 +103,11 @@ def create_app(settings: Settings) -> FastAPI:
         task.cancel()
         gateway.client.close()
 
-    app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan)
+    app = FastAPI(title="gpulb gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
     app.add_middleware(GuardMiddleware, keys=gateway.keys, settings=settings.gateway)
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _add_file_routes(app, gateway)  # every route is behind GuardMiddleware's key check
     _add_batch_routes(app, gateway)
     _add_online_routes(app, gateway)
@@ -115,63 +123,50 @@ async def _finalize_loop(gateway: Gateway) -> None:
             log.warning("batch finalizer failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.kind, exc.code, retry=exc.retry)
+def listed(data: Sequence[dict[str, Any]], more: bool) -> dict[str, Any]:
+    """A page of a list, as OpenAI's cursor pagination reads it."""
+    return {"object": "list", "data": list(data), "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
 
-    @app.exception_handler(GpulbError)
-    async def gpulb_error(request: Request, exc: GpulbError) -> JSONResponse:
-        if isinstance(exc, BatchNotFound):
-            return error_response(404, str(exc), "invalid_request_error", "not_found")
-        if isinstance(exc, FileTooLarge):
-            return error_response(413, str(exc), "invalid_request_error", "file_too_large", retry=False)
-        if isinstance(exc, InvalidRequest):
-            return error_response(400, str(exc), "invalid_request_error", "invalid_request")
-        if isinstance(exc, ResultTimeout):  # it was cancelled: a retry would wait as long again
-            return error_response(504, str(exc), "server_error", "timeout", retry=False)
-        if isinstance(exc, BrokerUnavailable):
-            return error_response(503, "the queue (Redis) is unavailable; retry shortly", "server_error", None)
-        return error_response(500, str(exc), "server_error", None)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error_response(400, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
+UploadAnchor = Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")]
+UploadSeconds = Annotated[int | None, Form(alias="expires_after[seconds]", ge=MIN_EXPIRES_S, le=MAX_EXPIRES_S)]
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        if isinstance(exc, Refused):  # cut off while the body came in: read no more of it
-            return error_response(exc.status_code, exc.detail, "invalid_request_error", exc.code,
-                                  retry=exc.status_code != 413, close=True)  # fmt: skip
-        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else exc.detail
-        return error_response(exc.status_code, message, "invalid_request_error", None)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # its traceback goes to the log
-        return error_response(500, "internal error in the gateway; its log has the details", "server_error", None)
+def _upload_ttl(gateway: Gateway, anchor: str | None, seconds: int | None) -> int | None:
+    """The seconds of an upload's ``expires_after``, if given whole (both fields) and within the store's TTL."""
+    if anchor is None and seconds is None:
+        return None
+    if seconds is None or anchor is None:
+        missing = "expires_after[seconds]" if seconds is None else "expires_after[anchor]"
+        raise OpenAIError(400, f"{missing}: required with expires_after", code="invalid_expires_after", param=missing)
+    return gateway.check_ttl(seconds, "expires_after[seconds]")
 
 
 def _add_file_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v1/files")
-    async def upload(
-        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()], tenant: Caller
-    ) -> dict[str, Any]:
+    async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()], tenant: Caller,
+                     anchor: UploadAnchor = None, seconds: UploadSeconds = None) -> dict[str, Any]:  # fmt: skip
         if purpose != "batch":
-            raise OpenAIError(400, f"purpose: {purpose!r} is not supported; use 'batch'", code="invalid_purpose")
+            raise OpenAIError(400, f"purpose: {purpose!r} is not supported; use 'batch'", code="invalid_purpose",
+                              param="purpose")  # fmt: skip
+        ttl_s = _upload_ttl(gateway, anchor, seconds)
         content = await file.read(gateway.settings.gateway.max_file_bytes + 1)
         name = file.filename or "upload.jsonl"
         stored = await anyio.to_thread.run_sync(
-            lambda: gateway.files.put(content, filename=name, purpose=purpose, tenant=tenant.id)
+            lambda: gateway.files.put(content, filename=name, purpose=purpose, tenant=tenant.id, ttl_s=ttl_s)
         )
         return stored.as_openai()
 
     @app.get("/v1/files")
-    async def list_files(tenant: Caller) -> dict[str, Any]:
-        files = await anyio.to_thread.run_sync(gateway.files.list, tenant)
-        return {"object": "list", "data": [f.as_openai() for f in files], "has_more": False}
+    async def list_files(
+        tenant: Caller, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_FILES_LISTED)] = 10_000,
+        order: Literal["asc", "desc"] = "desc", purpose: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        wanted = FilePage(after, limit, order, purpose)
+        files, more = await anyio.to_thread.run_sync(gateway.files.page, tenant, wanted)
+        return listed([f.as_openai() for f in files], more)
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str, tenant: Caller) -> dict[str, Any]:
@@ -188,15 +183,26 @@ def _add_file_routes(app: FastAPI, gateway: Gateway) -> None:
         return {"id": file_id, "object": "file", "deleted": True}
 
 
+def _checked_metadata(metadata: object) -> dict[str, str]:
+    try:
+        return validate_metadata(metadata)
+    except InvalidRequest as exc:
+        raise OpenAIError(400, str(exc), code="invalid_metadata", param="metadata") from None
+
+
 def _add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
     service = gateway.batches
 
     @app.post("/v1/batches")
     async def create_batch(body: BatchCreate, tenant: Caller) -> dict[str, Any]:
+        metadata = _checked_metadata(body.metadata)
+        expiry = body.output_expires_after
+        output_ttl_s = gateway.check_ttl(expiry.seconds, "output_expires_after.seconds") if expiry else None
+
         def create() -> dict[str, Any]:
             record = service.create(input_file_id=body.input_file_id, endpoint=body.endpoint,
-                                    completion_window=body.completion_window, metadata=body.metadata,
-                                    tenant=tenant)  # fmt: skip
+                                    completion_window=body.completion_window, metadata=metadata, tenant=tenant,
+                                    output_ttl_s=output_ttl_s)  # fmt: skip
             return record.as_openai()
 
         return await anyio.to_thread.run_sync(create)
@@ -210,23 +216,25 @@ def _add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
         return (await anyio.to_thread.run_sync(service.cancel, batch_id, tenant)).as_openai()
 
     @app.get("/v1/batches")
-    async def list_batches(tenant: Caller, after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        if not 1 <= limit <= 100:
-            raise OpenAIError(400, "limit: must be from 1 to 100", code="invalid_limit")
+    async def list_batches(
+        tenant: Caller, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_BATCHES_LISTED)] = 20
+    ) -> dict[str, Any]:
         records, more = await anyio.to_thread.run_sync(lambda: gateway.records.page(after, limit, tenant))
-        data = [r.as_openai() for r in records]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
+        return listed([r.as_openai() for r in records], more)
 
 
 def _add_online_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        served = await anyio.to_thread.run_sync(gateway.served_models)
-        now = int(time.time())
-        data = [{"id": m, "object": "model", "created": now, "owned_by": "gpulb"} for m in served]
-        return {"object": "list", "data": data}
+        served = await anyio.to_thread.run_sync(gateway.served.all)
+        return {"object": "list", "data": [gateway.model_object(m) for m in served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model not in await anyio.to_thread.run_sync(gateway.served.all):
+            raise model_not_found(model)
+        return gateway.model_object(model)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict[str, Any]:
@@ -252,16 +260,14 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
         raise OpenAIError(400, "stream=true is not supported yet: send stream=false", code="stream_unsupported")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "model: required", code="invalid_model")
+        raise OpenAIError(400, "model: required", code="invalid_model", param="model")
     cfg = gateway.settings
     request = request_from_body(endpoint, None, {**body, "stream": False}, cfg.gateway.default_max_tokens, cfg.producer)
     request.pop("custom_id")
 
     def run() -> dict[str, Any]:
-        if not gateway.serves(model):
-            raise OpenAIError(
-                404, f"The model {model!r} does not exist or no live worker serves it", code="model_not_found"
-            )
+        if not gateway.served.serves(model):
+            raise model_not_found(model)
         batch = gateway.client.submit_batch([request], model=model, priority=cfg.gateway.online_priority,
                                             result_ttl_s=cfg.gateway.online_result_ttl_s, listed=False)  # fmt: skip
         try:

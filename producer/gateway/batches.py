@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gpulb.errors import InvalidRequest
@@ -20,18 +21,24 @@ OUTPUT_PURPOSE = "batch_output"
 
 
 class BatchService:
-    def __init__(self, client: Client, files: FileStore, records: BatchRecords, settings: Settings) -> None:
-        self.client, self.files, self.records, self.settings = client, files, records, settings
+    """``serves``: whether a live worker serves a model; a batch for one that none serves fails at once. None:
+    no check, the batch waits in the queue for a worker."""
 
-    def create(self, *, input_file_id: str, endpoint: str, completion_window: str,
-               metadata: dict[str, str] | None, tenant: Tenant) -> BatchRecord:  # fmt: skip
+    def __init__(self, client: Client, files: FileStore, records: BatchRecords, settings: Settings,
+                 serves: Callable[[str], bool] | None = None) -> None:  # fmt: skip
+        self.client, self.files, self.records, self.settings = client, files, records, settings
+        self.serves = serves
+
+    def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str] | None,
+               tenant: Tenant, output_ttl_s: int | None = None) -> BatchRecord:  # fmt: skip
         if endpoint not in ENDPOINTS:
             raise InvalidRequest(f"endpoint: {endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}")
         if completion_window not in COMPLETION_WINDOWS:
             raise InvalidRequest(f"completion_window: {completion_window!r} is not supported; use '24h'")
         content = self.files.content(input_file_id, tenant).decode("utf-8", errors="replace")
         record = BatchRecord(f"batch_{secrets.token_hex(8)}", endpoint, input_file_id, completion_window,
-                             int(time.time()), metadata=dict(metadata or {}), tenant=tenant.id)  # fmt: skip
+                             int(time.time()), metadata=dict(metadata or {}), tenant=tenant.id,
+                             output_ttl_s=output_ttl_s)  # fmt: skip
         try:
             batch_file = parse_batch_lines(
                 content.split("\n"), default_max_tokens=self.settings.gateway.default_max_tokens,
@@ -42,9 +49,12 @@ class BatchService:
                                          for n, m in exc.lines])  # fmt: skip
         except InvalidRequest as exc:
             return self._failed(record, [{"code": "invalid_request", "message": str(exc), "line": None, "param": None}])
+        record.model = batch_file.model
+        if self.serves is not None and not self.serves(batch_file.model):
+            return self._failed(record, [_model_not_found(batch_file.model)])
         handle = self.client.submit_batch(batch_file.requests, model=batch_file.model,
                                           metadata={"endpoint": endpoint, "gateway_batch": record.id})  # fmt: skip
-        record.gpulb_batch, record.model, record.status = handle.id, batch_file.model, "in_progress"
+        record.gpulb_batch, record.status = handle.id, "in_progress"
         record.times["in_progress_at"] = int(time.time())
         record.counts["total"] = handle.total
         self.records.save(record)
@@ -120,7 +130,7 @@ class BatchService:
                     line["error"]["code"] = "batch_expired"
         content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
         stored = self.files.put(content, filename=f"{record.id}_{kind}.jsonl", purpose=OUTPUT_PURPOSE,
-                                 tenant=record.tenant, limited=False)  # fmt: skip
+                                 tenant=record.tenant, limited=False, ttl_s=record.output_ttl_s)  # fmt: skip
         return stored.id
 
     def finalize_due(self) -> int:
@@ -132,6 +142,11 @@ class BatchService:
             except Exception as exc:  # one broken record must not stop the others
                 log.warning("could not refresh batch", batch=batch_id, error=f"{type(exc).__name__}: {exc}")
         return finalized
+
+
+def _model_not_found(model: str) -> dict[str, Any]:
+    message = f"The model {model!r} does not exist or no live worker serves it; nothing was enqueued"
+    return {"code": "model_not_found", "message": message, "param": "body.model", "line": 1}
 
 
 def _final_status(record: BatchRecord, status: BatchStatus) -> str:

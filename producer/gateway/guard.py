@@ -5,6 +5,8 @@
   tenant that everybody is, as an open gateway always was.
 - Sizes: a ``Content-Length`` over the limit is refused before the body is read; a body without one (chunked)
   is counted as it comes in and cut off at the limit. Both answer 413 and close the connection.
+- Every answer carries an ``x-request-id`` (``req_<hex>``), those refused here included; the handlers find it in
+  ``request.state.request_id`` and the log lines of the request carry it.
 - Time: a connection must bring a whole request head within ``header_timeout_s`` (a watch on the uvicorn
   protocol), and its body within ``body_timeout_s`` plus a second for every ``body_min_bytes_per_s`` received
   (408). A slow client cannot hold a connection for longer.
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, NamedTuple
 
+import structlog
 from starlette.exceptions import HTTPException
 
 from gpulb.settings import GatewaySettings
@@ -29,6 +33,23 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around an uploaded file
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(16)}"
+
+
+def with_request_id(send: Send, request_id: str) -> Send:
+    """``send``, adding the ``x-request-id`` header to the response's head."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+            message["headers"] = [*message.get("headers", []), header]
+        await send(message)
+
+    return send_with_id
 
 
 class Refused(HTTPException):
@@ -132,6 +153,12 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self._guarded(scope, receive, with_request_id(send, request_id))
+
+    async def _guarded(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         tenant, limit = self.keys.tenant(headers.get("authorization")), body_limit(scope, self.cfg)
         if tenant is None:
@@ -145,7 +172,7 @@ class GuardMiddleware:
                                      "file_too_large", retry=False, close=True)  # fmt: skip
             await refusal(scope, receive, send)
             return
-        scope.setdefault("state", {})["tenant"] = tenant
+        scope["state"]["tenant"] = tenant
         await self.app(scope, LimitedBody(receive, limit, self.cfg), send)
 
 

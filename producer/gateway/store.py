@@ -70,44 +70,74 @@ class StoredFile:
     filename: str
     purpose: str
     tenant: str = ""
+    expires_at: int = 0
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed"}  # fmt: skip
+                "expires_at": self.expires_at, "filename": self.filename, "purpose": self.purpose,
+                "status": "processed"}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FilePage:
+    """Which files to list: after the file ``after`` (none: from the start), ``order`` by creation, of ``purpose``
+    only (none: all)."""
+
+    after: str | None = None
+    limit: int = 10_000
+    order: str = "desc"
+    purpose: str | None = None
 
 
 class FileStore:
-    FIELDS = ("id", "bytes", "created_at", "filename", "purpose", "tenant")
+    FIELDS = ("id", "bytes", "created_at", "filename", "purpose", "tenant", "expires_at")
+    SCAN_CHUNK = 500  # index entries read at a time while a page is filled
 
     def __init__(self, conn: redis.Redis, max_bytes: int, ttl_s: int) -> None:
         self.conn, self.max_bytes, self.ttl_s = conn, max_bytes, ttl_s
 
-    def put(self, content: bytes, *, filename: str, purpose: str, tenant: str, limited: bool = True) -> StoredFile:
-        """Store a file for ``ttl_s``; ``limited``: refuse one over ``max_bytes`` (uploads, not our own outputs)."""
+    def put(self, content: bytes, *, filename: str, purpose: str, tenant: str, limited: bool = True,
+            ttl_s: int | None = None) -> StoredFile:  # fmt: skip
+        """Store a file for ``ttl_s`` (default: the store's); ``limited``: refuse one over ``max_bytes`` (uploads,
+        not our own outputs)."""
         if limited and len(content) > self.max_bytes:
             raise FileTooLarge(f"file of {len(content):,} bytes exceeds the limit of {self.max_bytes:,} bytes "
                                "(GPULB_GATEWAY__MAX_FILE_BYTES)")  # fmt: skip
-        stored = StoredFile(new_file_id(), len(content), int(time.time()), filename, purpose, tenant)
+        now = time.time()  # sub-second order for listing
+        created_at = int(now)
+        stored = StoredFile(new_file_id(), len(content), created_at, filename, purpose, tenant,
+                            created_at + (ttl_s or self.ttl_s))  # fmt: skip
         pipe = self.conn.pipeline(transaction=True)
         fields: dict[str, str | int | bytes] = {**_as_fields(stored), "content": content}
         pipe.hset(keys.gateway_file_key(stored.id), mapping=fields)  # type: ignore[arg-type]
-        pipe.expire(keys.gateway_file_key(stored.id), self.ttl_s)
-        pipe.zadd(keys.gateway_files_key(), {stored.id: stored.created_at})
+        pipe.expireat(keys.gateway_file_key(stored.id), stored.expires_at)
+        pipe.zadd(keys.gateway_files_key(), {stored.id: now})
         if tenant:
-            pipe.zadd(keys.gateway_tenant_files_key(tenant), {stored.id: stored.created_at})
+            pipe.zadd(keys.gateway_tenant_files_key(tenant), {stored.id: now})
         pipe.execute()
         return stored
 
     def get(self, file_id: str, tenant: Tenant) -> StoredFile:
         """The file, if it exists and ``tenant`` may read it; else FileNotFound, the same either way."""
-        values: list[Any] = [None]
-        if FILE_ID.fullmatch(file_id):
-            values = self.conn.hmget(keys.gateway_file_key(file_id), list(self.FIELDS))
-        owner = _text(values[-1] or b"")  # none on a file from before tenants
-        if values[0] is None or not tenant.owns(owner):
+        stored = self._read([file_id])[0] if FILE_ID.fullmatch(file_id) else None
+        if stored is None or not tenant.owns(stored.tenant):
             raise FileNotFound(f"No such File object: {file_id}")
-        raw = [_text(v) for v in values[:5]]
-        return StoredFile(raw[0], int(raw[1]), int(raw[2]), raw[3], raw[4], owner)
+        return stored
+
+    def _read(self, file_ids: list[str]) -> list[StoredFile | None]:
+        pipe = self.conn.pipeline(transaction=False)
+        for file_id in file_ids:
+            pipe.hmget(keys.gateway_file_key(file_id), list(self.FIELDS))
+        return [self._parse(values) for values in pipe.execute()]
+
+    def _parse(self, values: list[Any]) -> StoredFile | None:
+        if values[0] is None:
+            return None
+        raw = dict(zip(self.FIELDS, (_text(v or b"") for v in values), strict=True))  # no tenant: from before tenants
+        created_at = int(raw["created_at"])
+        expires_at = int(raw["expires_at"] or created_at + self.ttl_s)  # none on a file from before expires_at
+        return StoredFile(raw["id"], int(raw["bytes"]), created_at, raw["filename"], raw["purpose"], raw["tenant"],
+                          expires_at)  # fmt: skip
 
     def content(self, file_id: str, tenant: Tenant) -> bytes:
         self.get(file_id, tenant)
@@ -123,16 +153,42 @@ class FileStore:
             pipe.zrem(keys.gateway_tenant_files_key(stored.tenant), file_id)
         pipe.execute()
 
-    def list(self, tenant: Tenant, limit: int = 100) -> list[StoredFile]:
-        """The newest files ``tenant`` may read (an admin: everyone's)."""
+    def page(self, tenant: Tenant, wanted: FilePage) -> tuple[list[StoredFile], bool]:
+        """The files ``tenant`` may read (an admin: everyone's) as ``wanted`` says; and whether more follow."""
         index = keys.gateway_files_key() if tenant.sees_all else keys.gateway_tenant_files_key(tenant.id)
-        files = []
-        for file_id in (_text(i) for i in self.conn.zrevrange(index, 0, limit - 1)):
-            try:
-                files.append(self.get(file_id, tenant))
-            except FileNotFound:  # expired: drop it from the index
-                self.conn.zrem(index, file_id)
-        return files
+        start = self._start(index, wanted)
+        found: list[StoredFile] = []
+        expired: list[str] = []
+        while len(found) <= wanted.limit:
+            ids = self._index_range(index, wanted.order, start, start + self.SCAN_CHUNK - 1)
+            for file_id, stored in zip(ids, self._read(ids), strict=True):
+                if stored is None:
+                    expired.append(file_id)
+                elif tenant.owns(stored.tenant) and wanted.purpose in (None, stored.purpose):
+                    found.append(stored)
+            if len(ids) < self.SCAN_CHUNK:
+                break
+            start += self.SCAN_CHUNK
+        if expired:  # dropped from the index once the scan is over, so that ranks hold while it runs
+            self.conn.zrem(index, *expired)
+        return found[: wanted.limit], len(found) > wanted.limit
+
+    def _start(self, index: str, wanted: FilePage) -> int:
+        if wanted.after is None:
+            return 0
+        after = wanted.after
+        rank = self._rank(index, after, wanted.order) if FILE_ID.fullmatch(after) else None
+        if rank is None:
+            raise FileNotFound(f"No such File object: {after}")
+        return rank + 1
+
+    def _rank(self, index: str, file_id: str, order: str) -> int | None:
+        rank = self.conn.zrank(index, file_id) if order == "asc" else self.conn.zrevrank(index, file_id)
+        return None if rank is None else int(rank)  # type: ignore[arg-type]
+
+    def _index_range(self, index: str, order: str, start: int, end: int) -> list[str]:
+        ids = self.conn.zrange(index, start, end) if order == "asc" else self.conn.zrevrange(index, start, end)
+        return [_text(i) for i in ids]
 
 
 def _text(value: object) -> str:
@@ -140,8 +196,7 @@ def _text(value: object) -> str:
 
 
 def _as_fields(stored: StoredFile) -> dict[str, str | int | bytes]:
-    return {"id": stored.id, "bytes": stored.bytes, "created_at": stored.created_at, "filename": stored.filename,
-            "purpose": stored.purpose, "tenant": stored.tenant}  # fmt: skip
+    return {name: getattr(stored, name) for name in FileStore.FIELDS}
 
 
 @dataclass(slots=True)
@@ -163,6 +218,7 @@ class BatchRecord:
     error_file_id: str | None = None
     tenant: str = ""  # who created it (empty: a gateway without keys, or a record from before tenants)
     counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+    output_ttl_s: int | None = None  # output_expires_after's seconds (none: the file store's TTL)
 
     @property
     def expires_at(self) -> int:

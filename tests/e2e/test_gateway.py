@@ -15,7 +15,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
+from gpulb import keys
+from gpulb.models import WorkerLoad, WorkerState
 from gpulb.redis_server import free_port
 from gpulb.stack import LocalStack, WorkerSpec
 
@@ -62,6 +65,22 @@ def simulated_fleet(redis_url: str, where: Path, count: int = 2) -> Iterator[Non
     workers = [WorkerSpec(f"g{i}", "m", 50_000, args=faults) for i in range(count)]
     with LocalStack(redis_url, workers, where, env={"GPULB_WORKER__RETRY_BACKOFF_S": "0.05"}):
         yield
+
+
+@contextmanager
+def parked_worker(redis_url: str, model: str, worker_id: str = "parked") -> Iterator[None]:
+    """A worker registered for ``model`` that is still starting (its engine loading): the model counts as served,
+    so a batch for it is taken, yet nothing of it runs."""
+    load = WorkerLoad(worker_id=worker_id, model=model, backend="simulated", state=WorkerState.STARTING, capacity=1)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    conn.sadd(keys.workers_key(), worker_id)
+    conn.hset(keys.load_key(worker_id), mapping=load.to_hash())  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        conn.srem(keys.workers_key(), worker_id)
+        conn.delete(keys.load_key(worker_id))
+        conn.close()
 
 
 @pytest.fixture
@@ -126,12 +145,15 @@ class TestBatchAPI:
         with pytest.raises(openai.BadRequestError, match="Cannot cancel a batch with status 'completed'"):
             client.batches.cancel(made[0])
 
-    def test_cancel_before_it_runs(self, client: openai.OpenAI, tmp_path: Path) -> None:
+    def test_cancel_before_it_runs(self, client: openai.OpenAI, redis_url: str, tmp_path: Path) -> None:
         source = tmp_path / "in.jsonl"
-        source.write_text("\n".join(chat_line(i, model="nobody") for i in range(5)) + "\n")
+        source.write_text("\n".join(chat_line(i, model="parked") for i in range(5)) + "\n")
         file_id = client.files.create(file=source.open("rb"), purpose="batch").id
-        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
-        cancelled = client.batches.cancel(batch.id)
+        with parked_worker(redis_url, "parked"):
+            batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")  # fmt: skip
+            assert batch.status == "in_progress"
+            cancelled = client.batches.cancel(batch.id)
         assert cancelled.status in ("cancelling", "cancelled")
         final = wait_final(client, batch.id)
         assert final.status == "cancelled" and final.output_file_id is None

@@ -4,6 +4,7 @@ slow clients cut off, malformed ids answered 404. A real ``gpulb gateway`` proce
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import time
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from gpulb import keys
-from tests.e2e.test_gateway import chat_line, running_gateway, simulated_fleet, wait_final
+from tests.e2e.test_gateway import chat_line, parked_worker, running_gateway, simulated_fleet, wait_final
 
 pytestmark = pytest.mark.e2e
 KEY_A, KEY_B, ADMIN = "sk-tenant-a-0123456789", "sk-tenant-b-9876543210", "sk-admin-55555"
@@ -27,8 +28,8 @@ ENFORCED_FILE = MAX_FILE + 64 * 1024  # the multipart slack around the file
 
 @pytest.fixture
 def keyed(redis_url: str, tmp_path: Path) -> Iterator[str]:
-    """Users A and B, one admin, a worker serving model m."""
-    with simulated_fleet(redis_url, tmp_path / "stack", count=1), running_gateway(
+    """Users A and B, one admin, a worker serving model m, and one for model parked that never takes work."""
+    with simulated_fleet(redis_url, tmp_path / "stack", count=1), parked_worker(redis_url, "parked"), running_gateway(
         redis_url, tmp_path / "gateway.log", api_keys=json.dumps([KEY_A, KEY_B]), admin_api_keys=json.dumps([ADMIN]),
         max_file_bytes=str(MAX_FILE), max_json_bytes=str(MAX_JSON),
     ) as url:  # fmt: skip
@@ -66,9 +67,9 @@ def is_openai_error(response: httpx.Response, status: int) -> bool:
 class TestTenants:
     def test_a_key_sees_only_its_own_files_and_batches(self, keyed: str, tmp_path: Path) -> None:
         a, b, admin = client(keyed, KEY_A), client(keyed, KEY_B), client(keyed, ADMIN)
-        file_a, idle_file = upload(a, tmp_path), upload(a, tmp_path, model="nobody")
+        file_a, idle_file = upload(a, tmp_path), upload(a, tmp_path, model="parked")
         done = wait_final(a, create_batch(a, file_a))
-        idle = create_batch(a, idle_file)  # no worker serves "nobody": it stays in progress
+        idle = create_batch(a, idle_file)  # its worker never takes work: it stays in progress
         assert done.status == "completed" and done.output_file_id
         b_http = httpx.Client(base_url=keyed, headers={"Authorization": f"Bearer {KEY_B}"})
         assert b.files.list().data == [] and b.batches.list().data == []
@@ -170,8 +171,10 @@ def chunked_head(path: str, content_type: str, key: str = KEY_A) -> bytes:
 
 
 def error_of(answer: bytes) -> tuple[int, dict[str, Any]]:
+    """Status and error of an answer the guard cut short: the connection closed, the request id named."""
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower(), head
+    assert re.search(rb"\r\nx-request-id: req_[0-9a-f]{32}(\r\n|$)", head.lower()), head
     return int(head.split()[1]), json.loads(body)["error"]
 
 
@@ -266,7 +269,7 @@ class TestSlowClients:
 class TestMalformedIds:
     def test_every_malformed_id_is_a_404_in_the_openai_shape(self, keyed: str, redis_url: str, tmp_path: Path) -> None:
         a = client(keyed, KEY_A)
-        file_id = upload(a, tmp_path, model="nobody")
+        file_id = upload(a, tmp_path, model="parked")
         batch_id = create_batch(a, file_id)
         redis.Redis.from_url(redis_url).set(keys.gateway_finalize_lock_key(batch_id), "1")  # as after finalizing
         http = httpx.Client(base_url=keyed, headers={"Authorization": f"Bearer {KEY_A}"})
