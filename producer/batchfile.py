@@ -208,6 +208,10 @@ def _check_unique(seen: dict[str, int], custom_id: str, number: int) -> None:
 def output_line(result: Result, *, model: str, endpoint: str, batch_id: str) -> dict[str, Any]:
     """One line of the OpenAI Batch output format for a result."""
     line: dict[str, Any] = {"id": f"batch_req_{result.request_id}", "custom_id": result.custom_id}
+    if result.error is not None and result.error_status is not None:  # the engine refused it: its HTTP answer
+        body = {"error": {"message": result.error, "type": "invalid_request_error", "param": None, "code": None}}
+        return line | {"response": {"status_code": result.error_status, "request_id": result.request_id, "body": body},
+                       "error": None}  # fmt: skip
     if result.error is not None:
         code = "cancelled" if result.cancelled else "request_failed"
         return line | {"response": None, "error": {"code": code, "message": result.error}}

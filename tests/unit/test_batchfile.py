@@ -108,6 +108,15 @@ class TestOutput:
                           batch_id="b")  # fmt: skip
         assert bad["response"] is None and bad["error"] == {"code": "request_failed", "message": "boom"}
 
+    def test_a_request_the_engine_refused_carries_the_engines_http_answer(self) -> None:
+        """As OpenAI's batch output does: the status code and an error body, and no batch-level error."""
+        refused = self.result(error="HTTP 400 from /v1/completions: too long", error_status=400, finish_reason=None)
+        line = output_line(refused, model="m", endpoint="/v1/completions", batch_id="b")
+        assert line == {"id": "batch_req_b-0", "custom_id": "q", "error": None, "response": {
+            "status_code": 400, "request_id": "b-0", "body": {"error": {
+                "message": "HTTP 400 from /v1/completions: too long", "type": "invalid_request_error", "param": None,
+                "code": None}}}}  # fmt: skip
+
     def test_written_whole_or_not_at_all_with_ordinary_permissions(self, tmp_path: Path) -> None:
         target = tmp_path / "out.jsonl"
         assert write_output(target, iter([{"a": 1}, {"b": 2}])) == 2
