@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from gpulb.connection import connect
 from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
+from gpulb.models import Result
 from gpulb.settings import Settings
 from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
 from producer.client import Client
@@ -276,11 +277,18 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
             batch.cancel()  # nobody waits for it any more
             raise
         if not result.ok:
-            # it already had its tries on the fleet: the client must not send it again
-            raise OpenAIError(500, f"the request failed: {result.error}", "server_error", "request_failed", retry=False)
+            raise failure(result)
         return response_body(result, model, endpoint)
 
     return await anyio.to_thread.run_sync(run, limiter=gateway.online_slots)
+
+
+def failure(result: Result) -> OpenAIError:
+    """A failed online request; it already had its tries on the fleet, so the client must not send it again."""
+    status = result.error_status
+    if status is not None and 400 <= status < 500:  # the engine refused the request itself: the client's error
+        return OpenAIError(status, str(result.error), "invalid_request_error", "invalid_request", retry=False)
+    return OpenAIError(500, f"the request failed: {result.error}", "server_error", "request_failed", retry=False)
 
 
 def run_gateway(settings: Settings) -> None:

@@ -16,7 +16,9 @@ import pytest
 import redis
 
 from gpulb import keys
+from gpulb.stack import LocalStack, WorkerSpec
 from tests.e2e.test_gateway import KEY, chat_line, parked_worker, running_gateway, simulated_fleet, wait_final
+from tests.fake_openai_server import FakeOpenAIServer
 
 pytestmark = pytest.mark.e2e
 MAX_JSON = 50_000
@@ -279,3 +281,37 @@ class TestBatchCreate:
         }]  # fmt: skip
         assert client.batches.retrieve(batch.id) == batch
         assert conn.keys("gpulb:batch:*") == [] and conn.zcard(keys.gateway_active_key()) == 0  # nothing enqueued
+
+
+class TestEngineRefusals:
+    def test_a_prompt_the_engine_refuses_is_a_400_online_and_its_http_answer_in_the_batch_output(
+        self, redis_url: str, tmp_path: Path
+    ) -> None:
+        """Not a 500 server_error: the engine said the request itself is wrong (here: over its context length)."""
+        too_long = "This model's maximum context length is 4096 tokens."
+        with FakeOpenAIServer("tiny", delay_s=0.01) as server:
+            server.reject_containing("TOO-LONG", too_long)
+            worker = WorkerSpec("api", "tiny", backend="openai", max_batch=8, args=("--base-url", server.url))
+            with (
+                LocalStack(redis_url, [worker], tmp_path / "stack"),
+                running_gateway(redis_url, tmp_path / "gateway.log", api_keys=json.dumps([KEY])) as url,
+            ):
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+                with pytest.raises(openai.BadRequestError) as refused:
+                    client.completions.create(model="tiny", prompt="TOO-LONG " * 3, max_tokens=2)
+                assert refused.value.body == {"message": f"HTTP 400 from /v1/completions: {too_long}",
+                                              "type": "invalid_request_error", "param": None,
+                                              "code": "invalid_request"}  # fmt: skip
+                assert client.completions.create(model="tiny", prompt="fine", max_tokens=2).choices[0].text
+                source = tmp_path / "in.jsonl"
+                source.write_text("".join(json.dumps({"custom_id": c, "method": "POST", "url": "/v1/completions",
+                                                      "body": {"model": "tiny", "prompt": p, "max_tokens": 2}}) + "\n"
+                                          for c, p in (("ok", "fine"), ("bad", "TOO-LONG here"))))  # fmt: skip
+                uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+                batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                                              completion_window="24h")  # fmt: skip
+                done = wait_final(client, batch.id)
+                assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+                [line] = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+        assert (line["custom_id"], line["error"], line["response"]["status_code"]) == ("bad", None, 400)
+        assert line["response"]["body"]["error"]["message"] == f"HTTP 400 from /v1/completions: {too_long}"
