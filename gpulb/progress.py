@@ -61,17 +61,21 @@ class ProgressReporter:
         self.line_every_s = line_every_s
         self.meter = RateMeter()
         self._last_line = 0.0
+        self._last_note: str | None = None
 
-    def update(self, status: BatchStatus) -> None:
+    def update(self, status: BatchStatus, *, note: str | None = None) -> None:
+        """``note``: a warning to show after the counts while it holds (a plain line is written at once when it
+        changes)."""
         now = time.monotonic()
-        text = describe(status, self.meter.observe(now, status.done))
+        text = describe(status, self.meter.observe(now, status.done)) + (f" · {note}" if note else "")
         if self.tty:
             self.stream.write(f"\r\x1b[2K{self._bar(status)} {text}")
             self.stream.flush()
-        elif now - self._last_line >= self.line_every_s or status.finished:
+        elif now - self._last_line >= self.line_every_s or status.finished or note != self._last_note:
             self.stream.write(f"batch {status.batch_id}: {text}\n")
             self.stream.flush()
             self._last_line = now
+        self._last_note = note
 
     def close(self) -> None:
         if self.tty:

@@ -9,7 +9,7 @@ import redis
 
 from gpulb import keys
 from gpulb.errors import BadPayload
-from gpulb.models import WorkerLoad
+from gpulb.models import WorkerLoad, WorkerState
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,16 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
         )
     status.batches = _batches_in_flight(conn, now)
     return status
+
+
+def served_models(conn: redis.Redis) -> list[str]:
+    """The models that live workers serve: those with a load key (it expires when a worker goes silent) and not
+    draining."""
+    worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
+    pipe = conn.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.hmget(keys.load_key(worker_id), ["model", "state"])
+    return sorted({model for model, state in pipe.execute() if model and state != WorkerState.DRAINING})
 
 
 BATCH_FIELDS = ["model", "state", "total", "completed", "failed", "cancelled", "running", "submitted_at"]
