@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +17,13 @@ from pydantic import ValidationError
 
 from gpulb import batch_cli, local
 from gpulb.connection import broker_errors, connect, redact_url
-from gpulb.errors import ConfigError, GpulbError
+from gpulb.errors import ConfigError, GpulbError, WorkerIdInUse, field_error
 from gpulb.logs import configure_logging
 from gpulb.settings import Settings
+from gpulb.stack import WORKER_ID_IN_USE_EXIT
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process that SIGPIPE ended: 128 + 13
 
 
 def _yes_no(text: str) -> bool:
@@ -176,18 +181,22 @@ WORKER = [
 ]
 
 
-def _add(parser: argparse.ArgumentParser, options: Sequence[Option], defaults: Settings) -> None:
+def _add(
+    parser: argparse.ArgumentParser, options: Sequence[Option], defaults: Settings, *, default: Any = None
+) -> None:
+    """``default``: ``argparse.SUPPRESS`` where a subcommand repeats a global option, so that an option left out
+    after the command does not hide one given before it."""
     for opt in options:
         section = defaults if opt.section is None else getattr(defaults, opt.section)
-        default = getattr(section, opt.name)
-        shown = "unset" if default is None else getattr(default, "value", default)
+        current = getattr(section, opt.name)
+        shown = "unset" if current is None else getattr(current, "value", current)
         if opt.name == "redis_url":
-            shown = redact_url(str(default))
+            shown = redact_url(str(current))
         parser.add_argument(
             opt.flag,
             dest=f"{opt.section or ''}.{opt.name}",
             type=opt.type,
-            default=None,
+            default=default,
             metavar=opt.flag.lstrip("-").replace("-", "_").upper(),
             help=f"{opt.help} [env {opt.env}; now {shown}]",
         )
@@ -202,15 +211,20 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         "On GPU hosts: gpulb balancer, and gpulb workers --gpus all --backend vllm --model M --model-path PATH.",
     )
     _add(parser, COMMON, defaults)
+    common = argparse.ArgumentParser(add_help=False)  # the global options, accepted after the command too
+    _add(common, COMMON, defaults, default=argparse.SUPPRESS)
+    parents = [common]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bal = sub.add_parser(
         "balancer",
+        parents=parents,
         help="run the balancer (one per fleet)",
         description="Place queued requests on workers by expected completion time.",
     )
     _add(bal, BALANCER, defaults)
     wrk = sub.add_parser(
         "worker",
+        parents=parents,
         help="run one worker (one per GPU)",
         description="Host a model behind a backend and run micro-batches from this worker's own RQ queue.",
     )
@@ -218,6 +232,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     wrk.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, one-off runs)")
     sup = sub.add_parser(
         "workers",
+        parents=parents,
         help="run and supervise one worker per GPU",
         description="Start one worker per GPU (each pinned with CUDA_VISIBLE_DEVICES and named HOST-gpuN, or "
         "ID-gpuN with --id), restart any that exits with a doubling backoff, and forward SIGTERM/SIGINT so "
@@ -228,16 +243,19 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     _add(sup, [o for o in WORKER if o.name != "gpu"], defaults)
     gw = sub.add_parser(
         "gateway",
+        parents=parents,
         help="serve the OpenAI API (files, batches, completions, chat, models) on this fleet",
         description="An OpenAI-compatible HTTP server: point the official openai client at http://HOST:PORT/v1. "
         "API keys come from GPULB_GATEWAY__API_KEYS (a JSON list); without keys every request is accepted.",
         epilog="Example: GPULB_GATEWAY__API_KEYS='[\"sk-local\"]' gpulb gateway --host 0.0.0.0 --port 8000",
     )
     _add(gw, GATEWAY, defaults)
-    batch_cli.add_parsers(sub)
-    local.add_parsers(sub)
+    batch_cli.add_parsers(sub, parents)
+    local.add_parsers(sub, parents)
     st = sub.add_parser(
-        "status", help="show workers with their load, pending requests per model, and batches in flight"
+        "status",
+        help="show workers with their load, pending requests per model, and batches in flight",
+        parents=parents,
     )
     st.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one object a line)")
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -256,26 +274,42 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         else:
             overrides[name] = value
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid setting {field}: {first['msg']}") from exc
+        field, message = field_error(exc.errors()[0])
+        raise ConfigError(f"invalid setting {field}: {message}") from exc
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"invalid setting log_level: {settings.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can be caught, rather than at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # Whoever read our output has gone (`gpulb status | head -1`): quietly, as a SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
         defaults = Settings()
     except ValidationError as exc:
-        print(
-            f"gpulb: invalid environment setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr
-        )
+        field, message = field_error(exc.errors()[0])
+        print(f"gpulb: error: invalid environment setting {field}: {message}", file=sys.stderr)
         return 2
     args = build_parser(defaults).parse_args(argv)
     try:
         settings = settings_from_args(args)
         configure_logging(settings.log_level, settings.log_format)
         return _run(args, settings)
+    except WorkerIdInUse as exc:
+        print(f"gpulb: error: {exc}", file=sys.stderr)
+        return WORKER_ID_IN_USE_EXIT
     except GpulbError as exc:
         print(f"gpulb: error: {exc}", file=sys.stderr)
         return 1

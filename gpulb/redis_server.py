@@ -53,7 +53,11 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0, *, client: redis.Redis | None = None) -> RedisServer:
         """Start it and wait until it answers (``client``: how to reach it when it needs a password or TLS)."""
-        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A session of its own: a Ctrl-C on the terminal must not stop Redis before the workers hand work back.
+        self.proc = subprocess.Popen(
+            self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         client = client or redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         try:
@@ -68,10 +72,15 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Redis writes its AOF out and exits); killed if it takes longer than ``timeout_s``."""
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
     def __enter__(self) -> RedisServer:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ import redis
 
 from gpulb import keys
 from gpulb.errors import GpulbError
+
+# The exit code of `gpulb worker` when a live worker already holds its id: starting it again cannot help.
+WORKER_ID_IN_USE_EXIT = 4
+STOP_POLL_S = 0.1  # how often a stop looks up from waiting on a child to see whether it is forced
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,9 @@ class LocalStack:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, "GPULB_REDIS_URL": self.redis_url, "GPULB_LOG_FORMAT": "json", **self.env}
         log = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", *args], stdout=log, stderr=log, env=env)
+        # A session of its own: a Ctrl-C on the terminal reaches only us, and we stop the children in order.
+        proc = subprocess.Popen([sys.executable, "-m", "gpulb.cli", *args], stdout=log, stderr=log, env=env,
+                                start_new_session=True)  # fmt: skip
         self.procs[name] = proc
         return proc
 
@@ -83,9 +90,10 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         try:
             while not self.ready(conn, worker_ids):
-                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
                 if dead or time.monotonic() > deadline:
-                    raise GpulbError(f"stack did not start (exited: {dead}); see logs in {self.log_dir}")
+                    raise GpulbError(f"stack did not start (exited: {list(dead)}){_why(dead)}; "
+                                     f"see logs in {self.log_dir}")  # fmt: skip
                 time.sleep(0.05)  # waiting for child processes to come up
         finally:
             conn.close()
@@ -99,23 +107,34 @@ class LocalStack:
             options["password"] = env["GPULB_REDIS__PASSWORD"]
         return options
 
-    def stop(self, timeout_s: float = 15.0) -> dict[str, int | None]:
-        """SIGTERM every process (workers drain), then wait; returns exit codes (None: was killed)."""
+    def stop(self, timeout_s: float = 15.0, *, force: threading.Event | None = None) -> dict[str, int | None]:
+        """SIGTERM every process (workers drain), then wait for them all until one deadline, ``timeout_s`` away, or
+        until ``force`` is set; what still runs then is killed. Returns exit codes (None: was killed)."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        codes: dict[str, int | None] = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                codes[name] = None
-        return codes
+        deadline = time.monotonic() + timeout_s
+        return {name: _wait_or_kill(proc, deadline, force) for name, proc in self.procs.items()}
 
     def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], deadline: float, force: threading.Event | None) -> int | None:
+    """The exit code of ``proc`` once it exits by ``deadline``; None if it had to be killed (late, or forced)."""
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline or (force is not None and force.is_set()):
+                proc.kill()
+                proc.wait()
+                return None
+
+
+def _why(exit_codes: dict[str, int | None]) -> str:
+    taken = [name for name, code in exit_codes.items() if code == WORKER_ID_IN_USE_EXIT]
+    return f": a live worker already holds the id of {', '.join(taken)}" if taken else ""

@@ -61,6 +61,7 @@ class TestSubmit:
             assert body["choices"][0]["message"] == {"role": "assistant", "content": f"user: say {i}", "refusal": None}
             assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
         assert "300/300 done (100%)" in done.stderr and "wrote 300 lines" in done.stderr
+        assert "no live worker" not in done.stderr
 
     def test_completions_detach_then_wait_status_and_list(self, redis_url: str, tmp_path: Path) -> None:
         body = {"model": "m", "prompt": "a b c", "max_tokens": 2, "stop": "\n"}
@@ -151,6 +152,59 @@ class TestWithoutWorkers:
         summary, reported = done.stderr.splitlines()
         assert summary == f"gpulb: error: {source}: 1 bad line(s), nothing was submitted:"
         assert reported.startswith(f"  line 2: {message}")
+        assert conn.keys("*") == []
+
+    def test_results_of_an_unfinished_batch_fail_at_once_with_its_state_and_point_to_wait(
+        self, redis_url: str, tmp_path: Path
+    ) -> None:
+        source = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+        batch_id = gpulb("submit", str(source), "--detach", redis_url=redis_url).stdout.strip()
+        output = tmp_path / "out.jsonl"
+        done = gpulb("batch", "results", batch_id, "-o", str(output), redis_url=redis_url)
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"gpulb: error: batch {batch_id} is pending (5 pending, 0 running, 0/5 done (0%)): not every result is "
+            f"in yet. Wait for it and write the file: gpulb batch wait {batch_id} -o {output}\n"
+        )
+        assert not output.exists()
+
+    def test_results_with_a_timeout_say_what_they_wait_for(self, redis_url: str, tmp_path: Path) -> None:
+        source = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(5)])
+        batch_id = gpulb("submit", str(source), "--detach", redis_url=redis_url).stdout.strip()
+        done = gpulb("batch", "results", batch_id, "-o", str(tmp_path / "out.jsonl"), "--timeout", "0.2",
+                     redis_url=redis_url)  # fmt: skip
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"gpulb: waiting up to 0.2 s for batch {batch_id} to finish (5 pending, 0 running, 0/5 done (0%))",
+            f"gpulb: error: batch {batch_id} not finished after 0.2 s (0/5 done (0%)); it keeps running: "
+            f"gpulb batch wait {batch_id}",
+        ]
+
+    def test_submit_warns_while_no_live_worker_serves_the_model(self, redis_url: str, tmp_path: Path) -> None:
+        source = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+        done = gpulb("submit", str(source), "--timeout", "0.2", redis_url=redis_url)
+        assert done.returncode == 1
+        lines = done.stderr.splitlines()
+        batch_id = lines[1].split()[2].rstrip(":")
+        assert lines == [
+            "gpulb: warning: no live worker serves model 'm': the batch waits until one does (start one: gpulb "
+            "worker --model m (or gpulb up --model m); --fail-fast: refuse instead)",
+            f"gpulb: batch {batch_id}: 3 requests for m",
+            f"batch {batch_id}: 0/3 done (0%) · 0 req/s · warning: no live worker serves model 'm'",
+            f"gpulb: error: batch {batch_id} not finished after 0.2 s (0/3 done (0%)); it keeps running: "
+            f"gpulb batch wait {batch_id}",
+        ]
+
+    def test_fail_fast_submits_nothing_when_no_live_worker_serves_the_model(
+        self, redis_url: str, conn: redis.Redis, tmp_path: Path
+    ) -> None:
+        source = write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+        done = gpulb("submit", str(source), "--fail-fast", redis_url=redis_url)
+        assert done.returncode == 1
+        assert done.stderr == (
+            "gpulb: error: no live worker serves model 'm'; nothing was submitted (start one: gpulb worker --model m "
+            "(or gpulb up --model m))\n"
+        )
         assert conn.keys("*") == []
 
     def test_unknown_batch_is_a_clear_error(self, redis_url: str) -> None:
