@@ -9,6 +9,7 @@ hash and the micro-batch's entries), then one MULTI/EXEC with everything RQ writ
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -32,6 +33,9 @@ from worker.runtime import WorkerRuntime
 log = get_logger("gpulb.worker")
 LMOVE_MIN_REDIS = (6, 2, 0)  # RQ dequeues with BLMOVE (into the intermediate list) from this version on
 RECENT_HEARTBEAT_S = 1.0  # RQ's worker hash lives worker_ttl + 60 s: a plain heartbeat sooner is redundant
+# RQ reads its command channel (`rq shutdown`...) in a thread that waits up to 60 s per poll, and redis-py >= 8.2's
+# PubSubWorkerThread.stop() waits for the poll to end: a worker asked to stop hung up to a minute before draining.
+COMMAND_POLL_S = 1.0
 
 
 class GpulbJob(Job):
@@ -56,6 +60,22 @@ class GpulbWorker(SimpleWorker):
         self._entries: bytes | None = None  # the dequeued micro-batch's members, read with its job hash
         self._start_pipe: redis.client.Pipeline | None = None
         self._beat_ttl: int | None = None  # the TTL the last heartbeat set; None: RQ's default (worker_ttl + 60)
+        self._blocked_in_dequeue = False  # in BLMOVE: where a stop request may interrupt the main thread
+
+    def subscribe(self) -> None:
+        """RQ's subscription to its command channel, polled every ``COMMAND_POLL_S`` instead of every 60 s."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=COMMAND_POLL_S, daemon=True, exception_handler=self._command_channel_error
+        )
+
+    def _command_channel_error(self, exc: BaseException, pubsub: Any, thread: Any) -> None:
+        """As RQ's own handler: a lost connection is retried (redis-py resubscribes), anything else ends the thread."""
+        if not isinstance(exc, redis.ConnectionError):
+            raise exc
+        log.warning("rq command channel: redis unavailable", error=str(exc), retry_in_s=COMMAND_POLL_S)
+        time.sleep(COMMAND_POLL_S)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = self._refusal(job)
@@ -72,9 +92,20 @@ class GpulbWorker(SimpleWorker):
             CURRENT_RUNTIME.reset(token)
 
     def request_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM/SIGINT: stop being a dispatch target at once, finish the running batch, then exit."""
+        """SIGTERM/SIGINT: stop being a dispatch target at once, finish the running batch, then exit.
+
+        RQ raises StopRequested from the signal handler, wherever the main thread is. Out of a BLMOVE that is
+        clean (redis-py drops the connection); anywhere else it may be swallowed (a logging call catches it, and
+        the worker never drains) or cut a pipeline in half. So only a worker blocked in BLMOVE is interrupted;
+        otherwise the dequeue loop sees the drain and ends. A second signal is a cold stop, as with RQ.
+        """
         self.runtime.start_draining()
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        if self._blocked_in_dequeue:
+            super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+            return
+        self.handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
 
     # -- fewer round trips, the same books ------------------------------------------------------
 
@@ -124,7 +155,13 @@ class GpulbWorker(SimpleWorker):
             if not self.runtime.wait_for_room():
                 self.heartbeat()
                 continue
-            popped = Queue.lmove(self.connection, queue.key, timeout)
+            if self.runtime.draining:  # asked to stop (request_stop): RQ's loop ends on None
+                return None
+            self._blocked_in_dequeue = True
+            try:
+                popped = Queue.lmove(self.connection, queue.key, timeout)
+            finally:
+                self._blocked_in_dequeue = False
             if popped is None:
                 return None
             job_id = as_text(popped[1])

@@ -380,3 +380,26 @@ class TestReviewedEdgeCases:
         assert len(waiting(conn, "m")) == 3
         assert conn.get(keys.ingress_tokens_key("m")) == "15"
         assert batch.status().pending == 3
+
+
+class TestStopping:
+    def test_a_worker_whose_command_channel_is_idle_stops_within_a_poll(
+        self, redis_url: str, start_worker: StartWorker
+    ) -> None:
+        """RQ polled its command channel every 60 s, and redis-py >= 8.2 waits for that poll when the channel's
+        thread stops: a worker asked to stop while the thread sat between polls hung up to a minute (caught as a
+        vLLM worker killed by the end-to-end test's 60 s stop limit)."""
+        import time
+
+        rq_worker = build_rq_worker(make_settings(redis_url), start_worker("w"))
+        rq_worker.subscribe()
+        pubsub = rq_worker.pubsub
+        while not pubsub.subscribed:  # the thread has read the subscription's confirmation
+            time.sleep(0.01)
+        pubsub.unsubscribe()  # as RQ's unsubscribe() begins; the thread reads the confirmation, then waits a poll
+        while pubsub.subscribed:
+            time.sleep(0.01)
+        started = time.monotonic()
+        rq_worker.unsubscribe()
+        assert time.monotonic() - started < 10  # not a speed target: a bound on a hang (it was up to 60 s)
+        assert not rq_worker.pubsub_thread.is_alive()
