@@ -65,7 +65,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     submit.add_argument("-o", "--output", type=Path, help="output JSONL (default: FILE with .out.jsonl)")
     submit.add_argument("--detach", action="store_true", help="print the batch id and return at once")
     submit.add_argument("--priority", type=int, default=0, help="-255..255; higher runs first (default 0)")
-    submit.add_argument("--max-tokens", type=int, default=256, help="for lines whose body has no max_tokens")
+    submit.add_argument("--max-tokens", type=int, default=None,
+                        help="for lines whose body has no max_tokens (default: GPULB_PRODUCER__DEFAULT_MAX_TOKENS, "
+                             "1024, as the gateway)")  # fmt: skip
     submit.add_argument("--timeout", type=float, help="seconds to wait before giving up (the batch keeps running)")
     submit.add_argument("--fail-fast", action="store_true",
                         help="submit nothing and exit with 1 when no live worker serves the model")  # fmt: skip
@@ -89,7 +91,8 @@ def run_submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer import Client
     from producer.batchfile import read_batch_file
 
-    batch_file = read_batch_file(args.file, default_max_tokens=args.max_tokens, limits=settings.producer)
+    default_max_tokens = settings.producer.default_max_tokens if args.max_tokens is None else args.max_tokens
+    batch_file = read_batch_file(args.file, default_max_tokens=default_max_tokens, limits=settings.producer)
     metadata = {"input_file": args.file.name, "endpoint": batch_file.endpoint, **_pairs(args.metadata)}
     output = args.output or args.file.with_suffix(".out.jsonl")
     served = ServedModelCheck(connect(settings), batch_file.model, settings.redis_url)

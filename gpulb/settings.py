@@ -59,6 +59,8 @@ class ProducerSettings(BaseModel):
 
     max_prompt_bytes: int = Field(default=1 << 20, ge=1)
     max_tokens_limit: int = Field(default=131_072, ge=1)
+    # an OpenAI request body without max_tokens (a batch file line, the gateway's online and batch endpoints)
+    default_max_tokens: int = Field(default=1024, ge=1)
     max_batch_requests: int = Field(default=1_000_000, ge=1)
     chunk_size: int = Field(default=5_000, ge=1)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
@@ -164,7 +166,6 @@ class GatewaySettings(BaseModel):
     online_result_ttl_s: int = Field(default=60, ge=1)  # an online request's result, once answered
     online_priority: int = Field(default=100, ge=-255, le=255)  # online requests go before batch traffic
     online_timeout_s: PositiveFloat = 600.0
-    default_max_tokens: int = Field(default=1024, ge=1)  # for a request whose body has no max_tokens
     max_waiting_online: int = Field(default=256, ge=1)  # online requests waiting for results at once
 
 

@@ -263,7 +263,8 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "model: required", code="invalid_model", param="model")
     cfg = gateway.settings
-    request = request_from_body(endpoint, None, {**body, "stream": False}, cfg.gateway.default_max_tokens, cfg.producer)
+    limits = cfg.producer
+    request = request_from_body(endpoint, None, {**body, "stream": False}, limits.default_max_tokens, limits)
     request.pop("custom_id")
 
     def run() -> dict[str, Any]:

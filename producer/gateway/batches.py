@@ -41,7 +41,7 @@ class BatchService:
                              output_ttl_s=output_ttl_s)  # fmt: skip
         try:
             batch_file = parse_batch_lines(
-                content.split("\n"), default_max_tokens=self.settings.gateway.default_max_tokens,
+                content.split("\n"), default_max_tokens=self.settings.producer.default_max_tokens,
                 limits=self.settings.producer, source=input_file_id, endpoint=endpoint,
             )  # fmt: skip
         except BadBatchFile as exc:

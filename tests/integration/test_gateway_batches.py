@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import redis
 
+from gpulb import keys
+from gpulb.batch_cli import run_submit
+from gpulb.cli import build_parser
+from gpulb.settings import Settings
 from producer import Client
 from producer.gateway.batches import BatchService
 from producer.gateway.store import EVERYONE, BatchRecords, FileStore
 from tests.conftest import make_settings
 
 
-def service(redis_url: str) -> tuple[BatchService, Client]:
-    settings = make_settings(redis_url)
+def service(redis_url: str, settings: Settings | None = None) -> tuple[BatchService, Client]:
+    settings = settings or make_settings(redis_url)
     client = Client(redis_url, settings=settings)
     files = FileStore(redis.Redis.from_url(redis_url), 1 << 20, 3600)
     return BatchService(client, files, BatchRecords(client._conn), settings), client
@@ -56,4 +61,29 @@ class TestCancelRace:
             svc.records.get(record.id, EVERYONE).status == "cancelled"
             and svc.records.get(record.id, EVERYONE).error_file_id
         )
+        client.close()
+
+
+class TestDefaultMaxTokens:
+    def test_a_body_without_max_tokens_gets_the_same_default_through_the_gateway_and_gpulb_submit(
+        self, redis_url: str, tmp_path: Path
+    ) -> None:
+        """One setting (GPULB_PRODUCER__DEFAULT_MAX_TOKENS) for every OpenAI body: it was 256 in gpulb submit and
+        1024 in the gateway."""
+        settings = make_settings(redis_url, producer={"default_max_tokens": 77})
+        svc, client = service(redis_url, settings)
+        line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                           "body": {"model": "m", "prompt": "p"}})  # fmt: skip
+        uploaded = svc.files.put(line.encode(), filename="in.jsonl", purpose="batch", tenant="").id
+        record = svc.create(input_file_id=uploaded, endpoint="/v1/completions", completion_window="24h",
+                            metadata=None, tenant=EVERYONE)  # fmt: skip
+        source = tmp_path / "in.jsonl"
+        source.write_text(line + "\n")
+        args = build_parser(settings).parse_args(["submit", str(source), "--detach"])
+        assert args.max_tokens is None
+        assert run_submit(args, settings) == 0
+        batches = [b.batch_id for b in client.list_batches()]
+        assert record.gpulb_batch in batches and len(batches) == 2
+        payloads = [json.loads(client._conn.hget(keys.batch_requests_key(b), "0") or "{}") for b in batches]
+        assert [p["max_tokens"] for p in payloads] == [77, 77]
         client.close()
