@@ -50,6 +50,8 @@ class ResultTimeout(GpulbError, TimeoutError):
 class WorkerIdInUse(GpulbError):
     """Another live worker already serves under this id."""
 
+    exit_code = 4  # of `gpulb worker`: starting it again cannot help, so supervisors do not
+
 
 class BackendError(GpulbError):
     """The inference backend failed to start or to run a batch."""

@@ -15,10 +15,9 @@ from types import TracebackType
 import redis
 
 from gpulb import keys
-from gpulb.errors import GpulbError
+from gpulb.errors import GpulbError, WorkerIdInUse
 
-# The exit code of `gpulb worker` when a live worker already holds its id: starting it again cannot help.
-WORKER_ID_IN_USE_EXIT = 4
+WORKER_ID_IN_USE_EXIT = WorkerIdInUse.exit_code
 STOP_POLL_S = 0.1  # how often a stop looks up from waiting on a child to see whether it is forced
 
 

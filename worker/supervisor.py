@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from gpulb.errors import WorkerIdInUse
 from gpulb.logs import get_logger
 
 log = get_logger("gpulb.workers")
@@ -39,6 +40,7 @@ class Child:
     backoff_s: float = 0.0
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
+    retired: bool = False  # its id is in use by a live worker elsewhere: never started again
 
 
 class Supervisor:
@@ -72,6 +74,8 @@ class Supervisor:
 
     def _tend(self, child: Child) -> None:
         now = time.monotonic()
+        if child.retired:
+            return
         if child.proc is None:
             if now >= child.start_after:
                 self._start(child, now)
@@ -80,6 +84,10 @@ class Supervisor:
         if code is None:
             return
         child.exits.append(code)
+        if code == WorkerIdInUse.exit_code:
+            child.proc, child.retired = None, True
+            log.error("worker id in use by a live worker elsewhere: not restarting it", gpu=child.gpu)
+            return
         stable = now - child.started_at >= self.policy.stable_s
         child.backoff_s = self.policy.initial_backoff_s if stable or not child.backoff_s else child.backoff_s * 2
         child.backoff_s = min(child.backoff_s, self.policy.max_backoff_s)
