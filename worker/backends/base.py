@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -12,6 +13,7 @@ from typing import Any
 from gpulb.errors import BackendError, ConfigError
 from gpulb.models import render_messages
 
+TextSink = Callable[[str], None]
 STOP = "stop"  # finish reasons, as the OpenAI API names them
 LENGTH = "length"
 
@@ -24,6 +26,10 @@ class BackendRequest:
     max_tokens: int
     sampling: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] | None = None
+    # Streaming: called with each new piece of the answer's text as the engine produces it, from the backend's own
+    # thread; the pieces joined are the final output's text. None: not streamed. A backend that cannot stream
+    # never calls it (the whole text then arrives with the result).
+    on_text: TextSink | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:
