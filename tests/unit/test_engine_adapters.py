@@ -28,7 +28,7 @@ from gpulb.settings import BackendName, WorkerSettings
 from worker.backends import create_backend
 from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, EngineUnavailable
 from worker.backends.trtllm import TensorRTLLMBackend, load_from_iteration_stats, trtllm_sampling_kwargs
-from worker.backends.vllm_engine import EngineStats, VllmBackend, output_from_vllm, vllm_sampling_kwargs
+from worker.backends.vllm_engine import DeltaOutputs, EngineStats, VllmBackend, output_from_vllm, vllm_sampling_kwargs
 from worker.gpu import GpuMonitor, count_gpus, parse_gpu_list, pin_to_gpu, visible_device
 
 SAMPLING = {"temperature": 0.0, "top_p": 0.9, "top_k": -1, "seed": 7, "stop": ["\n"], "min_tokens": 2,
@@ -40,6 +40,17 @@ HOLD = "@@hold"  # a stand-in engine keeps a request holding this running until 
 
 def completion(text: str, tokens: int, reason: str | None = "stop") -> SimpleNamespace:
     return SimpleNamespace(index=0, text=text, token_ids=list(range(tokens)), finish_reason=reason)
+
+
+def delta_outputs(text: str, max_tokens: int) -> list[SimpleNamespace]:
+    """What DELTA gives for FINAL_ONLY's ``<text>``: pieces of 3 characters, the second step adding tokens
+    but no text (vLLM holds text back that may start a stop string), ``max_tokens`` token ids in all."""
+    answer = f"<{text}>"
+    pieces = [answer[:3], "", *(answer[i : i + 3] for i in range(3, len(answer), 3))]
+    sizes = [max_tokens // len(pieces) + (i < max_tokens % len(pieces)) for i in range(len(pieces))]
+    reasons = [None] * (len(pieces) - 1) + ["abort" if "@@abort" in text else "length"]
+    return [SimpleNamespace(prompt_token_ids=text.split(), outputs=[completion(piece, size, reason)])
+            for piece, size, reason in zip(pieces, sizes, reasons, strict=True)]  # fmt: skip
 
 
 def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -159,12 +170,17 @@ class FakeAsyncLLM:
         self.loop.call_soon_threadsafe(self.release.set)
 
     async def generate(self, prompt: Any, params: VllmSamplingParams, request_id: str) -> AsyncIterator[Any]:
+        """FINAL_ONLY: one output once done. DELTA: ``delta_outputs``, a held request holding after the first."""
         text = self._text(prompt)
         self.seen.append((text, params))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        streamed = params.output_kind == "DELTA"
         try:
-            await self._run(text)
+            await self._run(text, hold=not streamed)
+            for output in delta_outputs(text, params.max_tokens) if streamed else []:
+                yield output
+                await self._run(text, hold=True)
         except (asyncio.CancelledError, GeneratorExit):  # as AsyncLLM: a closed generator aborts its request
             self.aborted.append(request_id)
             raise
@@ -173,11 +189,12 @@ class FakeAsyncLLM:
         tokens = params.max_tokens
         self.logger.record(SimpleNamespace(num_running_reqs=self.in_flight, num_waiting_reqs=0, kv_cache_usage=0.25),
                            SimpleNamespace(num_generation_tokens=tokens))  # fmt: skip
-        yield SimpleNamespace(prompt_token_ids=text.split(), outputs=[completion(f"<{text}>", tokens, "length")])
+        if not streamed:
+            yield SimpleNamespace(prompt_token_ids=text.split(), outputs=[completion(f"<{text}>", tokens, "length")])
 
-    async def _run(self, text: str) -> None:
+    async def _run(self, text: str, hold: bool = True) -> None:
         await asyncio.sleep(0.01)
-        if HOLD in text:
+        if hold and HOLD in text:
             await self.release.wait()
         if "@@busy" in text:
             raise QueueOverflowError("The engine is currently busy and cannot accept new requests.")
@@ -228,7 +245,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     modules["vllm"].AsyncEngineArgs = lambda **kw: dict(kw)  # type: ignore[attr-defined]
     modules["vllm.v1.metrics.loggers"].StatLoggerBase = StatLoggerBase  # type: ignore[attr-defined]
     modules["vllm.v1.engine.async_llm"].AsyncLLM = FakeAsyncLLM  # type: ignore[attr-defined]
-    modules["vllm.sampling_params"].RequestOutputKind = SimpleNamespace(FINAL_ONLY="FINAL_ONLY")  # type: ignore[attr-defined]
+    modules["vllm.sampling_params"].RequestOutputKind = SimpleNamespace(FINAL_ONLY="FINAL_ONLY", DELTA="DELTA")  # type: ignore[attr-defined]
     modules["vllm.exceptions"].VLLMClientError = VLLMClientError  # type: ignore[attr-defined]
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -259,6 +276,21 @@ class TestVllmMapping:
     def test_aborted_request_is_a_retryable_failure(self) -> None:
         out = output_from_vllm(SimpleNamespace(prompt_token_ids=[1], outputs=[completion("", 0, "abort")]))
         assert out.error == "vLLM aborted the request" and out.retryable
+
+    def test_deltas_fold_into_what_final_only_gives(self) -> None:
+        pieces: list[str] = []
+        deltas = DeltaOutputs(pieces.append)
+        assert deltas.output() is None
+        for output in delta_outputs("a b", 4):
+            deltas.add(output)
+        assert deltas.output() == BackendOutput("<a b>", 4, prompt_tokens=2, finish_reason="length")
+        assert pieces == ["<a ", "b>"]  # the step with tokens but no text is not a piece
+
+    def test_a_stream_vllm_aborted_is_a_retryable_failure(self) -> None:
+        deltas = DeltaOutputs(lambda piece: None)
+        for output in delta_outputs("@@abort", 3):
+            deltas.add(output)
+        assert deltas.output() == BackendOutput("", 0, error="vLLM aborted the request", retryable=True)
 
     def test_stats_follow_the_scheduler_and_count_tokens(self) -> None:
         stats = EngineStats()
@@ -317,6 +349,45 @@ class TestVllmBackend:
         engine.release_held()
         assert [f.result(timeout=5).output_tokens for f in held[1:]] == [4, 4]
         assert len(engine.aborted) == 1 and len(engine.abort_calls) == 1
+
+    def test_a_streamed_request_feeds_its_deltas_and_ends_as_final_only_would(self, vllm_backend: VllmBackend) -> None:
+        pieces: list[tuple[str, str]] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append((piece, threading.current_thread().name))
+
+        streamed, final = vllm_backend.generate([BackendRequest("two words", 7, on_text=on_text),
+                                                 BackendRequest("two words", 7)])  # fmt: skip
+        assert streamed == final == BackendOutput("<two words>", 7, prompt_tokens=2, finish_reason="length")
+        assert pieces == [(piece, "gpulb-vllm-loop") for piece in ("<tw", "o w", "ord", "s>")]
+        assert [params.output_kind for _, params in FakeAsyncLLM.instance.seen] == ["DELTA", "FINAL_ONLY"]
+
+    def test_a_streamed_chat_streams_too(self, vllm_backend: VllmBackend) -> None:
+        pieces: list[str] = []
+        [out] = vllm_backend.generate([BackendRequest(None, 5, messages=CHAT, on_text=pieces.append)])
+        assert out == BackendOutput("<system=be brief|user=hi>", 5, prompt_tokens=2, finish_reason="length")
+        assert "".join(pieces) == out.text and len(pieces) == 9
+
+    def test_abort_mid_stream_aborts_the_request_in_vllm(self, vllm_backend: VllmBackend) -> None:
+        engine = FakeAsyncLLM.instance
+        pieces: list[str] = []
+        held = vllm_backend.submit(BackendRequest(HOLD, 9, on_text=pieces.append))
+        assert eventually(lambda: pieces == ["<@@"])
+        vllm_backend.abort(held)
+        assert held.cancelled()
+        assert eventually(lambda: len(engine.aborted) == 1 and engine.in_flight == 0)
+        assert eventually(lambda: engine.abort_calls == engine.aborted)
+        engine.release_held()
+        assert vllm_backend.generate([BackendRequest("after", 2)])[0].text == "<after>"
+        assert pieces == ["<@@"]
+
+    def test_a_sink_that_raises_fails_its_request_and_aborts_it_in_vllm(self, vllm_backend: VllmBackend) -> None:
+        def broken(piece: str) -> None:
+            raise RuntimeError("the reader is gone")
+
+        [out] = vllm_backend.generate([BackendRequest("p", 5, on_text=broken)])
+        assert (out.error, out.retryable) == ("vLLM failed the request: RuntimeError: the reader is gone", False)
+        assert len(FakeAsyncLLM.instance.aborted) == 1 and FakeAsyncLLM.instance.in_flight == 0
 
     def test_slots_are_the_schedulers_max_num_seqs(self, monkeypatch: pytest.MonkeyPatch) -> None:
         backend = VllmBackend("m", engine_args={"max_num_seqs": 64})

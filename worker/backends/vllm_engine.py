@@ -2,11 +2,12 @@
 
 The engine batches continuously: ``submit`` starts one request as a coroutine on the engine's own event-loop
 thread and returns its future, which completes when that request does; outputs are FINAL_ONLY (no streaming
-deltas to throw away). ``abort`` cancels the coroutine: ``AsyncLLM.generate`` is closed where it waits, and
-vLLM aborts the request in the engine, freeing its slot. Futures complete, and run their callbacks, on
-that loop thread. Load comes from a stat logger the engine calls every step (``num_running_reqs``,
-``num_waiting_reqs``, ``kv_cache_usage``; vLLM marks these stats unstable, so every field is read
-defensively).
+deltas to throw away), except for a streamed request (``on_text``): DELTA, each new piece of text handed to
+``on_text`` on the loop thread and the pieces folded into the same final output. ``abort`` cancels the
+coroutine: ``AsyncLLM.generate`` is closed where it waits, and vLLM aborts the request in the engine,
+freeing its slot. Futures complete, and run their callbacks, on that loop thread. Load comes from a stat
+logger the engine calls every step (``num_running_reqs``, ``num_waiting_reqs``, ``kv_cache_usage``; vLLM
+marks these stats unstable, so every field is read defensively).
 
 Prompts go to the engine rendered by its own renderer where it has one (vLLM deprecates raw prompts), and
 a ``max_tokens`` above ``max_model_len`` fails the request, as ``vllm serve`` answers it with a 400.
@@ -15,6 +16,7 @@ a ``max_tokens`` above ``max_model_len`` fails the request, as ``vllm serve`` an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import uuid
@@ -29,6 +31,7 @@ from worker.backends.base import (
     ContinuousBackend,
     EngineLoad,
     EngineUnavailable,
+    TextSink,
     failed,
     import_engine,
     one_output,
@@ -50,14 +53,58 @@ def vllm_sampling_kwargs(request: BackendRequest) -> dict[str, Any]:
 def output_from_vllm(request_output: Any) -> BackendOutput:
     """Map a final ``RequestOutput`` (its first ``CompletionOutput``) to a backend output."""
     completion = one_output(list(request_output.outputs), "vLLM")
-    if completion.finish_reason == ABORTED:
+    return finished_output(completion.text, len(completion.token_ids), len(request_output.prompt_token_ids or ()),
+                           completion.finish_reason)  # fmt: skip
+
+
+def finished_output(text: str, output_tokens: int, prompt_tokens: int, finish_reason: str | None) -> BackendOutput:
+    if finish_reason == ABORTED:
         return failed("vLLM aborted the request", retryable=True)
-    return BackendOutput(
-        text=completion.text,
-        output_tokens=len(completion.token_ids),
-        prompt_tokens=len(request_output.prompt_token_ids or ()),
-        finish_reason=completion.finish_reason,
-    )
+    return BackendOutput(text, output_tokens, prompt_tokens=prompt_tokens, finish_reason=finish_reason)
+
+
+class FinalOutput:
+    """Keeps the last ``RequestOutput`` of a FINAL_ONLY request: there is only one."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def add(self, request_output: Any) -> None:
+        self.last = request_output
+
+    def output(self) -> BackendOutput | None:
+        return None if self.last is None else output_from_vllm(self.last)
+
+
+class DeltaOutputs:
+    """Folds a DELTA request's outputs (each holds only what is new) into what FINAL_ONLY would have given,
+    handing each new piece of text to ``on_text`` as it comes."""
+
+    def __init__(self, on_text: TextSink) -> None:
+        self.on_text = on_text
+        self.pieces: list[str] = []
+        self.output_tokens = 0
+        self.prompt_tokens: int | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, request_output: Any) -> None:
+        completion = one_output(list(request_output.outputs), "vLLM")
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(request_output.prompt_token_ids or ())
+        self.output_tokens += len(completion.token_ids)
+        self.finish_reason = completion.finish_reason
+        if completion.text:  # a step may add tokens but no text (held back at a stop string's possible start)
+            self.pieces.append(completion.text)
+            self.on_text(completion.text)
+
+    def output(self) -> BackendOutput | None:
+        if self.prompt_tokens is None:
+            return None
+        return finished_output("".join(self.pieces), self.output_tokens, self.prompt_tokens, self.finish_reason)
+
+
+def collector(request: BackendRequest) -> FinalOutput | DeltaOutputs:
+    return FinalOutput() if request.on_text is None else DeltaOutputs(request.on_text)
 
 
 class EngineStats:
@@ -144,6 +191,7 @@ class VllmBackend(ContinuousBackend):
         self._engine: Any = None
         self._sampling_cls: Any = None
         self._final_only: Any = None
+        self._delta: Any = None
         self._refusals: tuple[type[BaseException], ...] = (TypeError, ValueError)
 
     def start(self) -> None:
@@ -151,7 +199,8 @@ class VllmBackend(ContinuousBackend):
         loggers = import_engine("vllm.v1.metrics.loggers", "vllm")
         async_llm = import_engine("vllm.v1.engine.async_llm", "vllm")
         self._sampling_cls = vllm.SamplingParams
-        self._final_only = import_engine("vllm.sampling_params", "vllm").RequestOutputKind.FINAL_ONLY
+        output_kinds = import_engine("vllm.sampling_params", "vllm").RequestOutputKind
+        self._final_only, self._delta = output_kinds.FINAL_ONLY, output_kinds.DELTA
         self._refusals = refusal_types()
         args = vllm.AsyncEngineArgs(model=self.model, dtype=self.dtype, disable_log_stats=False, **self.engine_args)
         factory = stat_logger_factory(self.stats, loggers.StatLoggerBase)
@@ -188,17 +237,19 @@ class VllmBackend(ContinuousBackend):
             return refused(f"vLLM refused the request: {too_long}")
         try:
             prompt = await self._engine_input(request)
-            params = self._sampling_cls(**vllm_sampling_kwargs(request), output_kind=self._final_only)
+            kind = self._final_only if request.on_text is None else self._delta
+            params = self._sampling_cls(**vllm_sampling_kwargs(request), output_kind=kind)
         except self._refusals as exc:  # vLLM refuses a parameter, the prompt's length, or the chat template fails
             return refused(f"vLLM refused the request: {exc}")
-        return await self._run(prompt, params)
+        return await self._run(prompt, params, collector(request))
 
-    async def _run(self, prompt: Any, params: Any) -> BackendOutput:
+    async def _run(self, prompt: Any, params: Any, outputs: FinalOutput | DeltaOutputs) -> BackendOutput:
         request_id = uuid.uuid4().hex
-        final = None
         try:
-            async for output in self._engine.generate(prompt, params, request_id):
-                final = output
+            # aclosing: should on_text raise, the generator is closed at once, which aborts the request in vLLM
+            async with contextlib.aclosing(self._engine.generate(prompt, params, request_id)) as stream:
+                async for output in stream:
+                    outputs.add(output)
         except asyncio.CancelledError:
             # Closing generate() aborts the request, unless it was cancelled while adding it (its own handler
             # then knows no request yet); aborting an ended request again does nothing.
@@ -208,9 +259,8 @@ class VllmBackend(ContinuousBackend):
             return refused(f"vLLM refused the request: {exc}")
         except Exception as exc:  # mapped to an output, or to EngineUnavailable; logged with its traceback
             return self._failure(exc)
-        if final is None:
-            return failed("vLLM returned no output", retryable=True)
-        return output_from_vllm(final)
+        final = outputs.output()
+        return failed("vLLM returned no output", retryable=True) if final is None else final
 
     def _failure(self, exc: Exception) -> BackendOutput:
         if getattr(self._engine, "errored", False):
