@@ -25,6 +25,10 @@ model's ingress keys share a slot.
 |   field INDEX -> request JSON; a field is deleted once its result is recorded                               |
 | gpulb:batch:B:results                | hash   | result TTL once done | worker (HSETNX)            | producer           |
 | gpulb:batch:B:events                 | pubsub | -                    | worker (PUBLISH)           | producer (wait)    |
+| gpulb:batch:B:text:I                 | stream | 5 min after last XADD | worker (XADD)             | producer (XREAD)   |
+|   a streamed request's text as the engine makes it: entries ``r`` (the run: worker, attempt, try), ``t``      |
+| gpulb:batch:B:abort                  | string | 5 min                | producer (SET)             | worker             |
+|   its reader went away (a streaming client disconnected): running requests are aborted in the engine         |
 | gpulb:workers                        | set    | none                 | worker                     | balancer, status   |
 | gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
 |   fields v, model, backend, state, capacity, slots, queue_slots, running, queued, tokens_per_s, host,      |
@@ -157,6 +161,18 @@ def batch_requests_key(batch_id: str) -> str:
 
 def batch_results_key(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def text_stream_key(batch_id: str, index: int) -> str:
+    return f"{PREFIX}:batch:{batch_id}:text:{index}"
+
+
+def abort_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}:abort"
+
+
+STREAM_TTL_S = 300  # a streamed request's text and its batch's abort flag outlive any reader that still waits
+STREAM_MAXLEN = 100_000  # pieces kept per streamed request (XADD MAXLEN ~): more than any answer has
 
 
 def batch_events_channel(batch_id: str) -> str:

@@ -85,6 +85,7 @@ class RequestSpec(SamplingParams):
     max_tokens: int = Field(ge=1)
     session: str | None = Field(default=None, min_length=1, max_length=256)
     custom_id: str | None = Field(default=None, min_length=1, max_length=512)  # the caller's name, echoed back
+    stream: bool = False  # the worker publishes its text as the engine makes it (JobHandle.stream, the gateway)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> RequestSpec:
@@ -93,7 +94,8 @@ class RequestSpec(SamplingParams):
         return self
 
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session", "custom_id"}, exclude_none=True)
+        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session", "custom_id", "stream"},
+                               exclude_none=True)  # fmt: skip
 
     def chat(self) -> list[dict[str, Any]] | None:
         """The messages with their content flattened to text, as engines' chat templates take them."""
@@ -123,7 +125,7 @@ class RequestSpec(SamplingParams):
 
     def payload(self) -> RequestPayload:
         return RequestPayload(prompt=self.prompt, messages=self.chat(), max_tokens=self.max_tokens,
-                              sampling=self.sampling(), custom_id=self.custom_id)  # fmt: skip
+                              sampling=self.sampling(), custom_id=self.custom_id, stream=self.stream)  # fmt: skip
 
 
 def request_cost(prompt_bytes: int, output_tokens: int) -> int:
@@ -153,6 +155,7 @@ class RequestPayload(BaseModel):
     max_tokens: int
     sampling: dict[str, Any] = Field(default_factory=dict)
     custom_id: str | None = None
+    stream: bool = False
 
 
 class Result(BaseModel):

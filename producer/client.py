@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import redis
@@ -22,6 +22,7 @@ from gpulb.models import BatchStatus, Result
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 from producer import store
+from producer.streaming import abort, follow_text
 from producer.validation import (
     validate_batch_id,
     validate_metadata,
@@ -244,6 +245,23 @@ class JobHandle:
         with client._errors():
             client._confirm_durable(f"the result of {self.id}")
         return result
+
+    def stream(self, timeout: float | None = None) -> Iterator[str | Result]:
+        """The answer's text piece by piece as the engine makes it, then its :class:`Result`.
+
+        Submit with ``stream=True`` (``client.submit(prompt, model=..., stream=True)``); otherwise, or on a backend
+        that cannot stream, the whole text comes as one piece with the result. Closing the iterator early does not
+        stop the request; :meth:`abort` does.
+        """
+        client = self.batch.client
+        with client._errors():
+            yield from follow_text(client._conn, self.batch.id, self.index, timeout)
+
+    def abort(self) -> None:
+        """Stop it: not started, it is cancelled; running, the engine drops it (streamed requests)."""
+        with self.batch.client._errors():
+            abort(self.batch.client._conn, self.batch.id)
+        self.batch.cancel()
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r})"

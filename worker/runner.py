@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpulb import keys
@@ -34,6 +34,7 @@ from gpulb.models import Result
 from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineUnavailable, failed
 from worker.execution import BackendTimeout, ExecutionPolicy
 from worker.microbatch import Item, Settled
+from worker.streaming import TextStreams
 
 log = get_logger("gpulb.worker")
 
@@ -93,9 +94,11 @@ class Runner:
 
     def __init__(
         self, backend: ContinuousBackend, sink: Sink, policy: ExecutionPolicy, *, slots: int, worker_id: str,
-        expected_s: Callable[[Item], float] = lambda item: 0.0,
+        expected_s: Callable[[Item], float] = lambda item: 0.0, streams: TextStreams | None = None,
     ) -> None:  # fmt: skip
         self.backend, self.sink, self.policy = backend, sink, policy
+        self.streams = streams  # streamed requests' text goes there; None: nothing is streamed
+        self._streaming: dict[int, Attempt] = {}  # streamed attempts in the engine: aborted if their reader goes
         self.slots = slots
         self.worker_id = worker_id
         self.expected_s = expected_s
@@ -208,6 +211,7 @@ class Runner:
             for deadline, timeout, attempt in list(self._deadlines.values()):
                 if deadline <= now:
                     self._time_out(attempt, timeout)
+            self._abort_unread()
         wait = min(IDLE_POLL_S, self._next_sweep - now)
         return wait if not self._timers else min(wait, self._timers[0][0] - now)
 
@@ -232,14 +236,47 @@ class Runner:
 
     def _submit(self, attempt: Attempt) -> None:
         try:
-            future = self.backend.submit(attempt.request)
+            future = self.backend.submit(self._streamed(attempt))
         except Exception as exc:
             self._after_failure(attempt, exc)
             return
         attempt.future = future
+        if self._wants_stream(attempt):
+            self._streaming[id(attempt)] = attempt
         timeout = self._timeout_s(attempt)
         self._deadlines[id(attempt)] = (time.monotonic() + timeout, timeout, attempt)
         future.add_done_callback(lambda f: self._events.put(lambda: self._finished(attempt, f)))
+
+    def _wants_stream(self, attempt: Attempt) -> bool:
+        payload = attempt.flight.items[attempt.position].payload
+        return self.streams is not None and payload is not None and payload.stream
+
+    def _streamed(self, attempt: Attempt) -> BackendRequest:
+        """The request, with a text sink of its own run when its reader wants the text as it comes."""
+        if not self._wants_stream(attempt):
+            return attempt.request
+        assert self.streams is not None
+        item = attempt.flight.items[attempt.position]
+        run = f"{self.worker_id}:{item.attempt}:{attempt.tries}"  # a retry's text starts over under a new run
+        return replace(attempt.request, on_text=self.streams.sink(item.batch_id, item.index, run))
+
+    def _abort_unread(self) -> None:
+        """Abort, in the engine, the streamed requests whose reader went away (a client that disconnected)."""
+        if not self._streaming or self.streams is None:
+            return
+        attempts = list(self._streaming.values())
+        gone = self.streams.aborted(a.flight.items[a.position].batch_id for a in attempts)
+        for attempt in attempts:
+            item = attempt.flight.items[attempt.position]
+            if item.batch_id in gone and not attempt.done and attempt.future is not None:
+                self._deadlines.pop(id(attempt), None)
+                self._streaming.pop(id(attempt), None)
+                attempt.done = True
+                self.backend.abort(attempt.future)
+                item.cancelled = True
+                log.info("streamed request aborted: its reader went away", request_id=keys.request_id(
+                    item.batch_id, item.index))  # fmt: skip
+                self._settle(attempt.flight, attempt.position, failed(CANCELLED), attempt.tries, attempt.started_at)
 
     def _timeout_s(self, attempt: Attempt) -> float:
         expected = self.expected_s(attempt.flight.items[attempt.position])
@@ -247,6 +284,7 @@ class Runner:
 
     def _time_out(self, attempt: Attempt, timeout_s: float) -> None:
         self._deadlines.pop(id(attempt), None)
+        self._streaming.pop(id(attempt), None)
         if attempt.done or attempt.future is None:
             return
         attempt.done = True
@@ -255,6 +293,7 @@ class Runner:
 
     def _finished(self, attempt: Attempt, future: Future[BackendOutput]) -> None:
         self._deadlines.pop(id(attempt), None)
+        self._streaming.pop(id(attempt), None)
         if attempt.done:  # timed out before: already handled
             return
         attempt.done = True

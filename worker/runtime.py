@@ -46,6 +46,7 @@ from worker.microbatch import (
 )
 from worker.runner import Flight, Recording, Runner, Sink, engine_slots, expected_seconds
 from worker.speed import EngineSpeed
+from worker.streaming import TextStreams
 
 log = get_logger("gpulb.worker")
 T = TypeVar("T")
@@ -100,6 +101,7 @@ class WorkerRuntime(Sink):
         self.policy = policy
         self.executor = IsolatingExecutor(backend, policy, self.stopping)
         self.runner: Runner | None = None  # continuous backends, from register() (the engine knows its slots then)
+        self.streams: TextStreams | None = None  # streamed requests' text (continuous backends)
         self.slots = 0
         self.queue_slots = 0
         self.speed: EngineSpeed | None = None
@@ -261,8 +263,10 @@ class WorkerRuntime(Sink):
         queue_slots = self.cfg.queue_slots
         self.queue_slots = queue_slots if queue_slots is not None else max(1, self.slots // 4)
         self.speed = EngineSpeed(self.slots)
+        self.streams = TextStreams(self.conn)
         self.runner = Runner(self.backend, self, self.policy, slots=self.slots, worker_id=self.worker_id,
-                             expected_s=expected_seconds(lambda: self.tokens_per_s, self.slots))  # fmt: skip
+                             expected_s=expected_seconds(lambda: self.tokens_per_s, self.slots),
+                             streams=self.streams)  # fmt: skip
 
     def wait_for_room(self, timeout_s: float = ROOM_WAIT_S) -> bool:
         """True once the engine has a free slot for the next micro-batch (a static engine always has)."""
@@ -275,6 +279,8 @@ class WorkerRuntime(Sink):
     def stop_runner(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+        if self.streams is not None:
+            self.streams.stop()
 
     def _wait_for_predecessor(self) -> None:
         """Claim the id, then look at its load key: a live worker's refuses, a dead one's is waited out (at once if

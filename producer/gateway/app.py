@@ -18,19 +18,21 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from gpulb import keys
 from gpulb.connection import connect
 from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
 from gpulb.models import Result
 from gpulb.settings import Settings
 from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
-from producer.client import Client
+from producer.client import BatchHandle, Client
 from producer.gateway.batches import BatchService
 from producer.gateway.fleet import ServedModels
 from producer.gateway.guard import GuardMiddleware, Keys, guarded_protocol
 from producer.gateway.handlers import install_error_handlers
 from producer.gateway.responses import OpenAIError
 from producer.gateway.store import BatchRecords, FilePage, FileStore, Tenant
+from producer.gateway.streaming import Chunks, stream_response
 from producer.validation import validate_metadata
 
 log = get_logger("gpulb.gateway")
@@ -238,11 +240,11 @@ def _add_online_routes(app: FastAPI, gateway: Gateway) -> None:
         return gateway.model_object(model)
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> dict[str, Any]:
+    async def completions(request: Request) -> Any:
         return await _online(gateway, COMPLETIONS, await _json_body(request))
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> dict[str, Any]:
+    async def chat(request: Request) -> Any:
         return await _online(gateway, CHAT, await _json_body(request))
 
 
@@ -256,16 +258,18 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    if body.get("stream"):
-        raise OpenAIError(400, "stream=true is not supported yet: send stream=false", code="stream_unsupported")
+async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> Any:
+    stream, include_usage = _streaming(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "model: required", code="invalid_model", param="model")
     cfg = gateway.settings
     limits = cfg.producer
-    request = request_from_body(endpoint, None, {**body, "stream": False}, limits.default_max_tokens, limits)
+    plain = {**body, "stream": False, "stream_options": None}
+    request = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits)
     request.pop("custom_id")
+    if stream:
+        return await _open_stream(gateway, endpoint, model, {**request, "stream": True}, include_usage)
 
     def run() -> dict[str, Any]:
         if not gateway.served.serves(model):
@@ -282,6 +286,39 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> dict
         return response_body(result, model, endpoint)
 
     return await anyio.to_thread.run_sync(run, limiter=gateway.online_slots)
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``, checked as the OpenAI API does."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise OpenAIError(400, f"stream: {stream!r} is not a boolean", param="stream")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise OpenAIError(400, "stream_options: only allowed with stream: true", param="stream_options")
+    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(usage, bool) or set(options) - {"include_usage"}:
+        raise OpenAIError(400, f"stream_options: {options!r} is not supported (only include_usage, a boolean)",
+                          param="stream_options")  # fmt: skip
+    return True, usage
+
+
+async def _open_stream(
+    gateway: Gateway, endpoint: str, model: str, request: dict[str, Any], include_usage: bool
+) -> Any:  # fmt: skip
+    """Submit, then answer with server-sent events (a refusal before the first event is an ordinary error)."""
+    cfg = gateway.settings.gateway
+
+    def submit() -> BatchHandle:
+        if not gateway.served.serves(model):
+            raise model_not_found(model)
+        return gateway.client.submit_batch([request], model=model, priority=cfg.online_priority,
+                                           result_ttl_s=cfg.online_result_ttl_s, listed=False)  # fmt: skip
+
+    batch = await anyio.to_thread.run_sync(submit)
+    chunks = Chunks(endpoint, model, keys.request_id(batch.id, 0), include_usage)
+    return stream_response(batch, chunks, cfg.online_timeout_s, gateway.online_slots)
 
 
 def failure(result: Result) -> OpenAIError:

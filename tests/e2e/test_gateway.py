@@ -212,8 +212,8 @@ class TestOnline:
         assert 0 < conn.ttl(batches[0]) <= 60  # and their results go soon
 
     def test_refusals(self, client: openai.OpenAI) -> None:
-        with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
-            client.completions.create(model="m", prompt="x", stream=True)
+        with pytest.raises(openai.BadRequestError, match="stream_options: only allowed with stream: true"):
+            client.completions.create(model="m", prompt="x", stream_options={"include_usage": True})
         with pytest.raises(openai.NotFoundError, match="no live worker serves it"):
             client.completions.create(model="nobody", prompt="x", max_tokens=1)
         with pytest.raises(openai.BadRequestError, match="temperature"):

@@ -157,6 +157,16 @@ class BatchingCore:
         steps = math.floor((now - self.clock) / self.shape.step_s(len(self.running)))
         return self.generated_tokens + min(steps, self._next_end() - self.steps) * len(self.running)
 
+    def progress(self, key: Any, now: float) -> int:
+        """Tokens a request has generated up to ``now`` (0 while it waits or once it is gone)."""
+        seq = self.running.get(key)
+        if seq is None:
+            return 0
+        steps = self.steps
+        if now > self.clock:
+            steps += math.floor((now - self.clock) / self.shape.step_s(len(self.running)))
+        return max(0, min(seq.tokens, steps - (seq.end_step - seq.tokens)))
+
     @property
     def in_flight(self) -> int:
         return len(self.running) + len(self.waiting)

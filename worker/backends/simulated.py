@@ -16,6 +16,7 @@ import itertools
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from worker.backends.base import (
@@ -26,6 +27,7 @@ from worker.backends.base import (
     BackendRequest,
     ContinuousBackend,
     EngineLoad,
+    TextSink,
 )
 from worker.backends.batching import (
     DEFAULT_MEDIAN_OUTPUT,
@@ -38,16 +40,35 @@ from worker.backends.batching import (
 FAIL_MARKER = "@@fail"  # with simulate_faults: a request whose prompt holds this fails (the batch raises)
 HANG_MARKER = "@@hang"  # with simulate_faults: a request holding this never finishes (until shutdown)
 ENGINE_ARGS = {"slots", "fixed_share", "prefill_share", "median_output_tokens", "output_sigma"}
+STREAM_TICK_S = 0.05  # how often a streamed request's new words go out
+
+
+@dataclass(slots=True)
+class _TextFeed:
+    """A streamed request's words, and how many went out."""
+
+    on_text: TextSink
+    words: list[str]
+    sent: int = 0
+
+    def upto(self, count: int) -> str:
+        """The words after the ones sent, up to ``count`` of them in all, as the joined text continues them."""
+        start, self.sent = self.sent, max(self.sent, min(count, len(self.words)))
+        return "".join(word if i == 0 else f" {word}" for i, word in enumerate(self.words[start : self.sent], start))
 
 
 class SimulatedFault(RuntimeError):
     """The failure a simulated backend raises for a request marked to fail."""
 
 
+def echo_words(prompt: str, max_tokens: int) -> list[str]:
+    """The prompt's words repeated cyclically to exactly ``max_tokens`` words."""
+    return list(itertools.islice(itertools.cycle(prompt.split() or [""]), max_tokens))
+
+
 def echo_text(prompt: str, max_tokens: int) -> str:
     """The prompt's words repeated cyclically to exactly ``max_tokens`` words: ``"a b", 3 -> "a b a"``."""
-    words = prompt.split() or [""]
-    return " ".join(itertools.islice(itertools.cycle(words), max_tokens))
+    return " ".join(echo_words(prompt, max_tokens))
 
 
 def echo_output(request: BackendRequest, tokens: int, finish_reason: str) -> BackendOutput:
@@ -112,6 +133,7 @@ class SimulatedBackend(ContinuousBackend):
         self.simulate_faults = simulate_faults
         self._core = BatchingCore(EngineShape(tokens_per_s, **self._shape_args))
         self._pending: dict[int, tuple[Future[BackendOutput], BackendOutput]] = {}
+        self._feeds: dict[int, _TextFeed] = {}  # streamed requests
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._stopped = False
@@ -150,6 +172,8 @@ class SimulatedBackend(ContinuousBackend):
                 return future
             key = next(self._ids)
             self._pending[key] = (future, output)
+            if request.on_text is not None:
+                self._feeds[key] = _TextFeed(request.on_text, echo_words(request.text, output.output_tokens))
             finished = self._core.submit(key, output.prompt_tokens, tokens, self._now())
             self._lock.notify()
         self._resolve(finished)
@@ -161,6 +185,7 @@ class SimulatedBackend(ContinuousBackend):
             if key is not None:
                 self._core.cancel(key)
                 del self._pending[key]
+                self._feeds.pop(key, None)
         future.cancel()
 
     def engine_load(self) -> EngineLoad:
@@ -188,11 +213,26 @@ class SimulatedBackend(ContinuousBackend):
                 if self._stopped:
                     return
                 finished = self._core.advance(self._now())
-                if not finished:
+                pieces = self._due_pieces()
+                if not finished and not pieces:
                     wake = self._core.next_event_s()
+                    if self._feeds:
+                        wake = min(wake, self._now() + STREAM_TICK_S) if wake is not None else None
                     self._lock.wait(None if wake is None else max(0.0, wake - self._now()))
                     continue
+            self._emit(pieces)
             self._resolve(finished)
+
+    def _due_pieces(self) -> list[tuple[TextSink, str]]:
+        """With the lock held: the words each streamed request generated since its last piece."""
+        now = self._now()
+        due = [(feed.on_text, feed.upto(self._core.progress(key, now))) for key, feed in self._feeds.items()]
+        return [(sink, text) for sink, text in due if text]
+
+    @staticmethod
+    def _emit(pieces: list[tuple[TextSink, str]]) -> None:
+        for on_text, text in pieces:
+            on_text(text)
 
     def _resolve(self, keys: list[int]) -> None:
         """Set the outputs of these finished requests (never with the lock held: callbacks run here)."""
@@ -200,6 +240,8 @@ class SimulatedBackend(ContinuousBackend):
             return
         with self._lock:
             outputs = [self._pending.pop(k) for k in keys if k in self._pending]
+            feeds = [self._feeds.pop(k) for k in keys if k in self._feeds]
+        self._emit([(feed.on_text, feed.upto(len(feed.words))) for feed in feeds])  # the words not sent yet
         for future, output in outputs:
             if not future.cancelled():
                 future.set_result(output)
