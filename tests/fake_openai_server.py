@@ -6,13 +6,18 @@ response shapes), ``/metrics`` (vLLM's Prometheus text) and, when ``max_num_seqs
 deterministic: the prompt's words (a chat's message contents) repeated to ``max_tokens`` words, cut before
 the first ``stop`` string if any (finish_reason "stop", else "length"); prompt_tokens is the prompt's word
 count.
+With ``"stream": true`` both endpoints answer as vLLM does, in server-sent events (``data: {chunk}`` then
+``data: [DONE]``): a piece of text per chunk (a word with the space before it; a chat opens with a
+``role`` chunk), ``finish_reason`` on the last piece's chunk, and with ``stream_options.include_usage`` a
+last chunk with no choices and the usage.
 
 Faults a test sets (they apply to the two completion endpoints only, never to /health or /metrics):
 ``fail_next(n, status)``, ``drop_next(n)`` (close the connection without an answer),
 ``reject_containing(marker, message)`` (400 for prompts holding ``marker``), ``hold_containing(marker)``
 (prompts holding ``marker`` wait for ``release_held()``; one whose client closes the connection meanwhile
-is dropped and counted in ``disconnects``, as vLLM's server aborts it), ``healthy = False`` (/health
-answers 503), ``api_key`` (401 without ``Authorization: Bearer <key>``), ``delay_s``.
+is dropped and counted in ``disconnects``, as vLLM's server aborts it; a streamed one sends its first chunk,
+then waits), ``healthy = False`` (/health answers 503), ``api_key`` (401 without ``Authorization: Bearer
+<key>``), ``delay_s``.
 
 In-process::
 
@@ -36,6 +41,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import re
 import select
 import signal
 import socket
@@ -83,6 +89,11 @@ def generate(prompt: str, max_tokens: int, stop: Any) -> tuple[str, str]:
     return text, "length"
 
 
+def stream_pieces(text: str) -> list[str]:
+    """The pieces a stream sends: each word with the whitespace before it (they join to ``text``)."""
+    return re.findall(r"\s*\S+|\s+", text)
+
+
 def prompt_text(path: str, body: dict[str, Any]) -> str:
     if path == "/v1/completions":
         prompt = body.get("prompt", "")
@@ -112,6 +123,7 @@ class FakeOpenAIServer:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.disconnects = 0  # held requests whose client closed the connection before the answer
+        self.connections_opened = 0  # TCP connections accepted: fewer than requests where keep-alive reuses them
         self.lock = threading.Lock()
         self._faults = _Faults()
         self._hold_marker: str | None = None
@@ -256,20 +268,39 @@ class FakeOpenAIServer:
         return "\n".join(lines) + "\n"
 
     def completion(self, path: str, body: dict[str, Any], prompt: str) -> dict[str, Any]:
-        max_tokens = int(body.get("max_tokens") or 16)
-        text, finish = generate(prompt, max_tokens, body.get("stop"))
-        usage_in, usage_out = len(prompt.split()), len(text.split())
-        with self.lock:
-            self.prompt_tokens += usage_in
-            self.generation_tokens += usage_out
-        usage = {"prompt_tokens": usage_in, "total_tokens": usage_in + usage_out, "completion_tokens": usage_out}
-        common = {"created": int(time.time()), "model": self.model, "usage": usage}
+        text, finish = generate(prompt, int(body.get("max_tokens") or 16), body.get("stop"))
+        common = {"created": int(time.time()), "model": self.model, "usage": self._count(prompt, text)}
         if path == "/v1/completions":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **common, "choices": [choice]}
         message = {"role": "assistant", "content": text, "tool_calls": []}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish, "stop_reason": None}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", **common, "choices": [choice]}
+
+    def completion_chunks(self, path: str, body: dict[str, Any], prompt: str) -> list[dict[str, Any]]:
+        """A streamed answer's chunks, as vLLM's server sends them (each one ``data: {chunk}``)."""
+        text, finish = generate(prompt, int(body.get("max_tokens") or 16), body.get("stop"))
+        chat = path != "/v1/completions"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "object": "chat.completion.chunk" if chat else "text_completion", "model": self.model}  # fmt: skip
+        pieces = stream_pieces(text) or [""]
+        reasons = [None] * (len(pieces) - 1) + [finish]
+        choices = [stream_choice(chat, piece, reason) for piece, reason in zip(pieces, reasons, strict=True)]
+        if chat:
+            choices.insert(0, {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None})  # fmt: skip
+        chunks = [{**head, "choices": [choice], "usage": None} for choice in choices]
+        usage = self._count(prompt, text)
+        wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        return [*chunks, {**head, "choices": [], "usage": usage}] if wants_usage else chunks
+
+    def _count(self, prompt: str, text: str) -> dict[str, int]:
+        """The usage of one answer, added to the server's counters."""
+        usage_in, usage_out = len(prompt.split()), len(text.split())
+        with self.lock:
+            self.prompt_tokens += usage_in
+            self.generation_tokens += usage_out
+        return {"prompt_tokens": usage_in, "total_tokens": usage_in + usage_out, "completion_tokens": usage_out}
 
     def server_info(self) -> dict[str, Any]:
         scheduler = {"max_num_seqs": self.max_num_seqs, "max_num_active_seqs": None, "max_num_batched_tokens": 2048}
@@ -279,6 +310,12 @@ class FakeOpenAIServer:
         card = {"id": self.model, "object": "model", "created": int(self.started_at), "owned_by": "vllm",
                 "root": self.model, "parent": None, "max_model_len": self.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+
+def stream_choice(chat: bool, piece: str, finish: str | None) -> dict[str, Any]:
+    if chat:
+        return {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish, "stop_reason": None}
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -296,6 +333,8 @@ class _HTTPServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.connections_lock:
             self.connections.add(request)
+        with self.fake.lock:
+            self.fake.connections_opened += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -365,8 +404,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if fake.delay_s:
                 time.sleep(fake.delay_s)
-            if fake.held(prompt_text(self.path, body), self._client_gone):
-                self._answer_completion(body)
+            if body.get("stream") is True or fake.held(prompt_text(self.path, body), self._client_gone):
+                self._answer_completion(body)  # a stream is held after its first chunk
             else:
                 self.close_connection = True
         finally:
@@ -376,12 +415,34 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_completion(self, body: dict[str, Any]) -> None:
         prompt = prompt_text(self.path, body)
         fault = self.fake.take_fault(prompt)
-        if fault is None:
+        if fault is None and body.get("stream") is True:
+            self._stream(self.fake.completion_chunks(self.path, body, prompt), prompt)
+        elif fault is None:
             self._json(200, self.fake.completion(self.path, body, prompt))
         elif fault[0] == "drop":
             self.close_connection = True  # the server closes the socket; nothing was written
         else:
             self._error(fault[1], fault[2])
+
+    def _stream(self, chunks: list[dict[str, Any]], prompt: str) -> None:
+        """Send ``chunks`` as server-sent events (chunked, keep-alive, as uvicorn does); a client that goes
+        away meanwhile is counted in ``disconnects``."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks] + [b"data: [DONE]\n\n", b""]
+        try:
+            for i, event in enumerate(events):
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+                if i == 0 and not self.fake.held(prompt, self._client_gone):
+                    self.close_connection = True
+                    return
+        except (BrokenPipeError, ConnectionResetError):
+            with self.fake.lock:
+                self.fake.disconnects += 1
+            self.close_connection = True
 
     def _client_gone(self) -> bool:
         """Whether the client closed its end: the socket reads as ended (a request body was read in full)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from structlog.testing import capture_logs
 from gpulb.errors import BackendError, ConfigError
 from gpulb.settings import BackendName, WorkerSettings
 from tests.fake_openai_server import FakeOpenAIServer
-from worker.backends.base import BackendRequest, EngineLoad
+from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, TextSink
 from worker.backends.openai_server import (
     OpenAIServerBackend,
+    StreamedCompletion,
     error_message,
     parse_completion,
     parse_engine_metrics,
@@ -52,13 +54,25 @@ def backend(server: FakeOpenAIServer) -> Iterator[OpenAIServerBackend]:
     b.shutdown()
 
 
-def prompt(text: str, max_tokens: int = 4, **sampling: object) -> BackendRequest:
-    return BackendRequest(prompt=text, max_tokens=max_tokens, sampling=dict(sampling))
+def prompt(text: str, max_tokens: int = 4, on_text: TextSink | None = None, **sampling: object) -> BackendRequest:
+    return BackendRequest(prompt=text, max_tokens=max_tokens, sampling=dict(sampling), on_text=on_text)
 
 
-def chat(content: str, max_tokens: int = 4) -> BackendRequest:
+def chat(content: str, max_tokens: int = 4, on_text: TextSink | None = None) -> BackendRequest:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]
-    return BackendRequest(prompt=None, max_tokens=max_tokens, messages=messages)
+    return BackendRequest(prompt=None, max_tokens=max_tokens, messages=messages, on_text=on_text)
+
+
+def sse(*chunks: object) -> list[str]:
+    """The lines of a stream of ``chunks`` (``[DONE]`` as it is), as ``aiter_lines`` gives them."""
+    return [line for chunk in chunks for line in (f"data: {chunk if chunk == '[DONE]' else json.dumps(chunk)}", "")]
+
+
+def folded(lines: list[str], pieces: list[str] | None = None) -> BackendOutput:
+    events = StreamedCompletion("/v1/completions", (pieces if pieces is not None else []).append)
+    for line in lines:
+        events.feed(line)
+    return events.output()
 
 
 def executor(backend: OpenAIServerBackend) -> IsolatingExecutor:
@@ -402,6 +416,114 @@ class TestContinuous:
         assert eventually(lambda: server.disconnects == 1)
         with pytest.raises(BackendError, match="after shutdown"):
             backend.submit(prompt("late", 1))
+
+
+class TestStreaming:
+    def test_a_completion_streams_its_pieces_and_ends_as_unstreamed(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        pieces: list[tuple[str, str]] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append((piece, threading.current_thread().name))
+
+        text = "alpha beta gamma"
+        streamed, whole = backend.generate([prompt(text, 5, on_text, seed=7), prompt(text, 5)])
+        assert streamed == whole == BackendOutput(f"{text} alpha beta", 5, prompt_tokens=3, finish_reason="length")
+        assert pieces == [(p, "gpulb-openai-loop") for p in ("alpha", " beta", " gamma", " alpha", " beta")]
+        assert sorted(server.completion_bodies(), key=len) == [  # sent concurrently: in either order
+            {"model": MODEL, "max_tokens": 5, "prompt": text},
+            {"model": MODEL, "max_tokens": 5, "prompt": text, "seed": 7, "stream": True,
+             "stream_options": {"include_usage": True}},
+        ]  # fmt: skip
+
+    def test_a_chat_streams_its_delta_content(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        pieces: list[str] = []
+        [out] = backend.generate([chat("hello there", 3, pieces.append)])
+        assert out == BackendOutput("be brief hello", 3, prompt_tokens=4, finish_reason="length")
+        assert pieces == ["be", " brief", " hello"]  # the opening role chunk's empty content is no piece
+        assert server.paths() == ["/v1/chat/completions"]
+
+    def test_a_stop_string_ends_the_stream_with_stop(self, backend: OpenAIServerBackend) -> None:
+        pieces: list[str] = []
+        [out] = backend.generate([prompt("one two three four", 8, pieces.append, stop=["three"])])
+        assert (out.text, out.output_tokens, out.finish_reason, pieces) == ("one two", 2, "stop", ["one", " two"])
+
+    def test_errors_before_the_stream_keep_their_mapping(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        pieces: list[str] = []
+        server.reject_containing("TOO-LONG", "This model's maximum context length is 4096 tokens.")
+        server.fail_next(1)
+        busy, bad = backend.generate([prompt("a", 1, pieces.append), chat("TOO-LONG", 1, pieces.append)])
+        assert (busy.retryable, busy.error_status, busy.error) == (
+            True, None, "HTTP 503 from /v1/completions: Service unavailable (injected 503)",
+        )  # fmt: skip
+        assert (bad.retryable, bad.error_status, bad.error) == (
+            False, 400, "HTTP 400 from /v1/chat/completions: This model's maximum context length is 4096 tokens.",
+        )  # fmt: skip
+        server.drop_next(1)
+        [dropped] = backend.generate([prompt("a", 1, pieces.append)])
+        assert dropped.retryable and dropped.error is not None and "RemoteProtocolError" in dropped.error
+        assert pieces == []
+
+    def test_abort_mid_stream_closes_the_connection_so_the_server_drops_the_request(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        server.hold_containing("HOLD")
+        pieces: list[str] = []
+        held = backend.submit(prompt("HOLD a b", 3, pieces.append))
+        assert eventually(lambda: pieces == ["HOLD"] and server.in_flight == 1)  # the first chunk, then held
+        backend.abort(held)
+        assert held.cancelled()
+        assert eventually(lambda: server.disconnects == 1 and server.in_flight == 0)  # vLLM would abort it here
+        server.release_held()
+        assert backend.generate([prompt("after", 1, pieces.append)])[0].text == "after"
+        assert pieces == ["HOLD", "after"]
+
+    def test_streams_keep_their_connection(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
+        for i in range(3):
+            assert backend.generate([prompt(f"p{i} q", 2, lambda piece: None)])[0].text == f"p{i} q"
+        assert server.connections_opened == 1
+
+
+class TestStreamedCompletion:
+    def test_without_usage_the_pieces_are_a_lower_bound_on_tokens(self) -> None:
+        pieces: list[str] = []
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]}]  # fmt: skip
+        lines = [": keep-alive comment", "event: message", *sse(*chunks, "[DONE]")]
+        assert folded(lines, pieces) == BackendOutput("Hi there", 2, prompt_tokens=0, finish_reason="stop")
+        assert pieces == ["Hi", " there"]
+
+    def test_finish_reason_and_usage_from_the_chunks_that_carry_them(self) -> None:
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        chunks = [{"choices": [{"text": "a", "finish_reason": None}], "usage": None},
+                  {"choices": [{"text": "", "finish_reason": "length"}], "usage": None},
+                  {"choices": [], "usage": usage}]  # fmt: skip
+        assert folded(sse(*chunks, "[DONE]")) == BackendOutput("a", 3, prompt_tokens=7, finish_reason="length")
+
+    def test_an_error_mid_stream_fails_the_request(self) -> None:
+        error = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", "code": 500}}
+        out = folded(sse({"choices": [{"text": "a"}]}, error, "[DONE]"))
+        assert (out.error, out.retryable, out.error_status) == (
+            "error in the stream from /v1/completions: EngineCore encountered an issue.", False, None,
+        )  # fmt: skip
+        old = folded(sse({"object": "error", "message": "old vllm", "code": 400}, "[DONE]"))
+        assert old.error == "error in the stream from /v1/completions: old vllm"
+
+    def test_a_malformed_chunk_fails_the_request(self) -> None:
+        for line in ("data: {not json", 'data: {"choices": [{"text": 3}]}', "data: [1, 2]",
+                     'data: {"choices": [], "usage": {"prompt_tokens": "x"}}'):  # fmt: skip
+            out = folded([line, "", "data: [DONE]"])
+            assert out.error is not None and out.error.startswith("malformed stream from the engine server")
+            assert not out.retryable
+
+    def test_a_stream_cut_before_its_end_is_retryable(self) -> None:
+        out = folded(sse({"choices": [{"text": "a", "finish_reason": None}]}))
+        assert (out.error, out.retryable) == ("the stream from /v1/completions ended before [DONE]", True)
 
 
 class TestEngineLoad:

@@ -7,12 +7,14 @@ engine. Futures complete, and run their callbacks, on that loop thread. An unrea
 (connection errors, 429/502/503/504) gives retryable outputs, which the worker retries with backoff; any
 other error status fails only its request. Health and load (the server's Prometheus metrics, whichever
 engine it is) go through a separate synchronous client, so that a full pool never makes a busy server
-look dead.
+look dead. A streamed request (``on_text``) is sent with ``"stream": true`` and its server-sent events
+feed ``on_text`` as they arrive; the others are sent, and answered, whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpulb.connection import redact_url
 from gpulb.errors import BackendError, ConfigError
 from gpulb.logs import get_logger
-from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineLoad, failed
+from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineLoad, TextSink, failed
 from worker.backends.loop import EventLoopThread
 
 if TYPE_CHECKING:
@@ -168,16 +170,30 @@ class OpenAIServerBackend(ContinuousBackend):
     async def _post(self, request: BackendRequest) -> BackendOutput:
         path, body = request_body(self.model, request)
         try:
+            if request.on_text is not None:
+                return await self._stream(path, body, request.on_text)
             response = await self._client.post(path, json=body)
         except RETRYABLE_ERRORS as exc:
             return failed(f"engine server unreachable ({path}): {type(exc).__name__}: {exc}", retryable=True)
         except httpx.HTTPError as exc:
             return failed(f"engine server request failed ({path}): {type(exc).__name__}: {exc}")
         if response.status_code != 200:
-            retryable = response.status_code in RETRYABLE_STATUSES
-            return failed(f"HTTP {response.status_code} from {path}: {error_message(response)}", retryable=retryable,
-                          status=None if retryable else response.status_code)  # fmt: skip
+            return http_failure(path, response)
         return parse_completion(response)
+
+    async def _stream(self, path: str, body: dict[str, Any], on_text: TextSink) -> BackendOutput:
+        """POST with ``stream``; a cancelled call leaves the ``async with``, which closes the connection."""
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._client.stream("POST", path, json=streamed) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return http_failure(path, response)
+            events = StreamedCompletion(path, on_text)
+            async for line in response.aiter_lines():  # read to its end, past [DONE]: the connection is kept
+                events.feed(line)
+                if events.error is not None:
+                    break  # closing the connection stops the server generating
+            return events.output()
 
     def _check_model(self) -> None:
         try:
@@ -242,6 +258,70 @@ def request_body(model: str, request: BackendRequest) -> tuple[str, dict[str, An
     return COMPLETIONS_PATH, {**body, "prompt": request.prompt}
 
 
+def http_failure(path: str, response: httpx.Response) -> BackendOutput:
+    retryable = response.status_code in RETRYABLE_STATUSES
+    return failed(f"HTTP {response.status_code} from {path}: {error_message(response)}", retryable=retryable,
+                  status=None if retryable else response.status_code)  # fmt: skip
+
+
+class StreamedCompletion:
+    """Folds a streamed completion's or chat completion's server-sent events (``data: {chunk}`` lines, then
+    ``data: [DONE]``) into one output, handing each non-empty piece of text to ``on_text`` as it comes."""
+
+    def __init__(self, path: str, on_text: TextSink) -> None:
+        self.path, self.on_text = path, on_text
+        self.pieces: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] = {}
+        self.done = False
+        self.error: str | None = None
+
+    def feed(self, line: str) -> None:
+        """One line of the stream; other SSE fields, comments and the blank lines between events say nothing."""
+        if self.done or self.error is not None or not line.startswith("data:"):
+            return
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            self._chunk(json.loads(data))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            self.error = (f"malformed stream from the engine server ({self.path}): {type(exc).__name__}: {exc}; "
+                          f"chunk: {data[:ERROR_CHARS]!r}")  # fmt: skip
+
+    def _chunk(self, chunk: dict[str, Any]) -> None:
+        if "error" in chunk or chunk.get("object") == "error":  # vLLM's error mid-stream, then [DONE]
+            self.error = f"error in the stream from {self.path}: {error_text(chunk)}"
+            return
+        if chunk.get("usage"):
+            self.usage = {key: int(chunk["usage"][key]) for key in ("prompt_tokens", "completion_tokens")}
+        choices = chunk.get("choices") or []  # none in the usage chunk
+        if choices:
+            self._choice(choices[0])
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        piece = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
+        finish = choice.get("finish_reason")
+        if not isinstance(piece, str | None) or not isinstance(finish, str | None):
+            raise TypeError("text and finish_reason must be strings")
+        self.finish_reason = finish or self.finish_reason
+        if piece:
+            self.pieces.append(piece)
+            self.on_text(piece)
+
+    def output(self) -> BackendOutput:
+        if self.error is not None:
+            return failed(self.error)
+        if not self.done and self.finish_reason is None:  # the server closed the stream early: it said nothing
+            return failed(f"the stream from {self.path} ended before [DONE]", retryable=True)
+        # A server that sends no usage chunk (it ignores stream_options): each piece of text holds at least one
+        # token, so their count is a lower bound on the output's tokens; the prompt's count is unknown (0).
+        output_tokens = self.usage.get("completion_tokens", len(self.pieces))
+        return BackendOutput("".join(self.pieces), output_tokens, prompt_tokens=self.usage.get("prompt_tokens", 0),
+                             finish_reason=self.finish_reason)  # fmt: skip
+
+
 def parse_completion(response: httpx.Response) -> BackendOutput:
     """A completion or chat completion response body as an output; a malformed body fails the request."""
     try:
@@ -265,7 +345,12 @@ def error_message(response: httpx.Response) -> str:
         payload = response.json()
     except ValueError:
         payload = None
-    message: Any = response.text or response.reason_phrase
+    return error_text(payload, response.text or response.reason_phrase)
+
+
+def error_text(payload: Any, default: Any = None) -> str:
+    """The message of an error body (``default``, else the whole body, if it holds none), truncated."""
+    message: Any = payload if default is None else default
     if isinstance(payload, dict):
         error = payload.get("error")
         # OpenAI and current vLLM: {"error": {"message"}}; older vLLM: {"message"}; FastAPI: {"detail"}
