@@ -9,7 +9,7 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,6 +24,7 @@ PROMPT_BYTES_PER_COST_TOKEN = 32
 PREFIX_AFFINITY_BYTES = 256
 # Integers a request may carry: what engines take (int64), and never so long that str() of one raises (4,300 digits)
 MAX_INT64 = 2**63 - 1
+MAX_EMBEDDING_INPUTS = 2048  # texts in one embedding request, as the OpenAI API allows
 
 
 def _short_hash(data: bytes) -> str:
@@ -82,6 +83,9 @@ class RequestSpec(SamplingParams):
 
     prompt: str | None = Field(default=None, min_length=1)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # texts to embed (an embedding request: one vector each, nothing generated; max_tokens is unused)
+    input: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1,
+                                                                   max_length=MAX_EMBEDDING_INPUTS)  # fmt: skip
     max_tokens: int = Field(ge=1)
     session: str | None = Field(default=None, min_length=1, max_length=256)
     custom_id: str | None = Field(default=None, min_length=1, max_length=512)  # the caller's name, echoed back
@@ -89,12 +93,12 @@ class RequestSpec(SamplingParams):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> RequestSpec:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt (text completion) or messages (chat)")
+        if [self.prompt, self.messages, self.input].count(None) != 2:
+            raise ValueError("give exactly one of prompt (text completion), messages (chat) or input (embeddings)")
         return self
 
     def sampling(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"prompt", "messages", "max_tokens", "session", "custom_id", "stream"},
+        return self.model_dump(exclude={"prompt", "messages", "input", "max_tokens", "session", "custom_id", "stream"},
                                exclude_none=True)  # fmt: skip
 
     def chat(self) -> list[dict[str, Any]] | None:
@@ -104,6 +108,8 @@ class RequestSpec(SamplingParams):
         return [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in self.messages]
 
     def input_text(self) -> str:
+        if self.input is not None:
+            return "\n".join(self.input)
         chat = self.chat()
         return self.prompt if chat is None else render_messages(chat)  # type: ignore[return-value]
 
@@ -116,15 +122,17 @@ class RequestSpec(SamplingParams):
 
     def expected_output_tokens(self, learned_mean: float | None = None) -> int:
         """What it will likely generate: the model's learned mean length within its bounds, else max_tokens."""
+        if self.input is not None:
+            return 0  # an embedding generates nothing: its work is its prompt
         if learned_mean is None or self.ignore_eos:
             return self.max_tokens
         return max(1, min(self.max_tokens, max(self.min_tokens or 0, round(learned_mean))))
 
     def cost_tokens(self, learned_mean: float | None = None) -> int:
-        return request_cost(len(self.input_text().encode()), self.expected_output_tokens(learned_mean))
+        return max(1, request_cost(len(self.input_text().encode()), self.expected_output_tokens(learned_mean)))
 
     def payload(self) -> RequestPayload:
-        return RequestPayload(prompt=self.prompt, messages=self.chat(), max_tokens=self.max_tokens,
+        return RequestPayload(prompt=self.prompt, messages=self.chat(), input=self.input, max_tokens=self.max_tokens,
                               sampling=self.sampling(), custom_id=self.custom_id, stream=self.stream)  # fmt: skip
 
 
@@ -152,6 +160,7 @@ class RequestPayload(BaseModel):
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    input: list[str] | None = None
     max_tokens: int
     sampling: dict[str, Any] = Field(default_factory=dict)
     custom_id: str | None = None
@@ -175,6 +184,7 @@ class Result(BaseModel):
     # the HTTP status of an engine's refusal of the request itself (400: a prompt over the context length, a bad
     # parameter); None for a success, a cancellation, or a failure that was not the request's fault
     error_status: int | None = None
+    embeddings: list[list[float]] | None = None  # an embedding request's vectors, one per input
     cancelled: bool = False
     attempts: int = 1
     submitted_at: float

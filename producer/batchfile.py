@@ -13,8 +13,10 @@ answer, and ``error`` for a request that failed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import struct
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -31,7 +33,9 @@ from producer.validation import check_limits, describe_error, shown, validate_mo
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-ENDPOINTS = (COMPLETIONS, CHAT)
+EMBEDDINGS = "/v1/embeddings"
+ENDPOINTS = (COMPLETIONS, CHAT, EMBEDDINGS)
+FLOAT, BASE64 = "float", "base64"  # embeddings' encoding_format
 # Body fields taken only with their default meaning (or null), then dropped; model is checked apart.
 DEFAULT_ONLY_FIELDS: dict[str, object] = {
     "stream": False, "n": 1, "best_of": 1, "logprobs": False, "echo": False, "store": False,
@@ -126,7 +130,7 @@ def _parse_line(
     if obj.get("method", "POST") != "POST":
         raise InvalidRequest(f"method: {obj.get('method')!r}: only POST is supported")
     if obj.get("url") not in ENDPOINTS:
-        raise InvalidRequest(f"url: {obj.get('url')!r}: expected {COMPLETIONS} or {CHAT}")
+        raise InvalidRequest(f"url: {obj.get('url')!r}: expected {COMPLETIONS}, {CHAT} or {EMBEDDINGS}")
     if endpoint is not None and obj["url"] != endpoint:
         raise InvalidRequest(f"url: {obj['url']!r} does not match the batch's endpoint {endpoint!r}")
     if not isinstance(body, dict):
@@ -149,8 +153,12 @@ def _load_json(line: str) -> object:
 
 
 def request_from_body(
-    url: str, custom_id: str | None, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings
-) -> dict[str, Any]:
+    url: str, custom_id: str | None, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings,
+    *, encodings: tuple[str, ...] = (FLOAT,),
+) -> dict[str, Any]:  # fmt: skip
+    """A body of ``url`` as a gpulb request; ``encodings``: the embedding encodings the caller can answer in."""
+    if url == EMBEDDINGS:
+        return embedding_request(custom_id, body, limits, encodings)
     request: dict[str, Any] = {"custom_id": custom_id}
     for name, value in body.items():
         if name in DROPPED_FIELDS or (value is None and name in NULL_IS_DEFAULT_FIELDS):
@@ -169,6 +177,39 @@ def request_from_body(
         raise InvalidRequest(describe_error(exc, within="body")) from None
     check_limits(spec, limits)
     return request
+
+
+def embedding_request(
+    custom_id: str | None, body: dict[str, Any], limits: ProducerSettings, encodings: tuple[str, ...]
+) -> dict[str, Any]:  # fmt: skip
+    """An embeddings body (``input``: a string or a list of strings) as a gpulb request."""
+    for name, value in body.items():
+        if name == "encoding_format" and value is not None and value not in encodings:
+            raise InvalidRequest(f"body.encoding_format: {shown(value)} is not supported here (only "
+                                 f"{' or '.join(encodings)})")  # fmt: skip
+        if name == "dimensions" and value is not None:
+            raise InvalidRequest("body.dimensions: not supported: vectors have the model's own size")
+        if name not in {"input", "encoding_format", "dimensions"} | DROPPED_FIELDS:
+            raise InvalidRequest(f"body.{name}: not a field of {EMBEDDINGS} (input, model, encoding_format, user)")
+    inputs = body.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) for text in inputs):
+        raise InvalidRequest("body.input: required, a string or a list of strings (token ids are not supported)")
+    request = {"custom_id": custom_id, "input": inputs, "max_tokens": 1}
+    try:
+        spec = RequestSpec.model_validate(request)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_error(exc, within="body")) from None
+    check_limits(spec, limits)
+    return request
+
+
+def in_base64(answer: dict[str, Any]) -> dict[str, Any]:
+    """An embeddings answer with each vector as base64 of little-endian float32 (encoding_format base64)."""
+    data = [{**item, "embedding": base64.b64encode(struct.pack(f"<{len(item['embedding'])}f",
+                                                               *item["embedding"])).decode()}
+            for item in answer["data"]]  # fmt: skip
+    return {**answer, "data": data}
 
 
 def _expect_default(name: str, value: object) -> None:
@@ -224,6 +265,11 @@ def response_body(result: Result, model: str, endpoint: str) -> dict[str, Any]:
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
              "total_tokens": result.prompt_tokens + result.output_tokens}  # fmt: skip
     common = {"created": int(result.finished_at), "model": model, "usage": usage}
+    if endpoint == EMBEDDINGS:
+        data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in
+                enumerate(result.embeddings or [])]  # fmt: skip
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}  # fmt: skip
     if endpoint == CHAT:
         message = {"role": "assistant", "content": result.text, "refusal": None}  # the spec requires refusal
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}

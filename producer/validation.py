@@ -120,7 +120,7 @@ def check_limits(spec: RequestSpec, limits: ProducerSettings) -> None:
     check_text("", spec.model_dump(exclude_none=True))
     size = len(spec.input_text().encode())
     if size > limits.max_prompt_bytes:
-        field = "prompt" if spec.prompt is not None else "messages"
+        field = "prompt" if spec.prompt is not None else "messages" if spec.messages is not None else "input"
         raise InvalidRequest(
             f"{field}: {size} bytes exceeds the limit of {limits.max_prompt_bytes} bytes "
             "(GPULB_PRODUCER__MAX_PROMPT_BYTES)"

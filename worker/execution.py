@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from gpulb.errors import BackendError
-from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineUnavailable, failed
+from worker.backends.base import Backend, BackendOutput, BackendRequest, EngineUnavailable, cannot_embed, failed
 
 
 class BackendTimeout(BackendError):
@@ -42,7 +42,11 @@ class IsolatingExecutor:
         """One outcome per request, in order; raises :class:`EngineUnavailable` only if every request still
         failed for the engine's sake (busy, unreachable, dead) after its retries: then none of them is to blame
         and the micro-batch goes back to the ingress for another worker."""
-        outcomes = self._isolate(requests, tokens_per_s) if requests else []
+        refused = {p: Outcome(cannot_embed(self.backend), 0) for p, r in enumerate(requests)
+                   if r.inputs is not None and not self.backend.can_embed}  # fmt: skip
+        runnable = [r for p, r in enumerate(requests) if p not in refused]
+        ran = iter(self._isolate(runnable, tokens_per_s) if runnable else [])
+        outcomes = [refused[p] if p in refused else next(ran) for p in range(len(requests))]
         if outcomes and all(o.output.retryable for o in outcomes):
             raise EngineUnavailable(f"engine unavailable after {max(o.tries for o in outcomes)} tries: "
                                     f"{outcomes[0].output.error}")  # fmt: skip

@@ -31,7 +31,14 @@ from gpulb import keys
 from gpulb.errors import BackendError
 from gpulb.logs import get_logger
 from gpulb.models import Result
-from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineUnavailable, failed
+from worker.backends.base import (
+    BackendOutput,
+    BackendRequest,
+    ContinuousBackend,
+    EngineUnavailable,
+    cannot_embed,
+    failed,
+)
 from worker.execution import BackendTimeout, ExecutionPolicy
 from worker.microbatch import Item, Settled
 from worker.streaming import TextStreams
@@ -231,10 +238,13 @@ class Runner:
             payload = flight.items[position].payload
             assert payload is not None
             request = BackendRequest(prompt=payload.prompt, max_tokens=payload.max_tokens, sampling=payload.sampling,
-                                     messages=payload.messages)  # fmt: skip
+                                     messages=payload.messages, inputs=payload.input)  # fmt: skip
             self._submit(Attempt(flight, position, request, tries=1, started_at=now))
 
     def _submit(self, attempt: Attempt) -> None:
+        if attempt.request.inputs is not None and not self.backend.can_embed:
+            self._settle(attempt.flight, attempt.position, cannot_embed(self.backend), 0, attempt.started_at)
+            return
         try:
             future = self.backend.submit(self._streamed(attempt))
         except Exception as exc:
@@ -355,7 +365,8 @@ class Runner:
             custom_id=item.payload.custom_id if item.payload else None, text=output.text,
             output_tokens=output.output_tokens, prompt_tokens=output.prompt_tokens,
             finish_reason=None if output.error else output.finish_reason, worker=self.worker_id,
-            error=output.error, error_status=output.error_status, cancelled=item.cancelled,
+            error=output.error, error_status=output.error_status, embeddings=output.embeddings,
+            cancelled=item.cancelled,
             attempts=item.attempt + tries,
             submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
         )  # fmt: skip

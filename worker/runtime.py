@@ -497,7 +497,9 @@ class WorkerRuntime(Sink):
     def _execute(self, items: list[Item]) -> dict[int, Outcome]:
         runnable = [(p, i.payload) for p, i in enumerate(items) if i.runnable and i.payload is not None]
         requests = [
-            BackendRequest(prompt=pl.prompt, max_tokens=pl.max_tokens, sampling=pl.sampling, messages=pl.messages)
+            BackendRequest(
+                prompt=pl.prompt, max_tokens=pl.max_tokens, sampling=pl.sampling, messages=pl.messages, inputs=pl.input
+            )
             for _, pl in runnable
         ]
         outcomes = self.executor.run(requests, self.meter.tokens_per_s)
@@ -517,7 +519,7 @@ class WorkerRuntime(Sink):
                 custom_id=item.payload.custom_id if item.payload else None, text=out.text,
                 output_tokens=out.output_tokens, prompt_tokens=out.prompt_tokens,
                 finish_reason=None if out.error else out.finish_reason, worker=self.worker_id,
-                error=out.error, error_status=out.error_status, cancelled=item.cancelled,
+                error=out.error, error_status=out.error_status, embeddings=out.embeddings, cancelled=item.cancelled,
                 attempts=item.attempt + outcome.tries,
                 submitted_at=item.submitted_at, started_at=started_at, finished_at=finished_at,
             )  # fmt: skip

@@ -24,7 +24,16 @@ from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
 from gpulb.models import Result
 from gpulb.settings import Settings
-from producer.batchfile import CHAT, COMPLETIONS, request_from_body, response_body
+from producer.batchfile import (
+    BASE64,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    FLOAT,
+    in_base64,
+    request_from_body,
+    response_body,
+)
 from producer.client import BatchHandle, Client
 from producer.gateway.batches import BatchService
 from producer.gateway.fleet import ServedModels
@@ -247,6 +256,10 @@ def _add_online_routes(app: FastAPI, gateway: Gateway) -> None:
     async def chat(request: Request) -> Any:
         return await _online(gateway, CHAT, await _json_body(request))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        return await _online(gateway, EMBEDDINGS, await _json_body(request))
+
 
 async def _json_body(request: Request) -> dict[str, Any]:
     try:
@@ -265,8 +278,8 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> Any:
         raise OpenAIError(400, "model: required", code="invalid_model", param="model")
     cfg = gateway.settings
     limits = cfg.producer
-    plain = {**body, "stream": False, "stream_options": None}
-    request = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits)
+    plain = body if endpoint == EMBEDDINGS else {**body, "stream": False, "stream_options": None}
+    request = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits, encodings=(FLOAT, BASE64))
     request.pop("custom_id")
     if stream:
         return await _open_stream(gateway, endpoint, model, {**request, "stream": True}, include_usage)
@@ -283,7 +296,8 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> Any:
             raise
         if not result.ok:
             raise failure(result)
-        return response_body(result, model, endpoint)
+        answer = response_body(result, model, endpoint)
+        return in_base64(answer) if body.get("encoding_format") == BASE64 else answer
 
     return await anyio.to_thread.run_sync(run, limiter=gateway.online_slots)
 

@@ -180,7 +180,7 @@ class TestBatchAPI:
             assert too_big.value.status_code == 413 and "exceeds the limit of 20,000 bytes" in str(too_big.value)
             assert refused_by in str(too_big.value)
         with pytest.raises(openai.BadRequestError, match="endpoint"):
-            client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
+            client.batches.create(input_file_id="file-x", endpoint="/v1/responses", completion_window="24h")
         with pytest.raises(openai.NotFoundError):
             client.batches.retrieve("batch_0000000000000000")
         anonymous = openai.OpenAI(base_url=f"{gateway}/v1", api_key="wrong", max_retries=0)

@@ -159,7 +159,7 @@ class TestErrorMessages:
     def test_an_error_about_the_whole_request_has_no_pydantic_prefix(self) -> None:
         with pytest.raises(ValidationError) as info:
             RequestSpec.model_validate({"max_tokens": 3})
-        whole = "give exactly one of prompt (text completion) or messages (chat)"
+        whole = "give exactly one of prompt (text completion), messages (chat) or input (embeddings)"
         assert describe_error(info.value) == f"request: {whole}"
         assert describe_error(info.value, within="body") == f"body: {whole}"
 
@@ -171,7 +171,9 @@ class TestErrorMessages:
     def test_client_batches_report_it_without_the_prefix(self) -> None:
         with pytest.raises(InvalidRequest) as info:
             validate_requests([{"max_tokens": 3}], max_tokens=7, limits=LIMITS)
-        assert str(info.value) == "request 0: request: give exactly one of prompt (text completion) or messages (chat)"
+        assert str(info.value) == (
+            "request 0: request: give exactly one of prompt (text completion), messages (chat) or input (embeddings)"
+        )
 
     def test_a_chat_body_without_messages_says_so(self) -> None:
         assert refusals(chat_line("a", messages=None), completion_line("b", prompt=None)) == {

@@ -168,3 +168,20 @@ def test_sampling_fields_map_to_generate_arguments() -> None:
         "repetition_penalty": 1.2, "min_new_tokens": 2,
     }  # fmt: skip
     assert generation_kwargs({"ignore_eos": True, "min_tokens": 2}, 16) == {"min_new_tokens": 16}
+
+
+class TestEmbeddings:
+    def test_each_text_gets_a_unit_vector_the_same_alone_or_beside_a_longer_one(
+        self, backend: TransformersBackend, tokenizer: Any
+    ) -> None:
+        texts = ["a short one", "a rather longer text than the first, to pad it"]
+        [both, alone, chatty] = backend.generate([
+            BackendRequest(None, 1, inputs=texts), BackendRequest(None, 1, inputs=texts[:1]), prompt("hello", 2),
+        ])  # fmt: skip
+        assert both.embeddings is not None and alone.embeddings is not None and both.error is None
+        assert len(both.embeddings) == 2 and len({len(v) for v in both.embeddings}) == 1
+        assert all(abs(sum(x * x for x in v) - 1) < 1e-5 for v in both.embeddings)
+        assert all(abs(a - b) < 1e-4 for a, b in zip(both.embeddings[0], alone.embeddings[0], strict=True))
+        assert both.embeddings[0] != both.embeddings[1]
+        assert both.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+        assert (both.output_tokens, both.text) == (0, "") and chatty.output_tokens == 2 and chatty.embeddings is None

@@ -34,12 +34,12 @@ BAD_BATCHES: list[tuple[Any, dict[str, Any], str]] = [
     (
         [{"max_tokens": 3}],
         {},
-        "request 0: request: give exactly one of prompt (text completion) or messages (chat)",
+        "request 0: request: give exactly one of prompt (text completion), messages (chat) or input (embeddings)",
     ),
     (
         [{"prompt": "p", "messages": [{"role": "user", "content": "hi"}]}],
         {},
-        "request 0: request: give exactly one of prompt (text completion) or messages (chat)",
+        "request 0: request: give exactly one of prompt (text completion), messages (chat) or input (embeddings)",
     ),
     ([{"messages": []}], {}, "request 0: messages: List should have at least 1 item"),
     ([{"messages": [{"role": "robot", "content": "hi"}]}], {}, "request 0: messages.0.role: Input should be 'system'"),

@@ -30,10 +30,13 @@ class BackendRequest:
     # thread; the pieces joined are the final output's text. None: not streamed. A backend that cannot stream
     # never calls it (the whole text then arrives with the result).
     on_text: TextSink | None = field(default=None, compare=False, repr=False)
+    inputs: list[str] | None = None  # an embedding request: one vector for each text, nothing generated
 
     @property
     def text(self) -> str:
         """The prompt, or the conversation rendered as plain text (for engines without a chat template)."""
+        if self.inputs is not None:
+            return "\n".join(self.inputs)
         return self.prompt if self.messages is None else render_messages(self.messages)  # type: ignore[return-value]
 
 
@@ -49,6 +52,7 @@ class BackendOutput:
     error: str | None = None
     retryable: bool = False
     error_status: int | None = None  # the engine refused the request itself, as this HTTP status would say (400)
+    embeddings: list[list[float]] | None = None  # an embedding request's vectors, one per input
 
 
 class EngineUnavailable(BackendError):
@@ -62,6 +66,15 @@ def failed(error: str, *, retryable: bool = False, status: int | None = None) ->
 def refused(error: str) -> BackendOutput:
     """The engine refuses the request itself (a prompt over the context length, a bad parameter): a 400."""
     return failed(error, status=400)
+
+
+def embedded(vectors: list[list[float]], prompt_tokens: int) -> BackendOutput:
+    return BackendOutput(text="", output_tokens=0, prompt_tokens=prompt_tokens, embeddings=vectors)
+
+
+def cannot_embed(backend: Backend) -> BackendOutput:
+    return refused(f"the {backend.name} backend of this worker cannot embed: send embeddings to a worker whose "
+                   "model embeds (transformers, an OpenAI-compatible server that serves /v1/embeddings)")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +102,7 @@ class Backend(ABC):
 
     name: str = "backend"
     continuous: bool = False
+    can_embed: bool = False  # it answers embedding requests (BackendRequest.inputs); others are refused with a 400
 
     def start(self) -> None:  # noqa: B027 - optional hook: most backends load in start()
         """Load the model. Called once, before the worker takes work."""

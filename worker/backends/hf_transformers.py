@@ -24,6 +24,7 @@ from worker.backends.base import (
     BackendOutput,
     BackendRequest,
     EngineLoad,
+    embedded,
     import_engine,
     refused,
 )
@@ -48,6 +49,7 @@ class TransformersBackend(Backend):
     """
 
     name = "transformers"
+    can_embed = True
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None) -> None:
         self.model_path = model_path
@@ -117,6 +119,8 @@ class TransformersBackend(Backend):
         outputs: list[BackendOutput | None] = [None] * len(requests)
         groups: dict[str, list[_Row]] = {}
         for index, request in enumerate(requests):
+            if request.inputs is not None:
+                continue  # embedded below, under the lock
             prepared = self._prepare(index, request)
             if isinstance(prepared, BackendOutput):
                 outputs[index] = prepared
@@ -128,6 +132,9 @@ class TransformersBackend(Backend):
                 for rows in groups.values():
                     for row, output in zip(rows, self._generate_group(rows), strict=True):
                         outputs[row.index] = output
+                for index, request in enumerate(requests):
+                    if request.inputs is not None:
+                        outputs[index] = self._embed(request.inputs)
             finally:
                 self._running = 0
         return [out for out in outputs if out is not None]
@@ -144,6 +151,18 @@ class TransformersBackend(Backend):
         except Exception as exc:  # a template may raise on purpose (e.g. "roles must alternate")
             return refused(f"the chat template refused these messages: {type(exc).__name__}: {exc}")
         return _Row(index, request, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _embed(self, texts: list[str]) -> BackendOutput:
+        """Mean of the last hidden layer over each text's tokens, L2-normalised (the usual pooling of a decoder)."""
+        torch, tokenizer = self._torch, self._tokenizer
+        batch = tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift a text
+        with torch.inference_mode():
+            hidden = self._model(**batch, position_ids=positions, output_hidden_states=True).hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        vectors = torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
+        return embedded(vectors, int(batch["attention_mask"].sum().item()))
 
     def _generate_group(self, rows: list[_Row]) -> list[BackendOutput]:
         """One ``generate`` call for requests that share their sampling fields."""

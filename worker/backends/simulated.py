@@ -12,7 +12,9 @@ token count is its number of words.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -28,6 +30,7 @@ from worker.backends.base import (
     ContinuousBackend,
     EngineLoad,
     TextSink,
+    embedded,
 )
 from worker.backends.batching import (
     DEFAULT_MEDIAN_OUTPUT,
@@ -41,6 +44,7 @@ FAIL_MARKER = "@@fail"  # with simulate_faults: a request whose prompt holds thi
 HANG_MARKER = "@@hang"  # with simulate_faults: a request holding this never finishes (until shutdown)
 ENGINE_ARGS = {"slots", "fixed_share", "prefill_share", "median_output_tokens", "output_sigma"}
 STREAM_TICK_S = 0.05  # how often a streamed request's new words go out
+EMBEDDING_DIM = 16  # the simulated embedding model's vector size
 
 
 @dataclass(slots=True)
@@ -71,7 +75,22 @@ def echo_text(prompt: str, max_tokens: int) -> str:
     return " ".join(echo_words(prompt, max_tokens))
 
 
+def simulated_embedding(text: str) -> list[float]:
+    """A unit vector of ``EMBEDDING_DIM`` floats drawn from the text's hash: the same text, the same vector."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [int.from_bytes(digest[i : i + 2], "little") / 32767.5 - 1.0 for i in range(0, 2 * EMBEDDING_DIM, 2)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+def embed_output(request: BackendRequest) -> BackendOutput:
+    texts = request.inputs or []
+    return embedded([simulated_embedding(t) for t in texts], sum(len(t.split()) for t in texts))
+
+
 def echo_output(request: BackendRequest, tokens: int, finish_reason: str) -> BackendOutput:
+    if request.inputs is not None:
+        return embed_output(request)
     text = request.text
     return BackendOutput(text=echo_text(text, tokens), output_tokens=tokens, prompt_tokens=len(text.split()),
                          finish_reason=finish_reason)  # fmt: skip
@@ -85,6 +104,7 @@ class LinearSimulatedBackend(Backend):
     """
 
     name = "simulated-linear"
+    can_embed = True
 
     def __init__(self, tokens_per_s: float, *, simulate_faults: bool = False) -> None:
         if tokens_per_s <= 0:
@@ -119,6 +139,7 @@ class SimulatedBackend(ContinuousBackend):
     """
 
     name = "simulated"
+    can_embed = True
 
     def __init__(
         self, tokens_per_s: float, *, simulate_faults: bool = False, engine_args: dict[str, Any] | None = None
@@ -163,6 +184,8 @@ class SimulatedBackend(ContinuousBackend):
             future.set_exception(SimulatedFault("simulated backend failure"))
             return future
         tokens, stopped = self.lengths.output_length(text, request.max_tokens, request.sampling)
+        if request.inputs is not None:
+            tokens = 1  # one pass over the prompt, nothing generated
         output = echo_output(request, tokens, STOP if stopped else LENGTH)
         if self.simulate_faults and HANG_MARKER in text:
             tokens = 1 << 40  # never finishes, but holds its slot as a stuck request does
