@@ -455,7 +455,8 @@ class TestStreaming:
         pieces: list[str] = []
         server.reject_containing("TOO-LONG", "This model's maximum context length is 4096 tokens.")
         server.fail_next(1)
-        busy, bad = backend.generate([prompt("a", 1, pieces.append), chat("TOO-LONG", 1, pieces.append)])
+        [busy] = backend.generate([prompt("a", 1, pieces.append)])
+        [bad] = backend.generate([chat("TOO-LONG", 1, pieces.append)])
         assert (busy.retryable, busy.error_status, busy.error) == (
             True, None, "HTTP 503 from /v1/completions: Service unavailable (injected 503)",
         )  # fmt: skip
@@ -480,6 +481,17 @@ class TestStreaming:
         server.release_held()
         assert backend.generate([prompt("after", 1, pieces.append)])[0].text == "after"
         assert pieces == ["HOLD", "after"]
+
+    def test_a_sink_that_raises_fails_its_request_and_closes_the_stream(
+        self, server: FakeOpenAIServer, backend: OpenAIServerBackend
+    ) -> None:
+        def broken(piece: str) -> None:
+            raise RuntimeError("the reader is gone")
+
+        server.hold_containing("HOLD")
+        with pytest.raises(RuntimeError, match="the reader is gone"):
+            backend.submit(prompt("HOLD a", 2, broken)).result(timeout=5)
+        assert eventually(lambda: server.disconnects == 1 and server.in_flight == 0)  # vLLM would abort it here
 
     def test_streams_keep_their_connection(self, server: FakeOpenAIServer, backend: OpenAIServerBackend) -> None:
         for i in range(3):

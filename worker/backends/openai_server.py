@@ -285,30 +285,32 @@ class StreamedCompletion:
             self.done = True
             return
         try:
-            self._chunk(json.loads(data))
+            piece = self._chunk(json.loads(data))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             self.error = (f"malformed stream from the engine server ({self.path}): {type(exc).__name__}: {exc}; "
                           f"chunk: {data[:ERROR_CHARS]!r}")  # fmt: skip
+            return
+        if piece:
+            self.pieces.append(piece)
+            self.on_text(piece)  # outside the try: the sink's own errors are not the server's
 
-    def _chunk(self, chunk: dict[str, Any]) -> None:
+    def _chunk(self, chunk: dict[str, Any]) -> str | None:
+        """The chunk's piece of text; its finish reason, usage or error are kept."""
         if "error" in chunk or chunk.get("object") == "error":  # vLLM's error mid-stream, then [DONE]
             self.error = f"error in the stream from {self.path}: {error_text(chunk)}"
-            return
+            return None
         if chunk.get("usage"):
             self.usage = {key: int(chunk["usage"][key]) for key in ("prompt_tokens", "completion_tokens")}
         choices = chunk.get("choices") or []  # none in the usage chunk
-        if choices:
-            self._choice(choices[0])
+        return self._choice(choices[0]) if choices else None
 
-    def _choice(self, choice: dict[str, Any]) -> None:
+    def _choice(self, choice: dict[str, Any]) -> str | None:
         piece = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
         finish = choice.get("finish_reason")
         if not isinstance(piece, str | None) or not isinstance(finish, str | None):
             raise TypeError("text and finish_reason must be strings")
         self.finish_reason = finish or self.finish_reason
-        if piece:
-            self.pieces.append(piece)
-            self.on_text(piece)
+        return piece
 
     def output(self) -> BackendOutput:
         if self.error is not None:
