@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import re
@@ -55,6 +56,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+EMBEDDINGS_PATH = "/v1/embeddings"
 HOLD_POLL_S = 0.01
 
 
@@ -89,6 +91,11 @@ def generate(prompt: str, max_tokens: int, stop: Any) -> tuple[str, str]:
     return text, "length"
 
 
+def fake_embedding(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(b / 255.0, 6) for b in digest[:8]]
+
+
 def stream_pieces(text: str) -> list[str]:
     """The pieces a stream sends: each word with the whitespace before it (they join to ``text``)."""
     return re.findall(r"\s*\S+|\s+", text)
@@ -106,9 +113,10 @@ class FakeOpenAIServer:
 
     def __init__(
         self, model: str = "fake-model", *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-        delay_s: float = 0.0, max_model_len: int = 4096, metrics_path: str = "/metrics",
+        delay_s: float = 0.0, max_model_len: int = 4096, metrics_path: str = "/metrics", embeddings: bool = False,
     ) -> None:  # fmt: skip
         self.model = model
+        self.embeddings = embeddings  # it serves /v1/embeddings (a pooling model); else that path is a 404
         self.metrics_path = metrics_path  # "/prometheus/metrics": where trtllm-serve has it
         self.api_key = api_key
         self.delay_s = delay_s
@@ -302,6 +310,15 @@ class FakeOpenAIServer:
             self.generation_tokens += usage_out
         return {"prompt_tokens": usage_in, "total_tokens": usage_in + usage_out, "completion_tokens": usage_out}
 
+    def embeddings_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's pooling server's answer: one vector per input (from its hash, as gpulb's simulator makes them),
+        listed in reverse to check that the client orders them by index."""
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)]
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "model": body.get("model"), "data": data[::-1],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
     def server_info(self) -> dict[str, Any]:
         scheduler = {"max_num_seqs": self.max_num_seqs, "max_num_active_seqs": None, "max_num_batched_tokens": 2048}
         return {"vllm_config": {"scheduler_config": scheduler, "model_config": {"max_model_len": self.max_model_len}}}
@@ -387,6 +404,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_fake/faults":
             self.fake.set_faults(body)
             return self._json(200, {"ok": True})
+        if self.path == EMBEDDINGS_PATH and self.fake.embeddings and self._authorized():
+            return self._json(200, self.fake.embeddings_answer(body))
         if self.path not in COMPLETION_PATHS:
             return self._json(404, {"detail": "Not Found"})
         if self._authorized():

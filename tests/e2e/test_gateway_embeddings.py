@@ -10,7 +10,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from gpulb.stack import LocalStack, WorkerSpec
 from tests.e2e.test_gateway import KEY, running_gateway, simulated_fleet, wait_final
+from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 from worker.backends.simulated import simulated_embedding
 
 pytestmark = pytest.mark.e2e
@@ -80,3 +82,17 @@ class TestBatch:
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
         assert batch.status == "failed" and batch.errors is not None and batch.errors.data
         assert "encoding_format" in (batch.errors.data[0].message or "")
+
+
+class TestEngineServer:
+    def test_an_openai_worker_embeds_through_its_servers_own_endpoint(self, redis_url: str, tmp_path: Path) -> None:
+        with FakeOpenAIServer("pooler", embeddings=True) as server:
+            worker = WorkerSpec("api", "pooler", backend="openai", args=("--base-url", server.url))
+            with (
+                LocalStack(redis_url, [worker], tmp_path / "stack"),
+                running_gateway(redis_url, tmp_path / "gateway.log", api_keys=json.dumps([KEY])) as url,
+            ):
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+                answer = client.embeddings.create(model="pooler", input=TEXTS, encoding_format="float")
+        assert [d.embedding for d in answer.data] == [fake_embedding(t) for t in TEXTS]
+        assert answer.usage.prompt_tokens == 3

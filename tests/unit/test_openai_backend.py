@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from gpulb.errors import BackendError, ConfigError
 from gpulb.settings import BackendName, WorkerSettings
-from tests.fake_openai_server import FakeOpenAIServer
+from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 from worker.backends.base import BackendOutput, BackendRequest, EngineLoad, TextSink
 from worker.backends.openai_server import (
     OpenAIServerBackend,
@@ -669,3 +669,22 @@ class TestFakeServerProcess:
             assert proc.wait(5) == 0
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+class TestEmbeddings:
+    def test_inputs_go_to_the_servers_embeddings_in_order(self) -> None:
+        with FakeOpenAIServer(MODEL, embeddings=True) as server:
+            backend = make_backend(server.url)
+            backend.start()
+            try:
+                [out] = backend.generate([BackendRequest(None, 1, inputs=["one two", "three"])])
+            finally:
+                backend.shutdown()
+        assert out.error is None and out.embeddings == [fake_embedding("one two"), fake_embedding("three")]
+        assert (out.prompt_tokens, out.output_tokens, out.text) == (3, 0, "")
+        assert server.requests[-1].body == {"model": MODEL, "input": ["one two", "three"], "encoding_format": "float"}
+
+    def test_a_server_without_embeddings_answers_each_such_request_a_404(self, backend: OpenAIServerBackend) -> None:
+        [out] = backend.generate([BackendRequest(None, 1, inputs=["x"])])
+        assert (out.error_status, out.retryable, out.embeddings) == (404, False, None)
+        assert out.error is not None and out.error.startswith("HTTP 404 from /v1/embeddings")

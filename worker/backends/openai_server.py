@@ -29,7 +29,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpulb.connection import redact_url
 from gpulb.errors import BackendError, ConfigError
 from gpulb.logs import get_logger
-from worker.backends.base import BackendOutput, BackendRequest, ContinuousBackend, EngineLoad, TextSink, failed
+from worker.backends.base import (
+    BackendOutput,
+    BackendRequest,
+    ContinuousBackend,
+    EngineLoad,
+    TextSink,
+    embedded,
+    failed,
+)
 from worker.backends.loop import EventLoopThread
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ log = get_logger("gpulb.worker.openai")
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 HEALTH_PATH = "/health"
 MODELS_PATH = "/v1/models"
 METRICS_PATHS = ("/metrics", "/prometheus/metrics")  # vLLM and SGLang; trtllm-serve
@@ -67,6 +76,7 @@ class OpenAIServerBackend(ContinuousBackend):
     """Sends each request to ``{base_url}/v1/completions`` or ``/v1/chat/completions``."""
 
     name = "openai"
+    can_embed = True  # through the server's /v1/embeddings: a server without it answers each such request a 404
 
     def __init__(
         self,
@@ -170,6 +180,8 @@ class OpenAIServerBackend(ContinuousBackend):
     async def _post(self, request: BackendRequest) -> BackendOutput:
         path, body = request_body(self.model, request)
         try:
+            if path == EMBEDDINGS_PATH:
+                return await self._embed(body)
             if request.on_text is not None:
                 return await self._stream(path, body, request.on_text)
             response = await self._client.post(path, json=body)
@@ -180,6 +192,13 @@ class OpenAIServerBackend(ContinuousBackend):
         if response.status_code != 200:
             return http_failure(path, response)
         return parse_completion(response)
+
+    async def _embed(self, body: dict[str, Any]) -> BackendOutput:
+        """The server's own ``/v1/embeddings`` (``vllm serve --runner pooling``, TEI, SGLang), in floats."""
+        response = await self._client.post(EMBEDDINGS_PATH, json=body)
+        if response.status_code != 200:
+            return http_failure(EMBEDDINGS_PATH, response)
+        return parse_embeddings(response)
 
     async def _stream(self, path: str, body: dict[str, Any], on_text: TextSink) -> BackendOutput:
         """POST with ``stream``; a cancelled call leaves the ``async with``, which closes the connection."""
@@ -249,9 +268,23 @@ def server_root(base_url: str) -> str:
     return url.removesuffix("/v1").rstrip("/")
 
 
+def parse_embeddings(response: httpx.Response) -> BackendOutput:
+    """An embeddings response body as an output, its vectors in input order; a malformed body fails the request."""
+    try:
+        payload = response.json()
+        data = sorted(payload["data"], key=lambda item: int(item["index"]))
+        vectors = [[float(x) for x in item["embedding"]] for item in data]
+        return embedded(vectors, int((payload.get("usage") or {}).get("prompt_tokens", 0)))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        return failed(f"malformed embeddings from the engine server: {type(exc).__name__}: {exc}; "
+                      f"body: {response.text[:ERROR_CHARS]!r}")  # fmt: skip
+
+
 def request_body(model: str, request: BackendRequest) -> tuple[str, dict[str, Any]]:
     """The path and JSON body for one request; sampling fields go in as they are (vLLM and SGLang
     take the ones OpenAI does not define)."""
+    if request.inputs is not None:
+        return EMBEDDINGS_PATH, {"model": model, "input": request.inputs, "encoding_format": "float"}
     body: dict[str, Any] = {**request.sampling, "model": model, "max_tokens": request.max_tokens}
     if request.messages is not None:
         return CHAT_PATH, {**body, "messages": request.messages}
