@@ -11,6 +11,7 @@ Each engine start costs ~20-40 s and ~3 GiB on a 2-core machine, so there are tw
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -251,3 +252,32 @@ class TestOpenAIWorkerOnVllmServer:
         check_load(load, "openai", results, max_running)
         assert int(load["generated_tokens"]) == server_counter(vllm_server, "vllm:generation_tokens_total")
         assert codes["api0"] == 0, f"the worker did not stop cleanly: {codes}"
+
+
+class TestVllmPoolingWorker:
+    def test_a_pooling_engine_embeds_through_the_fleet(self, redis_url: str, tmp_path: Path, model_dir: Path) -> None:
+        """The same random Llama run by vLLM as an embedding model (runner pooling, convert embed)."""
+        engine_args = {"max_model_len": MAX_MODEL_LEN, "enforce_eager": True, "runner": "pooling", "convert": "embed"}
+        worker = WorkerSpec("pool0", "tiny-embed", backend="vllm", args=(
+            "--model-path", str(model_dir), "--dtype", "float32", "--engine-args", json.dumps(engine_args),
+        ))  # fmt: skip
+        texts = ["the gpu and the load balancer", "hello", "the gpu and the load balancer"]
+        requests: list[dict[str, Any] | str] = [{"input": texts}, {"input": ["hello"]}, "not an embedding"]
+        stack = LocalStack(redis_url, [worker], tmp_path / "logs", env=ENGINE_ENV)
+        try:
+            stack.start(timeout_s=ENGINE_START_S)
+            with Client(redis_url) as client:
+                batch = client.submit_batch(requests, model="tiny-embed")
+                embedded, again, generated = batch.results(timeout=RESULTS_TIMEOUT_S)
+        finally:
+            codes = stack.stop(timeout_s=60)
+        assert codes["pool0"] == 0, f"the worker did not stop cleanly: {codes}"
+        assert embedded.error is None and embedded.embeddings is not None and len(embedded.embeddings) == 3
+        first, second, third = embedded.embeddings
+        assert len(first) == 256 and abs(sum(x * x for x in first) - 1) < 1e-4  # the hidden size, normalised
+        assert first == third and first != second
+        assert again.embeddings is not None and all(
+            abs(a - b) < 1e-5 for a, b in zip(again.embeddings[0], second, strict=True)
+        )
+        assert embedded.prompt_tokens > len(texts) and embedded.output_tokens == 0
+        assert generated.error is not None  # a pooling model does not generate: that request fails, the others stand

@@ -132,6 +132,19 @@ class FakeRenderer:
         return [{"type": "token", "prompt_token_ids": ids, "arrival_time": 0.0}]
 
 
+@dataclass
+class VllmPoolingParams:  # vLLM's PoolingParams: the task is all gpulb sets
+    task: str | None = None
+
+
+@dataclass
+class FakeTensor:
+    values: list[float]
+
+    def tolist(self) -> list[float]:
+        return list(self.values)
+
+
 class FakeAsyncLLM:
     """``AsyncLLM``'s surface: from_engine_args(args, stat_loggers), vllm_config, model_config, renderer,
     an async-generator generate that aborts its request when closed (cancelled), check_health, shutdown."""
@@ -148,6 +161,7 @@ class FakeAsyncLLM:
         self.logger.log_engine_initialized()
         self.in_flight = self.max_in_flight = 0
         self.seen: list[tuple[str, VllmSamplingParams]] = []
+        self.seen_pooling: list[tuple[str, str]] = []
         self.kinds: list[str] = []  # "rendered", "text" or "tokens": what generate() was given
         self.aborted: list[str] = []  # requests whose generator was closed while they ran
         self.abort_calls: list[str] = []
@@ -223,6 +237,13 @@ class FakeAsyncLLM:
 
         return tokenizer()
 
+    async def encode(self, prompt: str, params: VllmPoolingParams, request_id: str) -> AsyncIterator[Any]:
+        """A pooling model's one output: ``outputs.data`` a tensor (here: anything with ``tolist``)."""
+        self.seen_pooling.append((prompt, params.task))
+        await asyncio.sleep(0.01)
+        vector = [float(len(prompt)), float(len(prompt.split()))]
+        yield SimpleNamespace(prompt_token_ids=prompt.split(), outputs=SimpleNamespace(data=FakeTensor(vector)))
+
     async def abort(self, request_id: str) -> None:
         self.abort_calls.append(request_id)  # by its external id: does nothing for a request already ended
 
@@ -242,6 +263,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     names = ["vllm", "vllm.v1.metrics.loggers", "vllm.v1.engine.async_llm", "vllm.sampling_params", "vllm.exceptions"]
     modules = {name: types.ModuleType(name) for name in names}
     modules["vllm"].SamplingParams = VllmSamplingParams  # type: ignore[attr-defined]
+    modules["vllm"].PoolingParams = VllmPoolingParams  # type: ignore[attr-defined]
     modules["vllm"].AsyncEngineArgs = lambda **kw: dict(kw)  # type: ignore[attr-defined]
     modules["vllm.v1.metrics.loggers"].StatLoggerBase = StatLoggerBase  # type: ignore[attr-defined]
     modules["vllm.v1.engine.async_llm"].AsyncLLM = FakeAsyncLLM  # type: ignore[attr-defined]
@@ -739,3 +761,19 @@ def test_a_vllm_engine_that_errored_is_dead_for_good() -> None:
     assert not backend.dead()
     backend._engine = SimpleNamespace(errored=True)
     assert backend.dead()
+
+
+class TestVllmEmbeddings:
+    def test_a_pooling_engine_embeds_each_text_in_order(self, fake_vllm: None) -> None:
+        backend = VllmBackend("m", engine_args={"runner": "pooling", "convert": "embed"})
+        backend.start()
+        try:
+            [out] = backend.generate([BackendRequest(None, 1, inputs=["one two", "three"])])
+        finally:
+            backend.shutdown()
+        assert backend.can_embed and out.error is None
+        assert (out.embeddings, out.prompt_tokens, out.output_tokens) == ([[7.0, 2.0], [5.0, 1.0]], 3, 0)
+        assert sorted(FakeAsyncLLM.instance.seen_pooling) == [("one two", "embed"), ("three", "embed")]
+
+    def test_a_generating_engine_does_not_claim_to_embed(self) -> None:
+        assert not VllmBackend("m").can_embed

@@ -32,6 +32,7 @@ from worker.backends.base import (
     EngineLoad,
     EngineUnavailable,
     TextSink,
+    embedded,
     failed,
     import_engine,
     one_output,
@@ -186,19 +187,22 @@ class VllmBackend(ContinuousBackend):
         if not model:
             raise ConfigError("the vllm backend needs a model: --model-path (or --model) naming a directory or hub id")
         self.model, self.dtype, self.engine_args = model, dtype, dict(engine_args or {})
+        # a pooling model (engine_args {"runner": "pooling"}, e.g. with "convert": "embed") embeds; it cannot generate
+        self.can_embed = self.engine_args.get("runner") == "pooling"
         self.stats = EngineStats()
         self._loop: EventLoopThread | None = None
         self._engine: Any = None
         self._sampling_cls: Any = None
         self._final_only: Any = None
         self._delta: Any = None
+        self._pooling_cls: Any = None
         self._refusals: tuple[type[BaseException], ...] = (TypeError, ValueError)
 
     def start(self) -> None:
         vllm = import_engine("vllm", "vllm")
         loggers = import_engine("vllm.v1.metrics.loggers", "vllm")
         async_llm = import_engine("vllm.v1.engine.async_llm", "vllm")
-        self._sampling_cls = vllm.SamplingParams
+        self._sampling_cls, self._pooling_cls = vllm.SamplingParams, vllm.PoolingParams
         output_kinds = import_engine("vllm.sampling_params", "vllm").RequestOutputKind
         self._final_only, self._delta = output_kinds.FINAL_ONLY, output_kinds.DELTA
         self._refusals = refusal_types()
@@ -232,6 +236,8 @@ class VllmBackend(ContinuousBackend):
         return built or positive_int(self.engine_args.get("max_model_len"))
 
     async def _generate_one(self, request: BackendRequest) -> BackendOutput:
+        if request.inputs is not None:
+            return await self._embed(request.inputs)
         too_long = budget_error(request.max_tokens, self.max_model_len())
         if too_long is not None:
             return refused(f"vLLM refused the request: {too_long}")
@@ -261,6 +267,29 @@ class VllmBackend(ContinuousBackend):
             return self._failure(exc)
         final = outputs.output()
         return failed("vLLM returned no output", retryable=True) if final is None else final
+
+    async def _embed(self, texts: list[str]) -> BackendOutput:
+        """One ``encode`` per text, all at once (the engine batches them); vLLM's embed pooler normalises."""
+        try:
+            pooled = await asyncio.gather(*(self._pool(text) for text in texts))
+        except self._refusals as exc:
+            return refused(f"vLLM refused the request: {exc}")
+        except Exception as exc:
+            return self._failure(exc)
+        vectors = [[float(x) for x in output.outputs.data.tolist()] for output in pooled]
+        return embedded(vectors, sum(len(output.prompt_token_ids) for output in pooled))
+
+    async def _pool(self, text: str) -> Any:
+        request_id, final = uuid.uuid4().hex, None
+        try:
+            async for output in self._engine.encode(text, self._pooling_cls(task="embed"), request_id):
+                final = output
+        except asyncio.CancelledError:
+            await self._engine.abort(request_id)
+            raise
+        if final is None:
+            raise BackendError("vLLM returned no embedding")
+        return final
 
     def _failure(self, exc: Exception) -> BackendOutput:
         if getattr(self._engine, "errored", False):
