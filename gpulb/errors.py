@@ -47,6 +47,10 @@ class ResultTimeout(GpulbError, TimeoutError):
     """Waiting for a result or a batch took longer than the caller allowed."""
 
 
+class StreamBroken(GpulbError):
+    """A streamed request was run again after part of its answer had been read: the rest cannot be joined to it."""
+
+
 class WorkerIdInUse(GpulbError):
     """Another live worker already serves under this id."""
 

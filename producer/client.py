@@ -255,7 +255,10 @@ class JobHandle:
         """
         client = self.batch.client
         with client._errors():
-            yield from follow_text(client._conn, self.batch.id, self.index, timeout)
+            for item in follow_text(client._conn, self.batch.id, self.index, timeout):
+                if isinstance(item, Result):
+                    client._confirm_durable(f"the result of {self.id}")
+                yield item
 
     def abort(self) -> None:
         """Stop it: not started, it is cancelled; running, the engine drops it (streamed requests)."""

@@ -14,12 +14,10 @@ from collections.abc import Iterator
 import redis
 
 from gpulb import keys
-from gpulb.errors import ResultTimeout
-from gpulb.logs import get_logger
+from gpulb.errors import ResultTimeout, StreamBroken
 from gpulb.models import Result
 from producer import store
 
-log = get_logger("gpulb.producer.streaming")
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 POLL_MS = 250  # how long one read blocks for new pieces before the result is looked for
 
@@ -66,8 +64,8 @@ class _Pieces:
                     yield text
 
     def rest_of(self, result: Result) -> str:
-        """What of the result's text the pieces did not bring."""
-        if result.text.startswith(self.sent):
-            return result.text[len(self.sent) :]
-        log.warning("streamed text and result differ (a retry elsewhere ran it again)", stream=self.key)
-        return ""
+        """What of the result's text the pieces did not bring; :class:`StreamBroken` if another run answered."""
+        if not result.ok or result.text.startswith(self.sent):
+            return result.text[len(self.sent) :] if result.ok else ""
+        raise StreamBroken(f"{self.key}: the request was run again after {len(self.sent)} characters of its answer "
+                           "were sent, and its answer differs: send it again")  # fmt: skip

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from rq.exceptions import DequeueTimeout
@@ -31,6 +32,7 @@ from worker.jobs import CURRENT_RUNTIME
 from worker.runtime import WorkerRuntime
 
 log = get_logger("gpulb.worker")
+T = TypeVar("T")
 LMOVE_MIN_REDIS = (6, 2, 0)  # RQ dequeues with BLMOVE (into the intermediate list) from this version on
 RECENT_HEARTBEAT_S = 1.0  # RQ's worker hash lives worker_ttl + 60 s: a plain heartbeat sooner is redundant
 # RQ reads its command channel (`rq shutdown`...) in a thread that waits up to 60 s per poll, and redis-py >= 8.2's
@@ -128,7 +130,7 @@ class GpulbWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """RQ's dequeue on our one queue: idle state and heartbeat in one trip, then BLMOVE, then one read."""
         if max_idle_time is not None or len(self.queues) != 1 or get_version(self.connection) < LMOVE_MIN_REDIS:
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            return self._blocking(lambda: super(GpulbWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time))
         if self.get_state() != WorkerStatus.IDLE or not self._beat_recently():
             with self.connection.pipeline(transaction=False) as pipe:
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
@@ -148,20 +150,25 @@ class GpulbWorker(SimpleWorker):
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * self.exponential_backoff_factor, self.max_connection_wait_time)
 
+    def _blocking(self, wait: Callable[[], T]) -> T | None:
+        """Run a blocking dequeue where a stop request may interrupt it; None if asked to stop before it began
+        (the flag is set first, so that a request coming between the check and the wait still interrupts)."""
+        self._blocked_in_dequeue = True
+        try:
+            return None if self.runtime.draining else wait()
+        finally:
+            self._blocked_in_dequeue = False
+
     def _dequeue(self, queue: Queue, timeout: int | None) -> tuple[Job, Queue] | None:
         """Once the engine has a free slot: BLMOVE into the intermediate list (as RQ), then the job hash and
         micro-batch entries in one read. Until then the micro-batch stays queued, where it can be handed back."""
         while True:
+            if self.runtime.draining:  # asked to stop (request_stop): RQ's loop ends on None
+                return None
             if not self.runtime.wait_for_room():
                 self.heartbeat()
                 continue
-            if self.runtime.draining:  # asked to stop (request_stop): RQ's loop ends on None
-                return None
-            self._blocked_in_dequeue = True
-            try:
-                popped = Queue.lmove(self.connection, queue.key, timeout)
-            finally:
-                self._blocked_in_dequeue = False
+            popped = self._blocking(lambda: Queue.lmove(self.connection, queue.key, timeout))
             if popped is None:
                 return None
             job_id = as_text(popped[1])

@@ -194,7 +194,11 @@ class Runner:
 
     def _control_loop(self) -> None:
         while not (self._stopping.is_set() and self._idle()):
-            timeout = self._fire_timers()
+            try:
+                timeout = self._fire_timers()
+            except Exception:  # a bug in a timer, a sweep or an engine's abort must not stop the runner either
+                log.exception("runner timers failed")
+                timeout = SWEEP_S
             try:
                 event = self._events.get(timeout=timeout)
             except queue.Empty:
@@ -272,10 +276,12 @@ class Runner:
 
     def _abort_unread(self) -> None:
         """Abort, in the engine, the streamed requests whose reader went away (a client that disconnected)."""
-        if not self._streaming or self.streams is None:
+        if self.streams is None:
             return
         attempts = list(self._streaming.values())
         gone = self.streams.aborted(a.flight.items[a.position].batch_id for a in attempts)
+        if not gone:
+            return
         for attempt in attempts:
             item = attempt.flight.items[attempt.position]
             if item.batch_id in gone and not attempt.done and attempt.future is not None:

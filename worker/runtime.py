@@ -545,13 +545,14 @@ class WorkerRuntime(Sink):
         if self.settings.redis.durable_acks:
             queue_durable_wait(pipe, self.settings)  # the results count as recorded once they are on disk
         replies = pipe.execute(raise_on_error=False)
+        rerun = False
         for i, (script_keys, args) in enumerate(arguments):
             if isinstance(replies[i], NoScriptError):  # Redis restarted and lost its scripts: load, run again
-                replies[i] = self.scripts.record(keys=script_keys, args=args)
+                replies[i], rerun = self.scripts.record(keys=script_keys, args=args), True
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        if self.settings.redis.durable_acks and not durable(replies[-1]):
+        if self.settings.redis.durable_acks and (rerun or not durable(replies[-1])):  # a rerun came after WAITAOF
             confirm_durable(self.conn, self.settings, "results")
         recorded = [(int(r[0]), int(r[1])) for r in replies[: len(arguments)]]
         if garbage := sum(g for _, g in recorded):

@@ -21,6 +21,7 @@ from worker.backends.base import TextSink
 
 log = get_logger("gpulb.worker.streaming")
 FLUSH_MAX = 4096  # pieces in one pipeline
+ABORT_POLL_S = 0.1  # how often the abort flags of streamed requests in the engine are read
 
 
 class TextStreams:
@@ -29,28 +30,43 @@ class TextStreams:
     def __init__(self, conn: redis.Redis) -> None:
         self.conn = conn
         self._pieces: queue.SimpleQueue[tuple[str, str, str] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write_loop, name="gpulb-text-streams", daemon=True)
-        self._thread.start()
+        self._watched: frozenset[str] = frozenset()  # batches of streamed requests in the engine
+        self._gone: frozenset[str] = frozenset()  # of those, the ones whose reader went away
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._write_loop, name="gpulb-text-streams", daemon=True),
+            threading.Thread(target=self._abort_loop, name="gpulb-stream-aborts", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def sink(self, batch_id: str, index: int, run: str) -> TextSink:
         """Where one run of one request puts its text."""
         key = keys.text_stream_key(batch_id, index)
         return lambda text: self._pieces.put((key, run, text)) if text else None
 
-    def aborted(self, batch_ids: Iterable[str]) -> set[str]:
-        """The batches whose reader went away; none when Redis cannot say."""
-        wanted = sorted(set(batch_ids))
-        if not wanted:
-            return set()
-        try:
-            flags = self.conn.mget([keys.abort_key(b) for b in wanted])
-        except redis.RedisError:
-            return set()
-        return {batch_id for batch_id, flag in zip(wanted, flags, strict=True) if flag is not None}
+    def aborted(self, batch_ids: Iterable[str]) -> frozenset[str]:
+        """Of these batches, those whose reader went away, as last read; watched from now on. No I/O here: the
+        runner's control thread calls it, and a Redis that hangs must not stall it."""
+        self._watched = frozenset(batch_ids)
+        return self._gone & self._watched
 
     def stop(self) -> None:
+        self._stopped.set()
         self._pieces.put(None)
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _abort_loop(self) -> None:
+        while not self._stopped.wait(ABORT_POLL_S):
+            watched = sorted(self._watched)
+            if not watched:
+                continue
+            try:
+                flags = self.conn.mget([keys.abort_key(b) for b in watched])
+            except redis.RedisError:  # no news: nothing is aborted meanwhile
+                continue
+            self._gone = frozenset(b for b, flag in zip(watched, flags, strict=True) if flag is not None)
 
     def _write_loop(self) -> None:
         stopping = False
@@ -65,7 +81,10 @@ class TextStreams:
                     stopping = True
                     break
                 batch.append(piece)
-            self._write(batch)
+            try:
+                self._write(batch)
+            except Exception:  # a piece Redis cannot take (bad text): the results still carry every word
+                log.exception("could not publish streamed text", pieces=len(batch))
 
     def _write(self, pieces: list[tuple[str, str, str]]) -> None:
         pipe = self.conn.pipeline(transaction=False)

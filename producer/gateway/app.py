@@ -75,6 +75,8 @@ class Gateway:
         self.served = ServedModels(self.client._conn)
         self.batches = BatchService(self.client, self.files, self.records, settings, serves=self.served.serves)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
+        # streams read their pieces in threads of their own: a plain request waiting 600 s must not stall a stream
+        self.stream_reads = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
         self.keys = Keys(settings.gateway)
         self.started_at = int(time.time())
 
@@ -332,7 +334,7 @@ async def _open_stream(
 
     batch = await anyio.to_thread.run_sync(submit)
     chunks = Chunks(endpoint, model, keys.request_id(batch.id, 0), include_usage)
-    return stream_response(batch, chunks, cfg.online_timeout_s, gateway.online_slots)
+    return stream_response(batch, chunks, cfg.online_timeout_s, gateway.stream_reads)
 
 
 def failure(result: Result) -> OpenAIError:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import redis
 from fastapi.responses import StreamingResponse
 
 from gpulb import keys
@@ -77,9 +78,8 @@ def stream_response(batch: BatchHandle, chunks: Chunks, timeout_s: float, limite
 async def _events(
     batch: BatchHandle, chunks: Chunks, timeout_s: float, limiter: anyio.CapacityLimiter
 ) -> AsyncIterator[str]:
-    conn = batch.client._conn
-    pieces = follow_text(conn, batch.id, 0, timeout_s)
-    ended = False
+    pieces = follow_text(batch.client._conn, batch.id, 0, timeout_s)
+    answered = False
     try:
         for chunk in chunks.opening():
             yield event(chunk)
@@ -87,16 +87,16 @@ async def _events(
             if isinstance(item, str):
                 yield event(chunks.text(item))
                 continue
-            ended = True
+            answered = True
             yield _ending(item, chunks)
         yield DONE
-    except GpulbError as exc:  # timed out, or Redis went away: the stream ends with an error event
-        ended = True
+    except (GpulbError, redis.RedisError) as exc:  # timed out, run twice, or Redis went away: an error event
         yield error_event(str(exc), "server_error", "request_failed")
         yield DONE
     finally:
-        if not ended:  # the client went away: nobody reads it any more (a few ms of blocking Redis calls)
-            _abandon(batch)
+        if not answered:  # the client went away, or it failed: nobody waits for it any more
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_abandon, batch)
 
 
 def _ending(result: Result, chunks: Chunks) -> str:

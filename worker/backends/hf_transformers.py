@@ -25,11 +25,15 @@ from worker.backends.base import (
     BackendRequest,
     EngineLoad,
     embedded,
+    failed,
     import_engine,
     refused,
 )
 
 EXTRA = "transformers"  # pip install 'gpulb[transformers]'
+
+
+EMBED_CHUNK = 32  # texts in one forward pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +138,7 @@ class TransformersBackend(Backend):
                         outputs[row.index] = output
                 for index, request in enumerate(requests):
                     if request.inputs is not None:
-                        outputs[index] = self._embed(request.inputs)
+                        outputs[index] = self._embed_safely(request.inputs)
             finally:
                 self._running = 0
         return [out for out in outputs if out is not None]
@@ -152,17 +156,26 @@ class TransformersBackend(Backend):
             return refused(f"the chat template refused these messages: {type(exc).__name__}: {exc}")
         return _Row(index, request, tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _embed(self, texts: list[str]) -> BackendOutput:
-        """Mean of the last hidden layer over each text's tokens, L2-normalised (the usual pooling of a decoder)."""
+    def _embed_safely(self, texts: list[str]) -> BackendOutput:
+        """One request's embeddings; its failure (memory, a text too long) is its own, not its micro-batch's."""
+        try:
+            chunks = [self._embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)]
+        except Exception as exc:
+            return failed(f"transformers could not embed: {type(exc).__name__}: {exc}")
+        return embedded([v for vectors, _ in chunks for v in vectors], sum(tokens for _, tokens in chunks))
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean of the last hidden layer over each text's tokens, L2-normalised (the usual pooling of a decoder);
+        the base model only: no logits over the vocabulary."""
         torch, tokenizer = self._torch, self._tokenizer
-        batch = tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift a text
         with torch.inference_mode():
-            hidden = self._model(**batch, position_ids=positions, output_hidden_states=True).hidden_states[-1]
+            hidden = self._model.base_model(**batch, position_ids=positions).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         vectors = torch.nn.functional.normalize(pooled.float(), dim=-1).tolist()
-        return embedded(vectors, int(batch["attention_mask"].sum().item()))
+        return vectors, int(batch["attention_mask"].sum().item())
 
     def _generate_group(self, rows: list[_Row]) -> list[BackendOutput]:
         """One ``generate`` call for requests that share their sampling fields."""

@@ -243,7 +243,7 @@ class SimulatedBackend(ContinuousBackend):
                         wake = min(wake, self._now() + STREAM_TICK_S) if wake is not None else None
                     self._lock.wait(None if wake is None else max(0.0, wake - self._now()))
                     continue
-            self._emit(pieces)
+                self._emit(pieces)  # under the lock: a request that ends meanwhile sends its last words after these
             self._resolve(finished)
 
     def _due_pieces(self) -> list[tuple[TextSink, str]]:
@@ -254,17 +254,18 @@ class SimulatedBackend(ContinuousBackend):
 
     @staticmethod
     def _emit(pieces: list[tuple[TextSink, str]]) -> None:
+        """Hand out pieces, the lock held (so each request's come in order); a sink must not block."""
         for on_text, text in pieces:
             on_text(text)
 
     def _resolve(self, keys: list[int]) -> None:
-        """Set the outputs of these finished requests (never with the lock held: callbacks run here)."""
+        """Set the outputs of these finished requests (never with the lock held: future callbacks run here)."""
         if not keys:
             return
         with self._lock:
             outputs = [self._pending.pop(k) for k in keys if k in self._pending]
             feeds = [self._feeds.pop(k) for k in keys if k in self._feeds]
-        self._emit([(feed.on_text, feed.upto(len(feed.words))) for feed in feeds])  # the words not sent yet
+            self._emit([(feed.on_text, feed.upto(len(feed.words))) for feed in feeds])  # the words not sent yet
         for future, output in outputs:
             if not future.cancelled():
                 future.set_result(output)

@@ -270,14 +270,23 @@ class VllmBackend(ContinuousBackend):
 
     async def _embed(self, texts: list[str]) -> BackendOutput:
         """One ``encode`` per text, all at once (the engine batches them); vLLM's embed pooler normalises."""
+        tasks = [asyncio.ensure_future(self._pool(text)) for text in texts]
         try:
-            pooled = await asyncio.gather(*(self._pool(text) for text in texts))
-        except self._refusals as exc:
-            return refused(f"vLLM refused the request: {exc}")
-        except Exception as exc:
-            return self._failure(exc)
+            pooled = await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for task in tasks:  # one refused (or the whole request cancelled): the others stop holding the engine
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not isinstance(exc, Exception):
+                raise
+            return self._embedding_failure(exc)
         vectors = [[float(x) for x in output.outputs.data.tolist()] for output in pooled]
         return embedded(vectors, sum(len(output.prompt_token_ids) for output in pooled))
+
+    def _embedding_failure(self, exc: Exception) -> BackendOutput:
+        if isinstance(exc, self._refusals):
+            return refused(f"vLLM refused the request: {exc}")
+        return self._failure(exc)
 
     async def _pool(self, text: str) -> Any:
         request_id, final = uuid.uuid4().hex, None
