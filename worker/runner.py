@@ -249,28 +249,24 @@ class Runner:
         if attempt.request.inputs is not None and not self.backend.can_embed:
             self._settle(attempt.flight, attempt.position, cannot_embed(self.backend), 0, attempt.started_at)
             return
+        request = self._streamed(attempt)
         try:
-            future = self.backend.submit(self._streamed(attempt))
+            future = self.backend.submit(request)
         except Exception as exc:
             self._after_failure(attempt, exc)
             return
         attempt.future = future
-        if self._wants_stream(attempt):
+        if request.on_text is not None:
             self._streaming[id(attempt)] = attempt
         timeout = self._timeout_s(attempt)
         self._deadlines[id(attempt)] = (time.monotonic() + timeout, timeout, attempt)
         future.add_done_callback(lambda f: self._events.put(lambda: self._finished(attempt, f)))
 
-    def _wants_stream(self, attempt: Attempt) -> bool:
-        payload = attempt.flight.items[attempt.position].payload
-        return self.streams is not None and payload is not None and payload.stream
-
     def _streamed(self, attempt: Attempt) -> BackendRequest:
         """The request, with a text sink of its own run when its reader wants the text as it comes."""
-        if not self._wants_stream(attempt):
-            return attempt.request
-        assert self.streams is not None
         item = attempt.flight.items[attempt.position]
+        if self.streams is None or item.payload is None or not item.payload.stream:
+            return attempt.request
         run = f"{self.worker_id}:{item.attempt}:{attempt.tries}"  # a retry's text starts over under a new run
         return replace(attempt.request, on_text=self.streams.sink(item.batch_id, item.index, run))
 
@@ -284,11 +280,7 @@ class Runner:
             return
         for attempt in attempts:
             item = attempt.flight.items[attempt.position]
-            if item.batch_id in gone and not attempt.done and attempt.future is not None:
-                self._deadlines.pop(id(attempt), None)
-                self._streaming.pop(id(attempt), None)
-                attempt.done = True
-                self.backend.abort(attempt.future)
+            if item.batch_id in gone and self._withdraw(attempt):
                 item.cancelled = True
                 log.info("streamed request aborted: its reader went away", request_id=keys.request_id(
                     item.batch_id, item.index))  # fmt: skip
@@ -299,13 +291,19 @@ class Runner:
         return max(self.policy.min_call_timeout_s, self.policy.call_timeout_factor * expected)
 
     def _time_out(self, attempt: Attempt, timeout_s: float) -> None:
+        if self._withdraw(attempt):
+            self._after_failure(attempt, BackendTimeout(f"backend did not answer within {timeout_s:.1f} s"))
+
+    def _withdraw(self, attempt: Attempt) -> bool:
+        """Stop watching an attempt and abort it in the engine, where it must stop holding a slot; False if it had
+        already ended (its outcome is handled elsewhere)."""
         self._deadlines.pop(id(attempt), None)
         self._streaming.pop(id(attempt), None)
         if attempt.done or attempt.future is None:
-            return
+            return False
         attempt.done = True
-        self.backend.abort(attempt.future)  # it must stop holding a slot in the engine
-        self._after_failure(attempt, BackendTimeout(f"backend did not answer within {timeout_s:.1f} s"))
+        self.backend.abort(attempt.future)
+        return True
 
     def _finished(self, attempt: Attempt, future: Future[BackendOutput]) -> None:
         self._deadlines.pop(id(attempt), None)
