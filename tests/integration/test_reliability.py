@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -382,6 +384,14 @@ class TestReviewedEdgeCases:
         assert batch.status().pending == 3
 
 
+def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for a thread of the code under test to get there (it offers nothing to block on)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
 class TestStopping:
     def test_a_worker_whose_command_channel_is_idle_stops_within_a_poll(
         self, redis_url: str, start_worker: StartWorker
@@ -389,16 +399,12 @@ class TestStopping:
         """RQ polled its command channel every 60 s, and redis-py >= 8.2 waits for that poll when the channel's
         thread stops: a worker asked to stop while the thread sat between polls hung up to a minute (caught as a
         vLLM worker killed by the end-to-end test's 60 s stop limit)."""
-        import time
-
         rq_worker = build_rq_worker(make_settings(redis_url), start_worker("w"))
         rq_worker.subscribe()
         pubsub = rq_worker.pubsub
-        while not pubsub.subscribed:  # the thread has read the subscription's confirmation
-            time.sleep(0.01)
+        until(lambda: bool(pubsub.subscribed))  # the thread has read the subscription's confirmation
         pubsub.unsubscribe()  # as RQ's unsubscribe() begins; the thread reads the confirmation, then waits a poll
-        while pubsub.subscribed:
-            time.sleep(0.01)
+        until(lambda: not pubsub.subscribed)
         started = time.monotonic()
         rq_worker.unsubscribe()
         assert time.monotonic() - started < 10  # not a speed target: a bound on a hang (it was up to 60 s)
