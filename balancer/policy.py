@@ -38,11 +38,11 @@ class PolicyName(StrEnum):
 
 
 # Output lengths are heavy-tailed and the balancer knows only their mean: a request a slow engine starts late
-# may run three times that. Holding a continuous engine to 1.1x the mean's time at its per-sequence rate keeps
+# may run three times that. Holding a continuous engine to 1.15x the mean's time at its per-sequence rate keeps
 # slow engines from starting the tail's long requests, and leaves them full until then (bench.fleet, 1:1:2:4,
-# 2026-12-07: factor 1.0: slots busy 90.5%, makespan 1.28-1.32x fluid; 1.1: 87.3-87.7%, 1.25-1.26x; 1.25: 83.9-85.8%,
-# 1.20-1.24x: the slow engines sat half empty long before the backlog ran out).
-TAIL_RISK = 1.1
+# 2026-12-07, makespan / fluid and slots busy: 1.0: 1.28-1.32x, 90.5%; 1.1: 1.25-1.34x, 87.3-91.0%;
+# 1.15: 1.22-1.27x, 87.4-90.4%; 1.25: 1.20-1.24x but 83.9-85.8%: slow engines half empty before the backlog ran out).
+TAIL_RISK = 1.15
 
 
 @dataclass(slots=True)
