@@ -35,10 +35,10 @@ from bench import rq_baseline
 from bench.queueing import mmc_wait, random_split_wait
 from bench.workloads import fluid_bound_s, heavy_tailed_requests, percentile
 from gpulb import keys
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from gpulb.models import PREFIX_AFFINITY_BYTES, Result, WorkerLoad, WorkerState
-from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
-from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 
 MODEL = "bench"

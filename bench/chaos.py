@@ -31,8 +31,8 @@ from pathlib import Path
 import redis
 
 from gpulb import keys
-from gpulb.redis_server import RedisServer
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 
 MODEL = "chaos-model"

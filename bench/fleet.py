@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gpulb.occupancy import Span as BusySpan
-from gpulb.occupancy import busy_share
-from gpulb.redis_server import RedisServer
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.occupancy import Span as BusySpan
+from gpulb.cli.occupancy import busy_share
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 from worker.backends.base import BackendOutput, BackendRequest
 from worker.backends.batching import DEFAULT_SLOTS

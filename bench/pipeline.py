@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.workloads import fluid_bound_s, heavy_tailed_requests, round_robin_makespan_s
-from gpulb.redis_server import RedisServer
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 
 MODEL = "bench-model"

@@ -29,9 +29,9 @@ from rq.serializers import JSONSerializer
 
 from balancer.dispatcher import Balancer
 from gpulb import keys
-from gpulb.redis_server import RedisServer, free_port, valkey_binary
+from gpulb.cli.redis_server import RedisServer, free_port, valkey_binary
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from gpulb.settings import RedisSettings, Settings
-from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 
 ZERO_COST = 1e12  # tokens/s of a simulated backend that takes no time

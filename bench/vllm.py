@@ -51,8 +51,8 @@ from typing import Any, Final
 import redis
 
 from gpulb import keys
-from gpulb.redis_server import RedisServer
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 from tests.vllm_model import build_vllm_model
 

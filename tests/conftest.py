@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from gpulb import keys
-from gpulb.redis_server import RedisServer
+from gpulb.cli.redis_server import RedisServer
 from gpulb.settings import Settings
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.stack import LocalStack, WorkerSpec
 
 pytestmark = pytest.mark.e2e
 

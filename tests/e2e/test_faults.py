@@ -14,8 +14,8 @@ import redis
 
 from bench.chaos import FAST_FAILURE_ENV, run_chaos
 from gpulb import keys
-from gpulb.redis_server import RedisServer, free_port
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import RedisServer, free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 
 pytestmark = pytest.mark.e2e

@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from gpulb import keys
+from gpulb.cli.redis_server import free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from gpulb.models import WorkerLoad, WorkerState
-from gpulb.redis_server import free_port
-from gpulb.stack import LocalStack, WorkerSpec
 
 pytestmark = pytest.mark.e2e
 KEY = "sk-gpulb-test"

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from gpulb import keys
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from tests.e2e.test_gateway import KEY, chat_line, parked_worker, running_gateway, simulated_fleet, wait_final
 from tests.fake_openai_server import FakeOpenAIServer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from tests.e2e.test_gateway import KEY, running_gateway, simulated_fleet, wait_final
 from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 from worker.backends.simulated import simulated_embedding

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from gpulb import keys
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from gpulb.models import Result
-from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 from tests.e2e.test_gateway import KEY, running_gateway
 

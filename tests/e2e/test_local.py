@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from gpulb import keys
-from gpulb.redis_server import RedisServer, free_port
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import RedisServer, free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpulb.redis_server import free_port
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 
 pytestmark = pytest.mark.e2e

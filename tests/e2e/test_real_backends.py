@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from gpulb import keys
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.tiny_model import build_tiny_model

@@ -15,8 +15,8 @@ import redis
 
 from bench.workloads import fluid_bound_s, heavy_tailed_requests
 from gpulb import keys
-from gpulb.redis_server import free_port
-from gpulb.stack import LocalStack, WorkerSpec
+from gpulb.cli.redis_server import free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from producer import Client
 
 pytestmark = pytest.mark.e2e

@@ -26,9 +26,9 @@ import pytest
 import redis
 
 from gpulb import keys
+from gpulb.cli.redis_server import free_port
+from gpulb.cli.stack import LocalStack, WorkerSpec
 from gpulb.models import Result
-from gpulb.redis_server import free_port
-from gpulb.stack import LocalStack, WorkerSpec
 from producer import Client
 from tests.vllm_model import build_vllm_model
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from gpulb import keys
-from gpulb.stack import LocalStack
+from gpulb.cli.stack import LocalStack
 from producer import Client
 
 pytestmark = pytest.mark.e2e

@@ -157,7 +157,7 @@ class TestStatusWhileBusy:
     def test_status_shows_a_worker_busy_with_its_slots_in_use_while_requests_run(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        from gpulb.status import read_fleet_status, render_table
+        from gpulb.cli.status import read_fleet_status, render_table
         from tests.integration.test_reliability import work_until_admitted
 
         w = start_worker("w", tokens_per_s=0.5, max_batch=3)  # requests stay in the engine for minutes

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from gpulb import keys
+from gpulb.cli.redis_server import RedisServer, valkey_binary
 from gpulb.connection import connect
 from gpulb.errors import ConfigError, NotDurable
-from gpulb.redis_server import RedisServer, valkey_binary
 from gpulb.settings import Settings
 from producer import Client
 from tests.conftest import make_settings, waiting

@@ -8,8 +8,8 @@ from pathlib import Path
 import redis
 
 from gpulb import keys
-from gpulb.batch_cli import run_submit
-from gpulb.cli import build_parser
+from gpulb.cli.batch import run_submit
+from gpulb.cli.main import build_parser
 from gpulb.settings import Settings
 from producer import Client
 from producer.gateway.batches import BatchService

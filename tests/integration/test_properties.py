@@ -11,10 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from balancer.policy import WorkerView
 from gpulb import keys
+from gpulb.cli.redis_server import RedisServer
 from gpulb.connection import connect
 from gpulb.errors import InvalidRequest
 from gpulb.recovery import RequeueMode, recover_worker, requeue_microbatch
-from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
 from producer import Client
 from tests.conftest import waiting

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from gpulb.cli import build_parser, settings_from_args
+from gpulb.cli.main import build_parser, settings_from_args
 from gpulb.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

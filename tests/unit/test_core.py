@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from gpulb import keys
-from gpulb.cli import build_parser, main, settings_from_args
+from gpulb.cli.main import build_parser, main, settings_from_args
 from gpulb.connection import connect, redact_url
 from gpulb.errors import BadPayload, ConfigError
 from gpulb.models import RequestSpec, WorkerLoad, WorkerState, request_cost

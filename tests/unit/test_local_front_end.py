@@ -11,11 +11,11 @@ import fakeredis
 import pytest
 
 from gpulb import keys
-from gpulb.local import _restart_dead, default_data_dir
+from gpulb.cli.local import _restart_dead, default_data_dir
+from gpulb.cli.progress import ProgressReporter
+from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
+from gpulb.cli.status import served_models
 from gpulb.models import BatchState, BatchStatus
-from gpulb.progress import ProgressReporter
-from gpulb.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
-from gpulb.status import served_models
 
 
 def exited(code: int) -> subprocess.Popen[bytes]:

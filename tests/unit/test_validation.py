@@ -9,8 +9,8 @@ from typing import Any
 import fakeredis
 import pytest
 
+from gpulb.cli.redis_server import free_port
 from gpulb.errors import BrokerUnavailable, GpulbError, InvalidRequest
-from gpulb.redis_server import free_port
 from gpulb.settings import Settings
 from producer import Client
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from gpulb.cli.progress import ProgressReporter, describe
+from gpulb.cli.status import served_models
 from gpulb.connection import broker_errors, connect
 from gpulb.errors import GpulbError, ResultTimeout
 from gpulb.models import BatchStatus
-from gpulb.progress import ProgressReporter, describe
 from gpulb.settings import Settings
-from gpulb.status import served_models
 
 if TYPE_CHECKING:  # the producer is imported only by the commands that use it: workers need not load it
     from producer import BatchHandle

@@ -1,4 +1,4 @@
-"""The ``gpulb`` command. The one module that knows all three roles: it launches them.
+"""The ``gpulb`` command: its options and verbs; it launches the roles.
 
 Every option has an environment variable (shown in ``--help``); options override the environment.
 """
@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gpulb import batch_cli, local
+from gpulb.cli import batch, local
+from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT
 from gpulb.connection import broker_errors, connect, redact_url
 from gpulb.errors import ConfigError, GpulbError, WorkerIdInUse, field_error
 from gpulb.logs import configure_logging
 from gpulb.settings import Settings
-from gpulb.stack import WORKER_ID_IN_USE_EXIT
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process that SIGPIPE ended: 128 + 13
@@ -250,7 +250,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         epilog="Example: GPULB_GATEWAY__API_KEYS='[\"sk-local\"]' gpulb gateway --host 0.0.0.0 --port 8000",
     )
     _add(gw, GATEWAY, defaults)
-    batch_cli.add_parsers(sub, parents)
+    batch.add_parsers(sub, parents)
     local.add_parsers(sub, parents)
     st = sub.add_parser(
         "status",
@@ -333,9 +333,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "demo":
         return local.run_demo(args, settings)
     elif args.command == "submit":
-        return batch_cli.run_submit(args, settings)
+        return batch.run_submit(args, settings)
     elif args.command == "batch":
-        return batch_cli.run_batch(args, settings)
+        return batch.run_batch(args, settings)
     elif args.command == "workers":
         return _workers(args, settings)
     elif args.command == "status":
@@ -390,7 +390,7 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
 def _status(settings: Settings, *, as_json: bool, watch: bool = False, interval_s: float = 2.0) -> int:
     import time
 
-    from gpulb.status import read_fleet_status, render_table
+    from gpulb.cli.status import read_fleet_status, render_table
 
     conn = connect(settings)
     tty = sys.stdout.isatty()
@@ -412,7 +412,3 @@ def _status(settings: Settings, *, as_json: bool, watch: bool = False, interval_
             time.sleep(interval_s)
     except KeyboardInterrupt:
         return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

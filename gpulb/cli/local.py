@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 import redis
 
 from gpulb import keys
+from gpulb.cli.occupancy import Span, busy_share, busy_shares
+from gpulb.cli.redis_server import RedisServer
+from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
+from gpulb.cli.status import read_fleet_status
 from gpulb.connection import connect, redact_url
 from gpulb.errors import ConfigError
-from gpulb.occupancy import Span, busy_share, busy_shares
-from gpulb.redis_server import RedisServer
 from gpulb.settings import Settings
-from gpulb.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
-from gpulb.status import read_fleet_status
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 DEFAULT_SPEEDS = "4000,4000,8000,16000"  # tokens/s of each simulated engine with all its slots busy
@@ -271,8 +271,8 @@ def sample_requests(count: int, *, seed: int = 7) -> list[dict[str, Any]]:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from gpulb.batch_cli import follow
-    from gpulb.progress import ProgressReporter
+    from gpulb.cli.batch import follow
+    from gpulb.cli.progress import ProgressReporter
     from producer import Client
 
     plan = plan_from_args(args)
