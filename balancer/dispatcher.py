@@ -26,13 +26,13 @@ from balancer.fleet import (
 )
 from balancer.metrics import BalancerMetrics
 from balancer.policy import UNBOUNDED, Context, Head, Policy, WorkerView, make_policy
-from balancer.rq_job import RqJobTemplate
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS, REDIS_FULL, count_stat
 from gpulb.errors import BadPayload, GarbageInRedis
 from gpulb.logs import get_logger
 from gpulb.recovery import reap_dead_workers
-from gpulb.scripts import Scripts, garbage_refusal
+from gpulb.rq_books import RqJobTemplate
+from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 
 log = get_logger("gpulb.balancer")
@@ -245,29 +245,21 @@ class Balancer:
         requests expected to run longest among the front ones, for the tail of a backlog)."""
         microbatch_id = f"mb-{secrets.token_hex(8)}"
         in_slots = self.policy.late_binding and worker.slots > 0  # credit in engine slots, not micro-batches
-        reply = self._run_dispatch(
-            keys=[
-                keys.ingress_key(worker.model), keys.ingress_tokens_key(worker.model), keys.load_key(worker.worker_id),
-                keys.credit_key(worker.worker_id), keys.inflight_key(worker.worker_id),
-                keys.microbatch_key(microbatch_id), keys.rq_job_key(microbatch_id),
-                keys.rq_queue_key(worker.worker_id), keys.rq_queues_key(), keys.affinity_key(worker.model),
-                keys.ingress_requests_key(worker.model),
-            ],
-            args=[
-                microbatch_id, worker.worker_id, worker.model, max_requests or worker.capacity, token_budget,
-                UNBOUNDED if in_slots else self.ctx.max_outstanding, time.time(), keys.rq_queue_key(worker.worker_id),
-                "1" if respect_affinity else "", self.settings.affinity_scan, " ".join(free_owners),
-                AFFINITY_OWNERS_TTL_S, "1" if in_slots else "", "1" if longest_first else "",
-                *self._rq_job_fields(microbatch_id, worker.worker_id),
-            ],
-        )  # fmt: skip
-        if isinstance(reply, GarbageInRedis):
-            log.warning("worker skipped: garbage in its keys", worker_id=worker.worker_id, key=reply.key,
-                        problem=reply.what)  # fmt: skip
+        try:
+            reply = self.scripts.dispatch(
+                microbatch_id=microbatch_id, worker_id=worker.worker_id, model=worker.model,
+                max_requests=max_requests or worker.capacity, token_budget=token_budget,
+                max_outstanding=UNBOUNDED if in_slots else self.ctx.max_outstanding, now=time.time(),
+                respect_affinity=respect_affinity, affinity_scan=self.settings.affinity_scan, free_owners=free_owners,
+                owners_ttl_s=AFFINITY_OWNERS_TTL_S, credit_in_slots=in_slots, longest_first=longest_first,
+                rq_job_fields=self._rq_job_fields(microbatch_id, worker.worker_id),
+            )  # fmt: skip
+        except GarbageInRedis as refusal:
+            log.warning("worker skipped: garbage in its keys", worker_id=worker.worker_id, key=refusal.key,
+                        problem=refusal.what)  # fmt: skip
             count_stat(self.conn, "garbage_keys")
             return Dispatch(NOT_ACCEPTING, 0, 0, -1, 0)
-        status, requests, tokens, next_cost, dropped = (int(x) for x in reply[:5])
-        result = Dispatch(status, requests, tokens, next_cost, dropped, str(reply[5]), str(reply[6]))
+        result = Dispatch(*reply)
         if result.dropped:
             log.warning("dropped foreign ingress members", model=worker.model, count=result.dropped)
             count_stat(self.conn, "dropped_ingress_members", result.dropped)
@@ -277,16 +269,6 @@ class Balancer:
             if self.metrics is not None:
                 self.metrics.dispatched(worker.worker_id, worker.model, result.requests, result.tokens)
         return result
-
-    def _run_dispatch(self, *, keys: list[str], args: list[Any]) -> Any:
-        """The dispatch script's reply, or its refusal when it found garbage (it wrote nothing then)."""
-        try:
-            return self.scripts.dispatch(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            refusal = garbage_refusal(exc)
-            if refusal is None:
-                raise
-            return refusal
 
     def _rq_job_fields(self, microbatch_id: str, worker_id: str) -> list[str | bytes]:
         """The RQ job hash, exactly as RQ's own ``Job.save`` would write it (JSON serializer)."""

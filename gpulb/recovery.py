@@ -22,8 +22,9 @@ from rq.worker import Worker
 
 from gpulb import keys
 from gpulb.connection import count_stat
+from gpulb.errors import GarbageInRedis
 from gpulb.logs import get_logger
-from gpulb.scripts import Scripts, as_ints, garbage_refusal
+from gpulb.scripts import Scripts
 
 log = get_logger("gpulb.recovery")
 
@@ -55,28 +56,18 @@ def requeue_microbatch(
     if entries is None or model is None:
         return Requeued(), False
     batch_ids = list(dict.fromkeys(_batch_ids(entries)))  # a member that is not ours is dropped by the script
-    script_keys = [
-        keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
-        keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),
-        keys.ingress_tokens_key(model), keys.wakeup_key(), keys.ingress_requests_key(model),
-    ]  # fmt: skip
-    args: list[str | int | float] = [
-        microbatch_id, mode.value, time.time(), max_attempts, keys.WAKEUP_KEEP, worker_id, reason,
-    ]  # fmt: skip
-    for batch_id in batch_ids:
-        script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
-        args += [batch_id, keys.batch_events_channel(batch_id)]
     try:
-        requeued, dead, queued = as_ints(scripts.requeue(keys=script_keys, args=args))
-    except redis.ResponseError as exc:
-        if (refusal := garbage_refusal(exc)) is None:
-            raise
+        reply = scripts.requeue(
+            microbatch_id=microbatch_id, worker_id=worker_id, model=model, batch_ids=batch_ids,
+            only_if_queued=mode is RequeueMode.RELEASE, now=time.time(), max_attempts=max_attempts, reason=reason,
+        )  # fmt: skip
+    except GarbageInRedis as refusal:
         log.error("cannot requeue a micro-batch: garbage in redis", microbatch_id=microbatch_id, key=refusal.key,
                   problem=refusal.what)  # fmt: skip
         count_stat(conn, "garbage_keys")
         return Requeued(), False
-    moved = requeued + dead > 0 or queued > 0
-    return Requeued(requeued, dead, 1 if moved else 0), queued > 0
+    moved = reply.requeued + reply.dead_lettered > 0 or reply.was_queued
+    return Requeued(reply.requeued, reply.dead_lettered, 1 if moved else 0), reply.was_queued
 
 
 def _batch_ids(entries: str) -> list[str]:

@@ -7,12 +7,18 @@ moves requests between those places in one atomic step.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
+from gpulb import keys
 from gpulb.errors import GarbageInRedis
+from gpulb.models import Result
 
 # Shared Lua: ingress members "BATCH:START:ATTEMPT:AFFINITY:COST,COST,..." (gpulb.keys.ingress_member).
 # split_member -> batch, start, attempt, affinity, the costs' text; nil if the member is foreign.
@@ -681,20 +687,297 @@ return 1
 )
 
 
+# -- the typed facade: one method per script; KEYS and ARGV are built here and nowhere else --------------------------
+
+Arg = str | int | float | bytes
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class ScriptCall(Generic[R]):
+    """One call of a script: its KEYS, its ARGV and how to read its reply. ``reran`` is set when a pipelined call met
+    NOSCRIPT and ran again, loaded, outside its pipeline."""
+
+    script: Script
+    keys: list[str]
+    args: list[Arg]
+    parse: Callable[[Any], R]
+    reran: bool = False
+
+
+class DispatchReply(NamedTuple):
+    """status 1 dispatched, 0 ingress empty, -1 worker not accepting, -2 no credit, -3 nothing this worker may take;
+    then the requests and tokens taken, the next head's cost (-1: empty), foreign members dropped, and the next
+    head's affinity key and its owner."""
+
+    status: int
+    taken: int
+    tokens: int
+    next_cost: int
+    dropped: int
+    next_affinity: str
+    next_owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    index: int
+    member: str  # its ingress member as the micro-batch lists it (one request)
+
+
+class StartedRequest(NamedTuple):
+    done: bool  # its result was recorded already
+    runs: bool  # counted as running: hand it to the backend
+    payload: str | None
+
+
+class StartedBatch(NamedTuple):
+    submitted_at: float
+    cancelled: bool
+    requests: list[StartedRequest]
+
+
+StartReply = list[StartedBatch] | None  # None: the micro-batch was taken back meanwhile, do not run it
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    index: int
+    member: str
+    result: Result
+    cost: int
+    started: bool  # counted as running by START
+
+
+class RecordReply(NamedTuple):
+    recorded: int  # results newly recorded
+    garbage: int  # batches or keys left alone because they held garbage
+
+
+class RequeueReply(NamedTuple):
+    requeued: int
+    dead_lettered: int
+    was_queued: bool  # still in its RQ queue (never started)
+
+
+class CancelledRun(NamedTuple):
+    member: str  # an ingress member of the batch
+    results: list[Result]  # the cancelled result of each of its requests, in order
+
+
+def outcome_flag(result: Result) -> str:
+    """How the record script counts a result: '0' completed, '1' failed, '2' cancelled."""
+    if result.cancelled:
+        return "2"
+    return "1" if result.error else "0"
+
+
 class Scripts:
-    """The scripts registered on one client (EVALSHA, reloaded by redis-py after a restart)."""
+    """The scripts registered on one client (EVALSHA, reloaded by redis-py after a restart), one method each.
+
+    A method raises :class:`GarbageInRedis` when its script refused (it wrote nothing then)."""
 
     def __init__(self, conn: redis.Redis) -> None:
-        self.dispatch: Script = conn.register_script(DISPATCH)
-        self.start: Script = conn.register_script(START)
-        self.record: Script = conn.register_script(RECORD)
-        self.requeue: Script = conn.register_script(REQUEUE)
-        self.cancel: Script = conn.register_script(CANCEL)
-        self.publish: Script = conn.register_script(PUBLISH)
+        self._dispatch = conn.register_script(DISPATCH)
+        self._start = conn.register_script(START)
+        self._record = conn.register_script(RECORD)
+        self._requeue = conn.register_script(REQUEUE)
+        self._cancel = conn.register_script(CANCEL)
+        self._publish = conn.register_script(PUBLISH)
+
+    # -- calls in a pipeline ------------------------------------------------------------------------------------------
+
+    def queue_loads(self, pipe: redis.client.Pipeline) -> None:
+        """Load the scripts sent as bare EVALSHA inside pipelines (START, RECORD), on ``pipe``."""
+        for script in (self._start, self._record):
+            pipe.script_load(script.script)
+
+    def queue(self, pipe: redis.client.Pipeline, call: ScriptCall[R]) -> ScriptCall[R]:
+        """Add ``call`` to ``pipe`` as EVALSHA itself (a Script object in a pipeline costs a SCRIPT EXISTS round trip
+        every time); read its reply with :meth:`reply`."""
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        return call
+
+    def reply(self, call: ScriptCall[R], raw: Any) -> R:
+        """The reply of a pipelined ``call`` (``raw``: what the pipeline returned for it, errors not raised)."""
+        if isinstance(raw, NoScriptError):  # Redis restarted and lost its scripts: run it again, loaded
+            call.reran = True
+            return self.run(call)
+        if isinstance(raw, redis.ResponseError):
+            raise garbage_refusal(raw) or raw
+        if isinstance(raw, Exception):
+            raise raw
+        return call.parse(raw)
+
+    def run(self, call: ScriptCall[R]) -> R:
+        """Run ``call`` now (EVALSHA, loading the script if Redis lacks it)."""
+        try:
+            raw = call.script(keys=call.keys, args=call.args)
+        except redis.ResponseError as exc:
+            if (refusal := garbage_refusal(exc)) is None:
+                raise
+            raise refusal from exc
+        return call.parse(raw)
+
+    # -- one method per script ----------------------------------------------------------------------------------------
+
+    def dispatch(
+        self, *, microbatch_id: str, worker_id: str, model: str, max_requests: int, token_budget: int,
+        max_outstanding: int, now: float, respect_affinity: bool, affinity_scan: int, free_owners: Sequence[str],
+        owners_ttl_s: int, credit_in_slots: bool, longest_first: bool, rq_job_fields: Sequence[str | bytes],
+    ) -> DispatchReply:  # fmt: skip
+        """Cut one micro-batch from ``model``'s ingress and enqueue it as one RQ job on ``worker_id``'s queue."""
+        script_keys = [
+            keys.ingress_key(model), keys.ingress_tokens_key(model), keys.load_key(worker_id),
+            keys.credit_key(worker_id), keys.inflight_key(worker_id), keys.microbatch_key(microbatch_id),
+            keys.rq_job_key(microbatch_id), keys.rq_queue_key(worker_id), keys.rq_queues_key(),
+            keys.affinity_key(model), keys.ingress_requests_key(model),
+        ]  # fmt: skip
+        args: list[Arg] = [
+            microbatch_id, worker_id, model, max_requests, token_budget, max_outstanding, now,
+            keys.rq_queue_key(worker_id), _flag(respect_affinity), affinity_scan, " ".join(free_owners),
+            owners_ttl_s, _flag(credit_in_slots), _flag(longest_first), *rq_job_fields,
+        ]  # fmt: skip
+        return self.run(ScriptCall(self._dispatch, script_keys, args, _dispatch_reply))
+
+    def start_call(
+        self, *, microbatch_id: str, batches: Mapping[str, Sequence[StartRequest]]
+    ) -> ScriptCall[StartReply]:
+        """START: hand a micro-batch's requests (per batch id, in order) to the backend; see :meth:`start`."""
+        script_keys, args = [keys.microbatch_key(microbatch_id)], list[Arg]()
+        for batch_id, requests in batches.items():
+            script_keys += [
+                keys.batch_key(batch_id),
+                keys.batch_requests_key(batch_id),
+                keys.batch_results_key(batch_id),
+            ]
+            args.append(len(requests))
+            for request in requests:
+                args += [str(request.index), request.member]
+        sizes = [len(requests) for requests in batches.values()]
+        return ScriptCall(self._start, script_keys, args, functools.partial(_start_reply, sizes))
+
+    def start(self, *, microbatch_id: str, batches: Mapping[str, Sequence[StartRequest]]) -> StartReply:
+        """Read the requests' payloads and count those that run as running; per batch in ``batches``' order."""
+        return self.run(self.start_call(microbatch_id=microbatch_id, batches=batches))
+
+    def record_call(
+        self, *, microbatch_id: str, worker_id: str, model: str, now: float, final: bool, wake_at: int | None,
+        batches: Mapping[str, Sequence[RecordedRequest]],
+    ) -> ScriptCall[RecordReply]:  # fmt: skip
+        """RECORD: these results of a micro-batch (per batch id); ``final`` when they are its last; ``wake_at``: wake
+        the balancer only once the worker holds at most that many requests (None: always)."""
+        stopped = [r.result.output_tokens for rs in batches.values() for r in rs if r.result.finish_reason == "stop"]
+        script_keys = [
+            keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
+            keys.wakeup_key(), keys.output_lengths_key(model),
+        ]  # fmt: skip
+        args: list[Arg] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id, _flag(final), sum(stopped), len(stopped),
+                           "" if wake_at is None else wake_at]  # fmt: skip
+        for batch_id, requests in batches.items():
+            script_keys += [
+                keys.batch_key(batch_id),
+                keys.batch_results_key(batch_id),
+                keys.batch_requests_key(batch_id),
+            ]
+            args += [keys.batch_events_channel(batch_id), len(requests)]
+            for r in requests:
+                args += [str(r.index), r.member, r.result.model_dump_json(), outcome_flag(r.result), r.cost,
+                         _flag(r.started)]  # fmt: skip
+        return ScriptCall(self._record, script_keys, args, _record_reply)
+
+    def requeue(
+        self, *, microbatch_id: str, worker_id: str, model: str, batch_ids: Sequence[str], only_if_queued: bool,
+        now: float, max_attempts: int, reason: str,
+    ) -> RequeueReply:  # fmt: skip
+        """Take a micro-batch back from ``worker_id`` and put its unfinished requests at the front of the ingress
+        (``only_if_queued``: only if it never started); at ``max_attempts`` a request fails with ``reason``."""
+        script_keys = [
+            keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
+            keys.rq_queue_key(worker_id), keys.rq_job_key(microbatch_id), keys.ingress_key(model),
+            keys.ingress_tokens_key(model), keys.wakeup_key(), keys.ingress_requests_key(model),
+        ]  # fmt: skip
+        mode = "release" if only_if_queued else "recover"
+        args: list[Arg] = [microbatch_id, mode, now, max_attempts, keys.WAKEUP_KEEP, worker_id, reason]
+        for batch_id in batch_ids:
+            script_keys += [
+                keys.batch_key(batch_id),
+                keys.batch_results_key(batch_id),
+                keys.batch_requests_key(batch_id),
+            ]
+            args += [batch_id, keys.batch_events_channel(batch_id)]
+        return self.run(ScriptCall(self._requeue, script_keys, args, _requeue_reply))
+
+    def cancel(self, *, batch_id: str, model: str, now: float, runs: Sequence[CancelledRun]) -> int:
+        """Remove these ``runs`` of a batch from the ingress and record their results; the requests cancelled here."""
+        script_keys = [
+            keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
+            keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id), keys.ingress_requests_key(model),
+        ]  # fmt: skip
+        args: list[Arg] = [now, keys.batch_events_channel(batch_id)]
+        for run in runs:
+            args += [run.member, *(result.model_dump_json() for result in run.results)]
+        return self.run(ScriptCall(self._cancel, script_keys, args, int))
+
+    def publish(
+        self, *, batch_id: str, model: str, record: Mapping[str, str | int | float], runs: Sequence[tuple[str, int]],
+        tokens: int, requests: int, listed: bool,
+    ) -> bool:  # fmt: skip
+        """Make a staged batch visible: its ``record``, its ingress ``runs`` (member, score) and counters; False when
+        it was already (a retry whose first reply was lost)."""
+        script_keys = [
+            keys.batch_requests_key(batch_id), keys.batch_key(batch_id), keys.batches_key(), keys.ingress_key(model),
+            keys.ingress_tokens_key(model), keys.ingress_requests_key(model), keys.models_key(), keys.wakeup_key(),
+        ]  # fmt: skip
+        args: list[Arg] = [
+            _flag(listed), keys.BATCH_INDEX_KEEP, batch_id, record["submitted_at"], tokens, requests, model,
+            keys.wake_batch_token(batch_id), keys.WAKEUP_KEEP, len(record),
+        ]  # fmt: skip
+        for field, value in record.items():
+            args += [field, value]
+        for member, score in runs:
+            args += [score, member]
+        return self.run(ScriptCall(self._publish, script_keys, args, _published))
 
 
-def as_ints(reply: Any) -> list[int]:
-    return [int(x) for x in reply]
+def _flag(on: bool) -> str:
+    return "1" if on else ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dispatch_reply(raw: Any) -> DispatchReply:
+    status, taken, tokens, next_cost, dropped = (int(x) for x in raw[:5])
+    return DispatchReply(status, taken, tokens, next_cost, dropped, _text(raw[5]), _text(raw[6]))
+
+
+def _start_reply(sizes: list[int], raw: Any) -> StartReply:
+    """Per batch (of ``sizes`` requests): submitted_at, cancelled ('1' or ''), then per request: done, runs ('1' or
+    ''), payload."""
+    if raw is None:
+        return None
+    values = iter([None if v is None else _text(v) for v in raw])
+    batches = []
+    for size in sizes:
+        submitted_at, cancelled = float(next(values) or 0.0), bool(next(values))
+        requests = [StartedRequest(bool(next(values)), bool(next(values)), next(values)) for _ in range(size)]
+        batches.append(StartedBatch(submitted_at, cancelled, requests))
+    return batches
+
+
+def _record_reply(raw: Any) -> RecordReply:
+    return RecordReply(int(raw[0]), int(raw[1]))
+
+
+def _requeue_reply(raw: Any) -> RequeueReply:
+    requeued, dead_lettered, queued = (int(x) for x in raw)
+    return RequeueReply(requeued, dead_lettered, queued > 0)
+
+
+def _published(raw: Any) -> bool:
+    return int(raw) == 1
 
 
 def garbage_refusal(exc: redis.ResponseError) -> GarbageInRedis | None:

@@ -15,7 +15,7 @@ from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
 from gpulb.errors import BadPayload, BatchNotFound, GarbageInRedis
 from gpulb.models import BatchState, BatchStatus, RequestSpec, Result, learned_mean_output
-from gpulb.scripts import Scripts, garbage_refusal
+from gpulb.scripts import CancelledRun, Scripts
 from gpulb.settings import ProducerSettings
 
 STAGING_TTL_S = 3600  # a batch whose submit died half-way vanishes after this; it was never visible
@@ -94,24 +94,8 @@ def _publish(
         record["metadata"] = json.dumps(dict(metadata))
     costs = [spec.cost_tokens(learned_mean) for spec in specs]  # expected work: output lengths as learned
     runs = ingress_runs(batch_id, costs, [spec.affinity_key() for spec in specs], priority, seq0)
-    script_keys = [
-        keys.batch_requests_key(batch_id), keys.batch_key(batch_id), keys.batches_key(), keys.ingress_key(model),
-        keys.ingress_tokens_key(model), keys.ingress_requests_key(model), keys.models_key(), keys.wakeup_key(),
-    ]  # fmt: skip
-    args: list[str | int | float] = [
-        "1" if listed else "", keys.BATCH_INDEX_KEEP, batch_id, record["submitted_at"], sum(costs), len(specs), model,
-        keys.wake_batch_token(batch_id), keys.WAKEUP_KEEP, len(record),
-    ]  # fmt: skip
-    for field, value in record.items():
-        args += [field, value]
-    for member, score in runs:
-        args += [score, member]
-    try:
-        Scripts(conn).publish(keys=script_keys, args=args)
-    except redis.ResponseError as exc:
-        if (refusal := garbage_refusal(exc)) is None:
-            raise
-        raise refusal from exc
+    Scripts(conn).publish(batch_id=batch_id, model=model, record=record, runs=runs, tokens=sum(costs),
+                          requests=len(specs), listed=listed)  # fmt: skip
 
 
 def ingress_runs(
@@ -237,30 +221,26 @@ def _cancel_pass(
     now = time.time()
     submitted_at = float(conn.hget(keys.batch_key(batch_id), "submitted_at") or now)
     members = _batch_members(conn, batch_id, model) if members is None else members
-    script_keys = [
-        keys.ingress_key(model), keys.ingress_tokens_key(model), keys.batch_key(batch_id),
-        keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id), keys.ingress_requests_key(model),
-    ]  # fmt: skip
     cancelled = 0
     for start in range(0, max(1, len(members)), chunk):
-        args: list[str | float] = [now, keys.batch_events_channel(batch_id)]
-        for member in members[start : start + chunk]:
-            try:
-                requests = keys.parse_ingress_member(member).requests()
-            except ValueError:
-                continue  # not ours: the balancer drops and counts it
-            args.append(member)
-            for request in requests:
-                result = Result(
-                    request_id=keys.request_id(batch_id, request.start), index=request.start, text="", output_tokens=0,
-                    worker="", error="cancelled", cancelled=True, attempts=request.attempt, submitted_at=submitted_at,
-                    started_at=now, finished_at=now,
-                )  # fmt: skip
-                args.append(result.model_dump_json())
-        try:
-            cancelled += int(scripts.cancel(keys=script_keys, args=args))
-        except redis.ResponseError as exc:
-            if (refusal := garbage_refusal(exc)) is None:
-                raise
-            raise refusal from exc
+        runs = [_cancelled_run(batch_id, member, submitted_at, now) for member in members[start : start + chunk]]
+        cancelled += scripts.cancel(batch_id=batch_id, model=model, now=now, runs=[r for r in runs if r is not None])
     return cancelled
+
+
+def _cancelled_run(batch_id: str, member: str, submitted_at: float, now: float) -> CancelledRun | None:
+    """The cancelled results of an ingress member's requests; None for a member that is not ours (the balancer
+    drops and counts it)."""
+    try:
+        requests = keys.parse_ingress_member(member).requests()
+    except ValueError:
+        return None
+    return CancelledRun(member, [_cancelled_result(batch_id, request, submitted_at, now) for request in requests])
+
+
+def _cancelled_result(batch_id: str, request: keys.IngressMember, submitted_at: float, now: float) -> Result:
+    return Result(
+        request_id=keys.request_id(batch_id, request.start), index=request.start, text="", output_tokens=0,
+        worker="", error="cancelled", cancelled=True, attempts=request.attempt, submitted_at=submitted_at,
+        started_at=now, finished_at=now,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Reading a micro-batch's requests from Redis and building the arguments that record its results."""
+"""Reading a micro-batch's requests from Redis (START) and recording their results (RECORD)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from gpulb import keys
 from gpulb.models import RequestPayload, Result
-from gpulb.scripts import Scripts
+from gpulb.scripts import RecordedRequest, RecordReply, ScriptCall, Scripts, StartReply, StartRequest
 
 
 @dataclass(slots=True)
@@ -43,47 +43,39 @@ def parse_members(members: list[str]) -> list[Item]:
 
 @dataclass(slots=True)
 class StartCall:
-    """KEYS and ARGV of :data:`gpulb.scripts.START` for one micro-batch, and the items it fills in."""
+    """A micro-batch's START (:meth:`gpulb.scripts.Scripts.start_call`) and the items its reply fills in."""
 
-    keys: list[str]
-    args: list[str | int]
+    call: ScriptCall[StartReply]
     items: list[Item]
-    groups: list[list[int]]  # per batch, in KEYS order: positions in ``items``
+    groups: list[list[int]]  # per batch, in the call's order: positions in ``items``
 
 
-def start_call(microbatch_id: str, members: list[str]) -> StartCall:
+def start_call(scripts: Scripts, microbatch_id: str, members: list[str]) -> StartCall:
     items = parse_members(members)
     groups: dict[str, list[int]] = defaultdict(list)
     for position, item in enumerate(items):
         groups[item.batch_id].append(position)
-    script_keys, args = [keys.microbatch_key(microbatch_id)], list[str | int]()
-    for batch_id, positions in groups.items():
-        script_keys += [keys.batch_key(batch_id), keys.batch_requests_key(batch_id), keys.batch_results_key(batch_id)]
-        args.append(len(positions))
-        for p in positions:
-            args += [str(items[p].index), members[p]]
-    return StartCall(script_keys, args, items, list(groups.values()))
+    batches = {batch_id: [StartRequest(items[p].index, members[p]) for p in ps] for batch_id, ps in groups.items()}
+    return StartCall(scripts.start_call(microbatch_id=microbatch_id, batches=batches), items, list(groups.values()))
 
 
-def apply_start(call: StartCall, reply: list[str | None] | None) -> list[Item] | None:
+def apply_start(call: StartCall, reply: StartReply) -> list[Item] | None:
     """Fill the items from the START script's reply; None if the micro-batch was taken back."""
     if reply is None:
         return None
-    values = iter(reply)
-    for positions in call.groups:
-        submitted_at, cancelled = float(next(values) or 0.0), bool(next(values))
-        for p in positions:
+    for positions, batch in zip(call.groups, reply, strict=True):
+        for p, started in zip(positions, batch.requests, strict=True):
             item = call.items[p]
-            item.submitted_at, item.cancelled = submitted_at, cancelled
-            item.already_done, item.started = bool(next(values)), bool(next(values))
-            _attach_payload(item, next(values))
+            item.submitted_at, item.cancelled = batch.submitted_at, batch.cancelled
+            item.already_done, item.started = started.done, started.runs
+            _attach_payload(item, started.payload)
     return call.items
 
 
 def start_microbatch(scripts: Scripts, microbatch_id: str, members: list[str]) -> list[Item] | None:
     """Read the requests and count those that run as running, in one call; None if taken back."""
-    call = start_call(microbatch_id, members)
-    return apply_start(call, scripts.start(keys=call.keys, args=call.args))
+    call = start_call(scripts, microbatch_id, members)
+    return apply_start(call, scripts.run(call.call))
 
 
 def _item(request: keys.IngressMember) -> Item:
@@ -102,13 +94,6 @@ def _attach_payload(item: Item, raw: str | None) -> None:
         item.problem = f"malformed request payload: {exc.errors()[0]['msg']}"
 
 
-def outcome_flag(result: Result) -> str:
-    """How the record script counts a result: '0' completed, '1' failed, '2' cancelled."""
-    if result.cancelled:
-        return "2"
-    return "1" if result.error else "0"
-
-
 @dataclass(slots=True)
 class Settled:
     """A request of a micro-batch with its result, ready to be recorded."""
@@ -117,27 +102,15 @@ class Settled:
     result: Result
 
 
-def record_arguments(
-    microbatch_id: str, worker_id: str, model: str, now: float, settled: list[Settled], *, final: bool,
-    wake_at: int | None = None,
-) -> tuple[list[str], list[str | int | float]]:  # fmt: skip
-    """KEYS and ARGV for :data:`gpulb.scripts.RECORD`: these requests' results; ``final`` when they are the last;
-    ``wake_at``: wake the balancer only once the worker holds at most that many requests."""
-    stopped = [s.result.output_tokens for s in settled if s.result.finish_reason == "stop"]
-    script_keys = [
-        keys.microbatch_key(microbatch_id), keys.inflight_key(worker_id), keys.credit_key(worker_id),
-        keys.wakeup_key(), keys.output_lengths_key(model),
-    ]  # fmt: skip
-    args: list[str | int | float] = [microbatch_id, now, keys.WAKEUP_KEEP, worker_id, "1" if final else "",
-                                     sum(stopped), len(stopped), "" if wake_at is None else wake_at]  # fmt: skip
-    groups: dict[str, list[Settled]] = defaultdict(list)
+def record_call(
+    scripts: Scripts, microbatch_id: str, worker_id: str, model: str, now: float, settled: list[Settled], *,
+    final: bool, wake_at: int | None = None,
+) -> ScriptCall[RecordReply]:  # fmt: skip
+    """RECORD of these requests' results; ``final`` when they are the last; ``wake_at``: wake the balancer only once
+    the worker holds at most that many requests."""
+    batches: dict[str, list[RecordedRequest]] = defaultdict(list)
     for one in settled:
-        groups[one.item.batch_id].append(one)
-    for batch_id, members in groups.items():
-        script_keys += [keys.batch_key(batch_id), keys.batch_results_key(batch_id), keys.batch_requests_key(batch_id)]
-        args += [keys.batch_events_channel(batch_id), len(members)]
-        for one in members:
-            item = one.item
-            args += [str(item.index), item.member(), one.result.model_dump_json(), outcome_flag(one.result), item.cost,
-                     "1" if item.started else ""]  # fmt: skip
-    return script_keys, args
+        item = one.item
+        batches[item.batch_id].append(RecordedRequest(item.index, item.member(), one.result, item.cost, item.started))
+    return scripts.record_call(microbatch_id=microbatch_id, worker_id=worker_id, model=model, now=now, final=final,
+                               wake_at=wake_at, batches=batches)  # fmt: skip

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import redis
 import structlog
-from redis.exceptions import NoScriptError
 
 from gpulb import keys
 from gpulb.connection import (
@@ -35,15 +34,7 @@ from worker.backends.base import Backend, BackendRequest, ContinuousBackend, Eng
 from worker.execution import ExecutionPolicy, IsolatingExecutor, Outcome
 from worker.gpu import GpuMonitor, GpuSample
 from worker.metrics import WorkerMetrics
-from worker.microbatch import (
-    Item,
-    Settled,
-    StartCall,
-    apply_start,
-    record_arguments,
-    start_call,
-    start_microbatch,
-)
+from worker.microbatch import Item, Settled, StartCall, apply_start, record_call, start_call, start_microbatch
 from worker.runner import Flight, Recording, Runner, Sink, engine_slots, expected_seconds
 from worker.speed import EngineSpeed
 from worker.streaming import TextStreams
@@ -238,8 +229,7 @@ class WorkerRuntime(Sink):
         self.state = WorkerState.IDLE
         self._update_health()
         pipe = self.conn.pipeline(transaction=False)
-        for script in (self.scripts.start, self.scripts.record):  # sent as bare EVALSHA inside pipelines
-            pipe.script_load(script.script)
+        self.scripts.queue_loads(pipe)
         self.publish_load(pipe)
         pipe.sadd(keys.models_key(), self.model)
         pipe.sadd(keys.rq_queues_key(), keys.rq_queue_key(self.worker_id))  # `rq info` lists the queue at once
@@ -425,19 +415,15 @@ class WorkerRuntime(Sink):
         if entries is None:
             self._prepared = (microbatch_id, None)
             return None
-        call = start_call(microbatch_id, entries.decode().split())
-        pipe.evalsha(self.scripts.start.sha, len(call.keys), *call.keys, *call.args)
+        call = start_call(self.scripts, microbatch_id, entries.decode().split())
+        self.scripts.queue(pipe, call.call)
         return call
 
     def finish_start(self, microbatch_id: str, call: StartCall | None, reply: Any) -> None:
         """Keep what the START in the RQ worker's pipeline returned, for :meth:`run_microbatch`."""
         if call is None:
             return
-        if isinstance(reply, NoScriptError):  # Redis restarted and lost its scripts: run it again, loaded
-            reply = self.scripts.start(keys=call.keys, args=call.args)
-        elif reply is not None:
-            reply = [v.decode() if isinstance(v, bytes) else v for v in reply]
-        self._prepared = (microbatch_id, apply_start(call, reply))
+        self._prepared = (microbatch_id, apply_start(call, self.scripts.reply(call.call, reply)))
 
     def abandon_start(self, microbatch_id: str) -> None:
         """The start pipeline broke: its START may have run, so give the micro-batch back now."""
@@ -536,25 +522,22 @@ class WorkerRuntime(Sink):
         wake_at = None  # a static worker wakes the balancer with each micro-batch it finishes
         if self.runner is not None:
             wake_at = self.slots + self.queue_slots - refill_batch(self.cfg.max_batch, self.queue_slots)
-        arguments = [record_arguments(mb, self.worker_id, self.model, now, settled, final=final, wake_at=wake_at)
-                     for mb, settled, final in calls]  # fmt: skip
-        # EVALSHA itself: a Script object in a pipeline costs a SCRIPT EXISTS round trip every time
-        for script_keys, args in arguments:
-            pipe.evalsha(self.scripts.record.sha, len(script_keys), *script_keys, *args)
+        records = [
+            self.scripts.queue(pipe, record_call(self.scripts, mb, self.worker_id, self.model, now, settled,
+                                                 final=final, wake_at=wake_at))
+            for mb, settled, final in calls
+        ]  # fmt: skip
         self.publish_load(pipe)
         if self.settings.redis.durable_acks:
             queue_durable_wait(pipe, self.settings)  # the results count as recorded once they are on disk
         replies = pipe.execute(raise_on_error=False)
-        rerun = False
-        for i, (script_keys, args) in enumerate(arguments):
-            if isinstance(replies[i], NoScriptError):  # Redis restarted and lost its scripts: load, run again
-                replies[i], rerun = self.scripts.record(keys=script_keys, args=args), True
-        for reply in replies:
+        recorded = [self.scripts.reply(call, raw) for call, raw in zip(records, replies, strict=False)]
+        for reply in replies[len(records) :]:
             if isinstance(reply, Exception):
                 raise reply
+        rerun = any(call.reran for call in records)
         if self.settings.redis.durable_acks and (rerun or not durable(replies[-1])):  # a rerun came after WAITAOF
             confirm_durable(self.conn, self.settings, "results")
-        recorded = [(int(r[0]), int(r[1])) for r in replies[: len(arguments)]]
         if garbage := sum(g for _, g in recorded):
             log.warning("recorded around garbage in redis (batch records or credit left alone)", keys=garbage)
             count_stat(self.conn, "garbage_keys", garbage)
