@@ -9,10 +9,12 @@ from balancer.dispatcher import Balancer
 from balancer.metrics import BalancerMetrics
 from gpulb.connection import broker_errors, connect
 from gpulb.metrics import serve_metrics
+from gpulb.rq_books import check_rq
 from gpulb.settings import Settings
 
 
 def run_balancer(settings: Settings) -> None:
+    check_rq()  # the dispatch script writes RQ's job hashes: fail now, not at the first dispatch, if RQ changed
     with broker_errors(settings.redis_url):
         conn = connect(settings)
         conn.ping()

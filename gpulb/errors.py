@@ -57,6 +57,11 @@ class WorkerIdInUse(GpulbError):
     exit_code = 4  # of `gpulb worker`: starting it again cannot help, so supervisors do not
 
 
+class RqIncompatible(GpulbError):
+    """The installed RQ lacks a method, argument or key name gpulb relies on (checked when a worker or a balancer
+    starts): install the RQ version gpulb pins."""
+
+
 class BackendError(GpulbError):
     """The inference backend failed to start or to run a batch."""
 

@@ -62,6 +62,8 @@ model's ingress keys share a slot.
 |   one tenant's files and batches (T: a hash of its API key, never the key); file hashes and batch records   |
 |   carry ``tenant`` too                                                                                       |
 | rq:queue:W, rq:job:ID, rq:queues     | RQ's   | RQ's                 | balancer (dispatch script) | worker (RQ)        |
+| rq:worker:W and RQ's registries      | RQ's   | RQ's                 | worker (RQ), recovery      | rq info, recovery  |
+|   named by RQ; gpulb.rq_books checks at start-up that the installed RQ names them as here                     |
 """
 
 from __future__ import annotations
@@ -69,9 +71,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
-
-from rq.job import Job
-from rq.queue import Queue
 
 SCHEMA_VERSION = 2
 PREFIX = "gpulb"
@@ -231,13 +230,19 @@ def balancer_heartbeat_key() -> str:
     return f"{PREFIX}:balancer:heartbeat"
 
 
+# RQ's own keys, named as RQ names them; gpulb.rq_books checks these names against the installed RQ at start-up.
+RQ_QUEUE_PREFIX = "rq:queue:"
+RQ_JOB_PREFIX = "rq:job:"
+RQ_WORKER_PREFIX = "rq:worker:"
+
+
 def rq_queue_name(worker_id: str) -> str:
     """A worker listens on exactly one RQ queue, named after the worker (``rq info`` shows it)."""
     return worker_id
 
 
 def rq_queue_key(worker_id: str) -> str:
-    return f"{Queue.redis_queue_namespace_prefix}{rq_queue_name(worker_id)}"
+    return f"{RQ_QUEUE_PREFIX}{rq_queue_name(worker_id)}"
 
 
 def rq_intermediate_key(worker_id: str) -> str:
@@ -245,11 +250,15 @@ def rq_intermediate_key(worker_id: str) -> str:
 
 
 def rq_queues_key() -> str:
-    return Queue.redis_queues_keys
+    return "rq:queues"
 
 
 def rq_job_key(job_id: str) -> str:
-    return f"{Job.redis_job_namespace_prefix}{job_id}"
+    return f"{RQ_JOB_PREFIX}{job_id}"
+
+
+def rq_worker_key(worker_id: str) -> str:
+    return f"{RQ_WORKER_PREFIX}{worker_id}"
 
 
 # Ingress members pack what the balancer needs to cut a micro-batch without another read. One

@@ -12,15 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
-from rq.defaults import DEFAULT_FAILURE_TTL
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from rq.results import Result as RQResult
-from rq.serializers import JSONSerializer
-from rq.worker import Worker
 
-from gpulb import keys
+from gpulb import keys, rq_books
 from gpulb.connection import count_stat
 from gpulb.errors import GarbageInRedis
 from gpulb.logs import get_logger
@@ -95,46 +88,10 @@ def recover_worker(
         )
         total.add(moved)
         if not was_queued:
-            _fail_rq_job(rq_conn, worker_id, microbatch_id, f"worker {worker_id} died; gpulb requeued the requests")
+            rq_books.fail_started_job(
+                rq_conn, worker_id, microbatch_id, f"worker {worker_id} died; gpulb requeued the requests"
+            )
     return total
-
-
-def _fail_rq_job(rq_conn: redis.Redis, worker_id: str, job_id: str, reason: str) -> None:
-    """Keep RQ's registries truthful: the started job of a dead worker becomes a failed job."""
-    try:
-        job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
-    except NoSuchJobError:
-        return
-    queue = keys.rq_queue_name(worker_id)
-    if job.get_status(refresh=False) == JobStatus.FINISHED:  # it admitted its requests into the engine, then died
-        FinishedJobRegistry(queue, connection=rq_conn, serializer=JSONSerializer).remove(job)
-    else:
-        registry = StartedJobRegistry(queue, connection=rq_conn, serializer=JSONSerializer)
-        with contextlib.suppress(ValueError):  # RQ: "Execution ... not found": its worker cleaned it up meanwhile
-            registry.remove_executions(job)
-    record_rq_failure(rq_conn, job, worker_id, reason)
-
-
-def record_rq_failure(rq_conn: redis.Redis, job: Job, worker_id: str, reason: str) -> None:
-    """Fail ``job`` in RQ's books (status, failed registry, result stream) without running or decoding it."""
-    pipe = rq_conn.pipeline()
-    pipe.lrem(keys.rq_intermediate_key(worker_id), 0, job.id)
-    job.set_status(JobStatus.FAILED, pipeline=pipe)
-    ttl = job.failure_ttl or DEFAULT_FAILURE_TTL
-    FailedJobRegistry(keys.rq_queue_name(worker_id), connection=rq_conn, serializer=JSONSerializer).add(
-        job, ttl=ttl, exc_string=reason, pipeline=pipe
-    )
-    RQResult.create_failure(job, ttl, reason, worker_name=worker_id, pipeline=pipe)
-    pipe.execute()
-
-
-def retire_rq_worker(rq_conn: redis.Redis, worker_id: str) -> None:
-    """Mark a dead worker's RQ record dead, so ``rq info`` stops listing it and its id can be reused."""
-    worker_key = Worker.redis_worker_namespace_prefix + worker_id
-    if rq_conn.exists(worker_key) and not rq_conn.hexists(worker_key, "death"):
-        dead = Worker.find_by_key(worker_key, connection=rq_conn, serializer=JSONSerializer)
-        if dead is not None:
-            dead.register_death()  # type: ignore[no-untyped-call]
 
 
 def reap_dead_workers(
@@ -147,7 +104,7 @@ def reap_dead_workers(
             continue  # it came back since we looked
         moved = recover_worker(conn, rq_conn, scripts, worker_id, max_attempts=max_attempts)
         conn.srem(keys.workers_key(), worker_id)
-        retire_rq_worker(rq_conn, worker_id)
+        rq_books.retire_worker(rq_conn, worker_id)
         total.add(moved)
         log.warning("reaped dead worker", worker_id=worker_id, requeued=moved.requests,
                     dead_lettered=moved.dead_lettered, microbatches=moved.microbatches)  # fmt: skip

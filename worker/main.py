@@ -11,21 +11,18 @@ import time
 from types import FrameType
 
 import redis
-from rq.queue import Queue
-from rq.serializers import JSONSerializer
 
-from gpulb import keys
 from gpulb.connection import BLIP_ERRORS, REDIS_FULL, broker_errors, connect
 from gpulb.errors import BrokerUnavailable, ConfigError
 from gpulb.logs import get_logger
 from gpulb.metrics import serve_metrics
-from gpulb.recovery import retire_rq_worker
+from gpulb.rq_books import retire_worker
 from gpulb.settings import BackendName, Settings
 from worker.backends import create_backend
 from worker.gpu import GpuMonitor, pin_to_gpu
 from worker.heartbeat import Heartbeat
 from worker.metrics import WorkerMetrics
-from worker.rq_worker import GpulbWorker
+from worker.rq_worker import GpulbWorker, check_installed_rq
 from worker.runtime import WorkerRuntime
 
 log = get_logger("gpulb.worker")
@@ -41,6 +38,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     cfg = settings.worker
     if not cfg.model:
         raise ConfigError("worker needs a model: pass --model or set GPULB_WORKER__MODEL")
+    check_installed_rq()
     if cfg.gpu is not None:
         pin_to_gpu(cfg.gpu)  # before any backend imports CUDA
     monitor = GpuMonitor() if cfg.gpu is not None or cfg.backend in GPU_BACKENDS else None
@@ -79,18 +77,13 @@ def _register(runtime: WorkerRuntime, settings: Settings) -> None:
 
 
 def build_rq_worker(settings: Settings, runtime: WorkerRuntime) -> GpulbWorker:
-    queue = Queue(keys.rq_queue_name(runtime.worker_id), connection=runtime.rq_conn, serializer=JSONSerializer)
-    worker = GpulbWorker(
-        [queue], name=runtime.worker_id, connection=runtime.rq_conn, serializer=JSONSerializer, runtime=runtime
-    )
-    worker.max_connection_wait_time = settings.redis.max_backoff_s
-    return worker
+    return GpulbWorker.on_own_queue(runtime, max_connection_wait_s=settings.redis.max_backoff_s)
 
 
 def _work(settings: Settings, runtime: WorkerRuntime, burst: bool) -> bool:
     """Run RQ's work loop; True if it ended as asked (burst done or stop requested)."""
     try:
-        retire_rq_worker(runtime.rq_conn, runtime.worker_id)  # our own record from before an outage
+        retire_worker(runtime.rq_conn, runtime.worker_id)  # our own record from before an outage
         build_rq_worker(settings, runtime).work(burst=burst, logging_level=settings.log_level.upper())
     except BLIP_ERRORS as exc:  # lost, or full (maxmemory): wait for it, take back what we hold, carry on
         log.warning("lost redis", error=str(exc))

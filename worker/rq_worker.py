@@ -5,6 +5,10 @@ the job function running. Here it takes two, writing the same records: one pipel
 hash and the micro-batch's entries), then one MULTI/EXEC with everything RQ writes before a job runs
 (execution record, started registry, worker and job state, heartbeats) and gpulb's START script. So
 `rq info`, rq-dashboard and RQ's registries see jobs exactly as with RQ's own loop.
+
+This is the one place outside ``gpulb.rq_books`` that imports ``rq``. It overrides RQ methods, so ``RELIED_ON``
+lists every RQ method and attribute it uses, with the arguments it expects; :func:`check_installed_rq` checks them
+against the installed RQ when a worker starts.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ from typing import Any, TypeVar
 import redis
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
-from rq.job import Job, JobStatus, _job_stack
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.utils import as_text, get_version, now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from gpulb import keys
+from gpulb import keys, rq_books
 from gpulb.connection import BLIP_ERRORS
 from gpulb.keys import JOB_FUNC
 from gpulb.logs import get_logger
-from gpulb.recovery import record_rq_failure
+from gpulb.rq_books import Relied
 from worker.jobs import CURRENT_RUNTIME
 from worker.runtime import WorkerRuntime
 
@@ -40,16 +44,68 @@ RECENT_HEARTBEAT_S = 1.0  # RQ's worker hash lives worker_ttl + 60 s: a plain he
 COMMAND_POLL_S = 1.0
 
 
+RELIED_ON = (
+    Relied(SimpleWorker, "subscribe", "", overridden=True),
+    Relied(SimpleWorker, "execute_job", "job queue", overridden=True),
+    Relied(SimpleWorker, "request_stop", "signum frame", overridden=True),
+    Relied(SimpleWorker, "heartbeat", "timeout pipeline", overridden=True),
+    Relied(SimpleWorker, "dequeue_job_and_maintain_ttl", "timeout max_idle_time", overridden=True),
+    Relied(SimpleWorker, "prepare_execution", "job", overridden=True),
+    Relied(SimpleWorker, "prepare_job_execution", "job remove_from_intermediate_queue", overridden=True),
+    Relied(SimpleWorker, "handle_execution_ended", "job queue heartbeat_ttl", overridden=True),
+    Relied(SimpleWorker, "handle_job_success", "job queue started_job_registry", overridden=True),
+    Relied(Job, "perform", "", overridden=True),
+    Relied(SimpleWorker, "perform_job", "job queue"),
+    Relied(SimpleWorker, "set_state", "state pipeline"),
+    Relied(SimpleWorker, "get_state", ""),
+    Relied(SimpleWorker, "procline", "message"),
+    Relied(SimpleWorker, "run_maintenance_tasks", ""),
+    Relied(SimpleWorker, "should_run_maintenance_tasks"),
+    Relied(SimpleWorker, "set_current_job_id", "job_id pipeline"),
+    Relied(SimpleWorker, "set_current_job_working_time", "current_job_working_time pipeline"),
+    Relied(SimpleWorker, "get_heartbeat_ttl", "job"),
+    Relied(SimpleWorker, "increment_successful_job_count", "pipeline"),
+    Relied(SimpleWorker, "increment_total_working_time", "job_execution_time pipeline"),
+    Relied(SimpleWorker, "cleanup_execution", "job pipeline"),
+    Relied(SimpleWorker, "handle_warm_shutdown_request", ""),
+    Relied(SimpleWorker, "request_force_stop", "signum frame"),
+    Relied(SimpleWorker, "get_redis_server_version", ""),
+    Relied(SimpleWorker, "handle_payload", "message"),
+    Relied(SimpleWorker, "pubsub_channel_name"),
+    Relied(SimpleWorker, "exponential_backoff_factor"),
+    Relied(SimpleWorker, "max_connection_wait_time"),
+    Relied(Job, "restore", "raw_data"),
+    Relied(Job, "prepare_for_execution", "worker_name pipeline"),
+    Relied(Job, "heartbeat", "timestamp ttl pipeline"),
+    Relied(Job, "get_result_ttl", "default_ttl"),
+    Relied(Job, "cleanup", "ttl pipeline remove_from_queue"),
+    Relied(Job, "func_name"),
+    Relied(Job, "func"),
+    Relied(Job, "args"),
+    Relied(Job, "kwargs"),
+    Relied(Execution, "create", "job ttl pipeline worker_name"),
+    Relied(Queue, "lmove", "connection queue_key timeout"),
+    Relied(Queue, "intermediate_queue_key"),
+)
+
+
+def check_installed_rq() -> None:
+    """Fail at start-up, naming what is missing, if the installed RQ is not one this worker can run on."""
+    rq_books.check_rq(RELIED_ON)
+
+
 class GpulbJob(Job):
-    """RQ's Job, less the PERSIST round trip in ``perform``: GpulbWorker persists it in its start pipeline."""
+    """RQ's Job, less the PERSIST round trip in ``perform``: GpulbWorker persists it in its start pipeline.
+
+    It keeps what the job function returned for the success bookkeeping. (gpulb's job function does not ask RQ for
+    its current job, so ``rq.get_current_job`` is not set while it runs.)
+    """
+
+    returned: Any = None
 
     def perform(self) -> Any:
-        _job_stack.push(self)  # type: ignore[no-untyped-call]
-        try:
-            self._result = self._execute()
-        finally:
-            assert self is _job_stack.pop()  # type: ignore[no-untyped-call]
-        return self._result
+        self.returned = self.func(*self.args, **self.kwargs)
+        return self.returned
 
 
 class GpulbWorker(SimpleWorker):
@@ -63,6 +119,17 @@ class GpulbWorker(SimpleWorker):
         self._start_pipe: redis.client.Pipeline | None = None
         self._beat_ttl: int | None = None  # the TTL the last heartbeat set; None: RQ's default (worker_ttl + 60)
         self._blocked_in_dequeue = False  # in BLMOVE: where a stop request may interrupt the main thread
+
+    @classmethod
+    def on_own_queue(cls, runtime: WorkerRuntime, *, max_connection_wait_s: float) -> GpulbWorker:
+        """The RQ worker named by the worker's id, on the one queue of that name; its jobs are JSON."""
+        serializer = rq_books.SERIALIZER
+        queue = Queue(keys.rq_queue_name(runtime.worker_id), connection=runtime.rq_conn, serializer=serializer)
+        worker = cls(
+            [queue], name=runtime.worker_id, connection=runtime.rq_conn, serializer=serializer, runtime=runtime
+        )
+        worker.max_connection_wait_time = max_connection_wait_s
+        return worker
 
     def subscribe(self) -> None:
         """RQ's subscription to its command channel, polled every ``COMMAND_POLL_S`` instead of every 60 s."""
@@ -252,11 +319,9 @@ class GpulbWorker(SimpleWorker):
         """The job's finished status, result and finished registry entry, or its deletion (result TTL 0)."""
         result_ttl = job.get_result_ttl(self.default_result_ttl)
         if result_ttl != 0:
-            execution = self.execution
-            job._handle_success(
-                result_ttl, pipeline=pipe, worker_name=self.name, execution_id=execution.id if execution else None,
-                execution_started_at=execution.created_at if execution else None, execution_ended_at=job.ended_at,
-            )  # fmt: skip
+            returned = job.returned if isinstance(job, GpulbJob) else None
+            rq_books.finish_job(job, pipe, result_ttl=result_ttl, return_value=returned, worker_name=self.name,
+                                execution=self.execution)  # fmt: skip
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
 
     def _beat_recently(self) -> bool:
@@ -279,6 +344,6 @@ class GpulbWorker(SimpleWorker):
     def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
         """Fail the job in RQ's books without decoding it further (RQ's own paths read func_name)."""
         log.error("job refused", job_id=job.id, reason=reason)
-        record_rq_failure(self.connection, job, self.runtime.worker_id, reason)
+        rq_books.fail_job(self.connection, job, self.runtime.worker_id, reason)
         self.runtime.conn.hincrby(keys.stats_key(), "refused_jobs", 1)
         self.set_state(WorkerStatus.IDLE)

@@ -27,7 +27,8 @@ from gpulb.connection import (
 from gpulb.errors import NotDurable, WorkerIdInUse
 from gpulb.logs import get_logger
 from gpulb.models import Result, WorkerLoad, WorkerState, refill_batch
-from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch, retire_rq_worker
+from gpulb.recovery import Requeued, RequeueMode, recover_worker, requeue_microbatch
+from gpulb.rq_books import retire_worker
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 from worker.backends.base import Backend, BackendRequest, ContinuousBackend, EngineLoad, EngineUnavailable, failed
@@ -220,7 +221,7 @@ class WorkerRuntime(Sink):
         """Claim the worker id, take back what a dead predecessor of this id held, announce idle."""
         check_durable_acks(self.conn, self.settings)
         self._wait_for_predecessor()
-        retire_rq_worker(self.rq_conn, self.worker_id)
+        retire_worker(self.rq_conn, self.worker_id)
         recovered = recover_worker(self.conn, self.rq_conn, self.scripts, self.worker_id,
                                    max_attempts=self.settings.max_attempts)  # fmt: skip
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)

@@ -6,8 +6,8 @@ import fakeredis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from balancer.rq_job import RqJobTemplate
 from gpulb import keys
+from gpulb.rq_books import RqJobTemplate
 
 
 def rq_fields(microbatch_id: str, worker_id: str) -> dict[str, object]:
