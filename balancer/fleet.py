@@ -17,6 +17,7 @@ from gpulb.connection import count_stat
 from gpulb.errors import BadPayload
 from gpulb.logs import get_logger
 from gpulb.models import ACCEPTING_STATES, WorkerLoad
+from gpulb.records import load_from_reply, queue_load_reads
 
 log = get_logger("gpulb.balancer")
 
@@ -95,11 +96,11 @@ def read_fleet(
     """Every registered worker's load and credit, and every served model's backlog."""
     worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
     fleet = Fleet(prior_tokens_per_s=prior_tokens_per_s, max_outstanding=max_outstanding)
-    for worker_id, load_raw, credit in _read_workers(conn, worker_ids):
-        if not load_raw:
+    for worker_id, load_reply, credit in _read_workers(conn, worker_ids):
+        if not load_reply:
             fleet.dead.append(worker_id)
             continue
-        load = _parse(worker_id, load_raw, fleet)
+        load = _parse(worker_id, load_reply, fleet)
         if load is not None:
             view = WorkerView(worker_id, load.model, load.capacity, load.tokens_per_s, slots=load.slots,
                               queue_slots=load.queue_slots)  # fmt: skip
@@ -113,9 +114,9 @@ def read_fleet(
 
 def refresh_workers(conn: redis.Redis, fleet: Fleet, worker_ids: set[str]) -> bool:
     """Re-read only these workers; False when a full read is needed (a worker unknown or gone)."""
-    for worker_id, load_raw, credit in _read_workers(conn, sorted(worker_ids)):
+    for worker_id, load_reply, credit in _read_workers(conn, sorted(worker_ids)):
         view = fleet.views.get(worker_id)
-        load = _parse(worker_id, load_raw, fleet) if load_raw else None
+        load = _parse(worker_id, load_reply, fleet) if load_reply else None
         if view is None or load is None or load.model != view.model:
             return False
         fleet.update(view, load, credit)
@@ -159,18 +160,17 @@ def _read_owners(conn: redis.Redis, fleet: Fleet) -> None:
         backlog.head_owner = owner or ""
 
 
-def _read_workers(conn: redis.Redis, worker_ids: list[str]) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+def _read_workers(conn: redis.Redis, worker_ids: list[str]) -> list[tuple[str, Any, dict[str, str]]]:
+    """Each worker's load reply (for :func:`gpulb.records.load_from_reply`) and credit, in one round trip."""
     pipe = conn.pipeline(transaction=False)
+    queue_load_reads(pipe, worker_ids)
     for worker_id in worker_ids:
-        pipe.hgetall(keys.load_key(worker_id))
         pipe.hgetall(keys.credit_key(worker_id))
-    replies = pipe.execute(raise_on_error=False)
-    return [
-        (w, _hash_or_garbage(replies[2 * i]), _hash_or_garbage(replies[2 * i + 1])) for i, w in enumerate(worker_ids)
-    ]
+    replies, count = pipe.execute(raise_on_error=False), len(worker_ids)
+    return [(w, replies[i], _hash_or_garbage(replies[count + i])) for i, w in enumerate(worker_ids)]
 
 
-GARBAGE_HASH = {"state": "garbage: not a hash"}  # a load or credit key of another type: skipped as malformed
+GARBAGE_HASH = {"state": "garbage: not a hash"}  # a credit key of another type: its worker takes no work
 
 
 def _hash_or_garbage(reply: Any) -> dict[str, str]:
@@ -181,9 +181,10 @@ def _hash_or_garbage(reply: Any) -> dict[str, str]:
     return reply  # type: ignore[no-any-return]
 
 
-def _parse(worker_id: str, load_raw: dict[str, str], fleet: Fleet) -> WorkerLoad | None:
+def _parse(worker_id: str, load_reply: Any, fleet: Fleet) -> WorkerLoad | None:
+    """The worker's load; None, counted and logged, when its load key holds garbage."""
     try:
-        return WorkerLoad.from_hash(load_raw)
+        return load_from_reply(load_reply)
     except BadPayload as exc:
         fleet.malformed += 1
         log.warning("skipping worker with a malformed load key", worker_id=worker_id, error=str(exc))

@@ -6,6 +6,7 @@ Everything on the wire is JSON (or plain numeric hash fields). Nothing is ever p
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
@@ -232,6 +233,32 @@ class BatchStatus(BaseModel):
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+    @classmethod
+    def from_hash(cls, batch_id: str, raw: Mapping[str, str]) -> BatchStatus:
+        """The batch's record (``gpulb:batch:B``) as counts; :class:`BadPayload` if it holds garbage."""
+        try:
+            total, running = int(raw["total"]), max(0, int(raw.get("running", 0)))
+            completed, failed = int(raw.get("completed", 0)), int(raw.get("failed", 0))
+            cancelled = int(raw.get("cancelled", 0))
+            state = BatchState(raw.get("state", BatchState.PENDING))
+            finished = raw.get("finished_at")
+            return cls(
+                batch_id=batch_id,
+                model=raw["model"],
+                total=total,
+                pending=max(0, total - running - completed - failed - cancelled),
+                running=running,
+                completed=completed,
+                failed=failed,
+                cancelled=cancelled,
+                state=state,
+                submitted_at=float(raw["submitted_at"]),
+                finished_at=float(finished) if finished else None,
+                metadata=json.loads(raw.get("metadata", "{}")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise BadPayload(f"batch record {batch_id} is malformed: {exc!r}") from exc
 
 
 class WorkerState(StrEnum):

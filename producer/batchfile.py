@@ -55,13 +55,26 @@ class BadBatchFile(InvalidRequest):
         self.lines = lines
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A batch-file line's or an HTTP body's request, validated once: what is submitted is ``spec``."""
+
+    fields: dict[str, Any]  # as gpulb's Python API takes them (the body's OpenAI names translated)
+    spec: RequestSpec
+
+
 @dataclass(slots=True)
 class BatchFile:
-    """A checked batch file: one model, one endpoint, requests in file order."""
+    """A checked batch file: one model, one endpoint, requests in file order (``specs``: what is submitted)."""
 
     model: str
     endpoint: str
     requests: list[dict[str, Any]] = field(default_factory=list)
+    specs: list[RequestSpec] = field(default_factory=list)
+
+    def add(self, request: CheckedRequest) -> None:
+        self.requests.append(request.fields)
+        self.specs.append(request.spec)
 
     @property
     def custom_ids(self) -> list[str]:
@@ -94,8 +107,8 @@ def parse_batch_lines(
             model, url, request = _parse_line(line, default_max_tokens, limits, endpoint)
             batch = batch or BatchFile(model, url)
             _check_same(batch, model, url)
-            _check_unique(seen, request["custom_id"], number)
-            batch.requests.append(request)
+            _check_unique(seen, request.fields["custom_id"], number)
+            batch.add(request)
         except InvalidRequest as exc:
             errors.append((number, str(exc)))
     if errors:
@@ -120,7 +133,7 @@ def _without_bom(lines: Iterable[str]) -> Iterator[str]:
 
 def _parse_line(
     line: str, default_max_tokens: int, limits: ProducerSettings, endpoint: str | None
-) -> tuple[str, str, dict[str, Any]]:
+) -> tuple[str, str, CheckedRequest]:
     obj = _load_json(line)
     if not isinstance(obj, dict):
         raise InvalidRequest("expected a JSON object with custom_id, method, url and body")
@@ -155,7 +168,7 @@ def _load_json(line: str) -> object:
 def request_from_body(
     url: str, custom_id: str | None, body: dict[str, Any], default_max_tokens: int, limits: ProducerSettings,
     *, encodings: tuple[str, ...] = (FLOAT,),
-) -> dict[str, Any]:  # fmt: skip
+) -> CheckedRequest:  # fmt: skip
     """A body of ``url`` as a gpulb request; ``encodings``: the embedding encodings the caller can answer in."""
     if url == EMBEDDINGS:
         return embedding_request(custom_id, body, limits, encodings)
@@ -171,17 +184,12 @@ def request_from_body(
     if isinstance(request.get("stop"), str):
         request["stop"] = [request["stop"]]  # the OpenAI API takes one stop string or a list
     request.setdefault("max_tokens", default_max_tokens)
-    try:
-        spec = RequestSpec.model_validate(request)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_error(exc, within="body")) from None
-    check_limits(spec, limits)
-    return request
+    return _checked(request, limits)
 
 
 def embedding_request(
     custom_id: str | None, body: dict[str, Any], limits: ProducerSettings, encodings: tuple[str, ...]
-) -> dict[str, Any]:  # fmt: skip
+) -> CheckedRequest:  # fmt: skip
     """An embeddings body (``input``: a string or a list of strings) as a gpulb request."""
     for name, value in body.items():
         if name == "encoding_format" and value is not None and value not in encodings:
@@ -195,13 +203,17 @@ def embedding_request(
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) for text in inputs):
         raise InvalidRequest("body.input: required, a string or a list of strings (token ids are not supported)")
-    request = {"custom_id": custom_id, "input": inputs, "max_tokens": 1}
+    return _checked({"custom_id": custom_id, "input": inputs, "max_tokens": 1}, limits)
+
+
+def _checked(request: dict[str, Any], limits: ProducerSettings) -> CheckedRequest:
+    """The one validation of a request from a file or a body: its model, then the producer's limits."""
     try:
         spec = RequestSpec.model_validate(request)
     except ValidationError as exc:
         raise InvalidRequest(describe_error(exc, within="body")) from None
     check_limits(spec, limits)
-    return request
+    return CheckedRequest(request, spec)
 
 
 def in_base64(answer: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from gpulb.connection import (
     unavailable,
 )
 from gpulb.errors import ResultTimeout
-from gpulb.models import BatchStatus, Result
+from gpulb.models import BatchStatus, RequestSpec, Result
+from gpulb.records import read_batch_status, read_result, read_results
 from gpulb.scripts import Scripts
 from gpulb.settings import Settings
 from producer import store
@@ -71,7 +72,7 @@ class Client:
 
     def submit_batch(
         self,
-        requests: Iterable[str | Mapping[str, Any]],
+        requests: Iterable[str | Mapping[str, Any] | RequestSpec],
         *,
         model: str,
         max_tokens: int = 16,
@@ -80,7 +81,8 @@ class Client:
         result_ttl_s: int | None = None,
         listed: bool = True,
     ) -> BatchHandle:
-        """Validate every request, then enqueue them all; a bad request refuses the whole batch.
+        """Validate every request (a :class:`RequestSpec` was when it was made), then enqueue them all; a bad request
+        refuses the whole batch.
 
         ``metadata`` (up to 16 string pairs) is kept with the batch and shown by ``gpulb batch``.
         ``result_ttl_s`` overrides how long results stay once the batch is done; ``listed=False``
@@ -123,7 +125,12 @@ class Client:
 
     def batch_status(self, batch_id: str) -> BatchStatus:
         with self._errors():
-            return store.read_status(self._conn, batch_id)
+            return read_batch_status(self._conn, batch_id)
+
+    @property
+    def connection(self) -> redis.Redis:
+        """The Redis connection this client reads and writes with (text replies), for readers of what it writes."""
+        return self._conn
 
     def close(self) -> None:
         self._conn.close()
@@ -201,7 +208,7 @@ class BatchHandle:
         """Block until every request has a result; raises ``TimeoutError`` (ResultTimeout) on timeout."""
 
         def finished() -> BatchStatus | None:
-            status = store.read_status(self.client._conn, self.id)
+            status = read_batch_status(self.client.connection, self.id)
             return status if status.finished else None
 
         return self.client._wait_for(self.id, finished, timeout, f"batch {self.id}")
@@ -211,14 +218,14 @@ class BatchHandle:
         requests already running finish. Returns the status right after."""
         status = self.status()
         with self.client._errors():
-            store.cancel_batch(self.client._conn, self.client._scripts, self.id, status.model)
+            store.cancel_batch(self.client.connection, self.client._scripts, self.id, status.model)
         return self.status()
 
     def results(self, timeout: float | None = None) -> list[Result]:
         """Every result in submission order, waiting up to ``timeout`` for the batch to finish."""
         self.wait(timeout)
         with self.client._errors():
-            results = store.read_results(self.client._conn, self.id, self.total)
+            results = read_results(self.client.connection, self.id, self.total)
             self.client._confirm_durable(f"the results of batch {self.id}")
         return results
 
@@ -239,7 +246,7 @@ class JobHandle:
         client = self.batch.client
 
         def probe() -> Result | None:
-            return store.read_result(client._conn, self.batch.id, self.index)
+            return read_result(client.connection, self.batch.id, self.index)
 
         result = client._wait_for(self.batch.id, probe, timeout, f"request {self.id}")
         with client._errors():
@@ -255,7 +262,7 @@ class JobHandle:
         """
         client = self.batch.client
         with client._errors():
-            for item in follow_text(client._conn, self.batch.id, self.index, timeout):
+            for item in follow_text(client.connection, self.batch.id, self.index, timeout):
                 if isinstance(item, Result):
                     client._confirm_durable(f"the result of {self.id}")
                 yield item
@@ -263,7 +270,7 @@ class JobHandle:
     def abort(self) -> None:
         """Stop it: not started, it is cancelled; running, the engine drops it (streamed requests)."""
         with self.batch.client._errors():
-            abort(self.batch.client._conn, self.batch.id)
+            abort(self.batch.client.connection, self.batch.id)
         self.batch.cancel()
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import redis
 from gpulb import keys
 from gpulb.errors import ResultTimeout, StreamBroken
 from gpulb.models import Result
-from producer import store
+from gpulb.records import read_result
 
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 POLL_MS = 250  # how long one read blocks for new pieces before the result is looked for
@@ -28,7 +28,7 @@ def follow_text(conn: redis.Redis, batch_id: str, index: int, timeout_s: float |
     reader = _Pieces(conn, batch_id, index)
     while True:
         yield from reader.read(POLL_MS)
-        result = store.read_result(conn, batch_id, index)
+        result = read_result(conn, batch_id, index)
         if result is not None:
             yield from reader.read(0)  # pieces written before the result was recorded
             if rest := reader.rest_of(result):

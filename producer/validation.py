@@ -81,9 +81,12 @@ def validate_batch_id(batch_id: object) -> str:
 
 
 def validate_requests(
-    requests: Iterable[str | Mapping[str, Any]], *, max_tokens: int, limits: ProducerSettings
+    requests: Iterable[str | Mapping[str, Any] | RequestSpec], *, max_tokens: int, limits: ProducerSettings
 ) -> list[RequestSpec]:
-    """Every request as a :class:`RequestSpec`; raises :class:`InvalidRequest` naming index and field."""
+    """Every request as a :class:`RequestSpec`; raises :class:`InvalidRequest` naming index and field.
+
+    A :class:`RequestSpec` is taken as it is: it was validated when it was made (the batch file and the gateway
+    check theirs, limits included, where they can name the line or the field)."""
     if isinstance(requests, str | bytes | Mapping):
         raise InvalidRequest("requests: expected a list of prompts or request dicts, not a single value")
     specs = [_validate_one(index, item, max_tokens, limits) for index, item in enumerate(requests)]
@@ -98,6 +101,8 @@ def validate_requests(
 
 
 def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSettings) -> RequestSpec:
+    if isinstance(item, RequestSpec):
+        return item
     if isinstance(item, str):
         raw: dict[str, Any] = {"prompt": item}
     elif isinstance(item, Mapping):

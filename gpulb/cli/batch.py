@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from gpulb.cli.progress import ProgressReporter, describe
-from gpulb.cli.status import served_models
 from gpulb.connection import broker_errors, connect
 from gpulb.errors import GpulbError, ResultTimeout
 from gpulb.models import BatchStatus
+from gpulb.records import read_served_models
 from gpulb.settings import Settings
 
 if TYPE_CHECKING:  # the producer is imported only by the commands that use it: workers need not load it
@@ -43,7 +43,7 @@ class ServedModelCheck:
         now = time.monotonic()
         if self._checked_at is None or now - self._checked_at >= SERVED_CHECK_S:
             with broker_errors(self.redis_url):
-                self._served = self.model in served_models(self.conn)
+                self._served = self.model in read_served_models(self.conn)
             self._checked_at = now
         return None if self._served else f"warning: no live worker serves model {self.model!r}"
 
@@ -98,7 +98,7 @@ def run_submit(args: argparse.Namespace, settings: Settings) -> int:
     served = ServedModelCheck(connect(settings), batch_file.model, settings.redis_url)
     with Client(settings.redis_url, settings=settings) as client:
         _check_served(served, fail_fast=args.fail_fast)
-        handle = client.submit_batch(batch_file.requests, model=batch_file.model, priority=args.priority,
+        handle = client.submit_batch(batch_file.specs, model=batch_file.model, priority=args.priority,
                                      metadata=metadata)  # fmt: skip
         if args.detach:
             print(handle.id)

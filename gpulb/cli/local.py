@@ -29,13 +29,13 @@ from urllib.parse import urlsplit
 
 import redis
 
-from gpulb import keys
 from gpulb.cli.occupancy import Span, busy_share, busy_shares
 from gpulb.cli.redis_server import RedisServer
 from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
 from gpulb.cli.status import read_fleet_status
 from gpulb.connection import connect, redact_url
 from gpulb.errors import ConfigError
+from gpulb.records import load_from_reply, queue_load_reads
 from gpulb.settings import Settings
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
@@ -293,9 +293,12 @@ def worker_slots(redis_url: str, worker_ids: list[str]) -> dict[str, int]:
     """Each worker's engine slots, from its load key (0: a static-batch engine)."""
     conn = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return {w: int(conn.hget(keys.load_key(w), "slots") or 0) for w in worker_ids}
+        pipe = conn.pipeline(transaction=False)
+        queue_load_reads(pipe, worker_ids)
+        loads = [load_from_reply(reply) for reply in pipe.execute()]
     finally:
         conn.close()
+    return {w: load.slots if load else 0 for w, load in zip(worker_ids, loads, strict=True)}
 
 
 def share_table(plan: FleetPlan, results: list[Any], started: float, slots: dict[str, int]) -> str:

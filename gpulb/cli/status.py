@@ -9,7 +9,8 @@ import redis
 
 from gpulb import keys
 from gpulb.errors import BadPayload
-from gpulb.models import WorkerLoad, WorkerState
+from gpulb.models import BatchStatus
+from gpulb.records import load_from_reply, queue_load_reads, read_batch_statuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +87,8 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     pipe = conn.pipeline(transaction=False)
     pipe.hgetall(keys.balancer_heartbeat_key())
     pipe.hgetall(keys.stats_key())
+    queue_load_reads(pipe, worker_ids)
     for worker_id in worker_ids:
-        pipe.hgetall(keys.load_key(worker_id))
         pipe.hget(keys.credit_key(worker_id), "batches")
     for model in models:
         pipe.get(keys.ingress_requests_key(model))
@@ -96,9 +97,9 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     now = time.time()
     status = FleetStatus(balancer=_balancer_row(next(replies), now))
     status.bad_data = {name: int(count) for name, count in next(replies).items()}
-    for worker_id in worker_ids:
-        load_raw, batches = next(replies), next(replies)
-        status.workers.append(_row(worker_id, load_raw, int(batches or 0), now))
+    load_replies = [next(replies) for _ in worker_ids]
+    for worker_id, load_reply in zip(worker_ids, load_replies, strict=True):
+        status.workers.append(_row(worker_id, load_reply, int(next(replies) or 0), now))
     for model in models:
         depth, tokens = next(replies), next(replies)
         status.models.append(
@@ -108,39 +109,20 @@ def read_fleet_status(conn: redis.Redis) -> FleetStatus:
     return status
 
 
-def served_models(conn: redis.Redis) -> list[str]:
-    """The models that live workers serve: those with a load key (it expires when a worker goes silent) and not
-    draining."""
-    worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
-    pipe = conn.pipeline(transaction=False)
-    for worker_id in worker_ids:
-        pipe.hmget(keys.load_key(worker_id), ["model", "state"])
-    return sorted({model for model, state in pipe.execute() if model and state != WorkerState.DRAINING})
-
-
-BATCH_FIELDS = ["model", "state", "total", "completed", "failed", "cancelled", "running", "submitted_at"]
 BATCHES_SCANNED = 200
 
 
 def _batches_in_flight(conn: redis.Redis, now: float) -> list[BatchRow]:
-    """Unfinished batches among the newest ``BATCHES_SCANNED``."""
+    """Unfinished batches among the newest ``BATCHES_SCANNED`` (malformed records left out)."""
     batch_ids: list[str] = conn.zrevrange(keys.batches_key(), 0, BATCHES_SCANNED - 1)  # type: ignore[assignment]
-    pipe = conn.pipeline(transaction=False)
-    for batch_id in batch_ids:
-        pipe.hmget(keys.batch_key(batch_id), BATCH_FIELDS)
-    rows = []
-    for batch_id, values in zip(batch_ids, pipe.execute(), strict=True):
-        raw = dict(zip(BATCH_FIELDS, values, strict=True))
-        if raw["state"] not in ("pending", "running"):
-            continue  # finished, or expired (None)
-        try:
-            done = int(raw["completed"] or 0) + int(raw["failed"] or 0) + int(raw["cancelled"] or 0)
-            rows.append(BatchRow(batch_id, raw["model"] or "?", raw["state"], int(raw["total"] or 0), done,
-                                 int(raw["failed"] or 0), int(raw["running"] or 0),
-                                 round(max(0.0, now - float(raw["submitted_at"] or now)), 1)))  # fmt: skip
-        except ValueError:
-            continue
-    return rows
+    statuses, _ = read_batch_statuses(conn, batch_ids)
+    return [_batch_row(status, now) for status in statuses if not status.finished]
+
+
+def _batch_row(status: BatchStatus, now: float) -> BatchRow:
+    age_s = round(max(0.0, now - status.submitted_at), 1)
+    return BatchRow(status.batch_id, status.model, status.state.value, status.total, status.done, status.failed,
+                    status.running, age_s)  # fmt: skip
 
 
 def _balancer_row(raw: dict[str, str], now: float) -> BalancerRow | None:
@@ -151,9 +133,9 @@ def _balancer_row(raw: dict[str, str], now: float) -> BalancerRow | None:
         return None
 
 
-def _row(worker_id: str, raw: dict[str, str], batches: int, now: float) -> WorkerRow:
+def _row(worker_id: str, load_reply: dict[str, str], batches: int, now: float) -> WorkerRow:
     try:
-        load = WorkerLoad.from_hash(raw) if raw else None
+        load = load_from_reply(load_reply)
     except BadPayload:
         return WorkerRow(worker_id, "?", "malformed", 0, 0, batches, 0.0, 0, None)
     if load is None:

@@ -22,7 +22,7 @@ from gpulb import keys
 from gpulb.connection import connect
 from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
-from gpulb.models import Result
+from gpulb.models import RequestSpec, Result
 from gpulb.settings import Settings
 from producer.batchfile import (
     BASE64,
@@ -71,8 +71,8 @@ class Gateway:
         self.client = Client(settings.redis_url, settings=settings)
         gw = settings.gateway
         self.files = FileStore(connect(settings, decode=False), gw.max_file_bytes, gw.file_ttl_s)  # bytes in and out
-        self.records = BatchRecords(self.client._conn)
-        self.served = ServedModels(self.client._conn)
+        self.records = BatchRecords(self.client.connection)
+        self.served = ServedModels(self.client.connection)
         self.batches = BatchService(self.client, self.files, self.records, settings, serves=self.served.serves)
         self.online_slots = anyio.CapacityLimiter(settings.gateway.max_waiting_online)
         # streams read their pieces in threads of their own: a plain request waiting 600 s must not stall a stream
@@ -281,15 +281,15 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> Any:
     cfg = gateway.settings
     limits = cfg.producer
     plain = body if endpoint == EMBEDDINGS else {**body, "stream": False, "stream_options": None}
-    request = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits, encodings=(FLOAT, BASE64))
-    request.pop("custom_id")
+    encodings = (FLOAT, BASE64)
+    spec = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits, encodings=encodings).spec
     if stream:
-        return await _open_stream(gateway, endpoint, model, {**request, "stream": True}, include_usage)
+        return await _open_stream(gateway, endpoint, model, spec.model_copy(update={"stream": True}), include_usage)
 
     def run() -> dict[str, Any]:
         if not gateway.served.serves(model):
             raise model_not_found(model)
-        batch = gateway.client.submit_batch([request], model=model, priority=cfg.gateway.online_priority,
+        batch = gateway.client.submit_batch([spec], model=model, priority=cfg.gateway.online_priority,
                                             result_ttl_s=cfg.gateway.online_result_ttl_s, listed=False)  # fmt: skip
         try:
             (result,) = batch.results(timeout=cfg.gateway.online_timeout_s)
@@ -321,7 +321,7 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 async def _open_stream(
-    gateway: Gateway, endpoint: str, model: str, request: dict[str, Any], include_usage: bool
+    gateway: Gateway, endpoint: str, model: str, request: RequestSpec, include_usage: bool
 ) -> Any:  # fmt: skip
     """Submit, then answer with server-sent events (a refusal before the first event is an ordinary error)."""
     cfg = gateway.settings.gateway

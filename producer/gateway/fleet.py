@@ -6,20 +6,9 @@ import time
 
 import redis
 
-from gpulb import keys
-from gpulb.models import WorkerState
+from gpulb.records import read_served_models
 
 FRESH_S = 1.0  # online requests ask each time: read Redis at most this often, unless the model is not among them
-
-
-def read_served_models(conn: redis.Redis) -> list[str]:
-    """The models of the workers with a load key (it expires when a worker goes silent) that are not draining:
-    one that is starting counts, as its model is about to be served."""
-    worker_ids: list[str] = sorted(conn.smembers(keys.workers_key()))  # type: ignore[arg-type]
-    pipe = conn.pipeline(transaction=False)
-    for worker_id in worker_ids:
-        pipe.hmget(keys.load_key(worker_id), ["model", "state"])
-    return sorted({model for model, state in pipe.execute() if model and state != WorkerState.DRAINING})
 
 
 class ServedModels:

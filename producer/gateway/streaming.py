@@ -78,7 +78,7 @@ def stream_response(batch: BatchHandle, chunks: Chunks, timeout_s: float, limite
 async def _events(
     batch: BatchHandle, chunks: Chunks, timeout_s: float, limiter: anyio.CapacityLimiter
 ) -> AsyncIterator[str]:
-    pieces = follow_text(batch.client._conn, batch.id, 0, timeout_s)
+    pieces = follow_text(batch.client.connection, batch.id, 0, timeout_s)
     answered = False
     try:
         for chunk in chunks.opening():
@@ -115,7 +115,7 @@ async def _in_threads(pieces: Iterator[str | Result], limiter: anyio.CapacityLim
 
 def _abandon(batch: BatchHandle) -> None:
     try:
-        abort(batch.client._conn, batch.id)
+        abort(batch.client.connection, batch.id)
         batch.cancel()
     except Exception as exc:  # the request runs to its end: it is only wasted work
         log.warning("could not abort an abandoned stream", request_id=keys.request_id(batch.id, 0), error=str(exc))

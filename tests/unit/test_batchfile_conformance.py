@@ -96,8 +96,8 @@ class TestNullMeansDefault:
 
     def test_an_online_body_with_null_max_tokens_gets_the_default_it_is_given(self) -> None:
         body = {"model": "m", "prompt": "p", "max_tokens": None, "suffix": None}
-        assert request_from_body(COMPLETIONS, None, body, 99, LIMITS) == {"custom_id": None, "prompt": "p",
-                                                                          "max_tokens": 99}  # fmt: skip
+        assert request_from_body(COMPLETIONS, None, body, 99, LIMITS).fields == {"custom_id": None, "prompt": "p",
+                                                                                 "max_tokens": 99}  # fmt: skip
 
     def test_values_other_than_the_default_are_refused_by_name(self) -> None:
         messages = refusals(

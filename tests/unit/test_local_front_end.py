@@ -14,8 +14,8 @@ from gpulb import keys
 from gpulb.cli.local import _restart_dead, default_data_dir
 from gpulb.cli.progress import ProgressReporter
 from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
-from gpulb.cli.status import served_models
 from gpulb.models import BatchState, BatchStatus
+from gpulb.records import read_served_models
 
 
 def exited(code: int) -> subprocess.Popen[bytes]:
@@ -64,7 +64,7 @@ class TestServedModels:
         conn.hset(keys.load_key("a"), mapping={"model": "m1", "state": "busy"})
         conn.hset(keys.load_key("b"), mapping={"model": "m2", "state": "draining"})
         conn.hset(keys.load_key("c"), mapping={"model": "m3", "state": "starting"})
-        assert served_models(conn) == ["m1", "m3"]
+        assert read_served_models(conn) == ["m1", "m3"]
 
 
 class TestProgressNote:
