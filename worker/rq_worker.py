@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -32,8 +33,9 @@ from gpulb.connection import BLIP_ERRORS
 from gpulb.keys import JOB_FUNC
 from gpulb.logs import get_logger
 from gpulb.rq_books import Relied
-from worker.jobs import CURRENT_RUNTIME
-from worker.runtime import WorkerRuntime
+from worker.engine import Engine
+from worker.health import Health
+from worker.microbatch_execution import MicroBatchExecution
 
 log = get_logger("gpulb.worker")
 T = TypeVar("T")
@@ -95,39 +97,48 @@ def check_installed_rq() -> None:
 
 
 class GpulbJob(Job):
-    """RQ's Job, less the PERSIST round trip in ``perform``: GpulbWorker persists it in its start pipeline.
-
-    It keeps what the job function returned for the success bookkeeping. (gpulb's job function does not ask RQ for
-    its current job, so ``rq.get_current_job`` is not set while it runs.)
+    """RQ's Job for one micro-batch. GpulbWorker starts the micro-batch in its start pipeline and hands it over as
+    the job's ``run_started`` (what it started, bound to what runs it), which ``perform`` runs: no PERSIST round
+    trip of its own (the start pipeline persisted the job), and what it returns is kept for the success
+    bookkeeping. (RQ's ``get_current_job`` is not set meanwhile: gpulb does not read it.)
     """
 
-    returned: Any = None
+    run_started: Callable[[], dict[str, int]] | None = None
+    returned: dict[str, int] | None = None
 
     def perform(self) -> Any:
-        self.returned = self.func(*self.args, **self.kwargs)
+        if self.run_started is None:
+            raise RuntimeError(f"micro-batch job {self.id} runs only in the GpulbWorker that started it")
+        self.returned = self.run_started()
         return self.returned
 
 
 class GpulbWorker(SimpleWorker):
-    """Runs only gpulb's own job function, with the worker's loaded backend at hand."""
+    """Runs only gpulb's own micro-batch jobs: starts each, then hands it to the worker's micro-batch execution.
 
-    def __init__(self, *args: Any, runtime: WorkerRuntime, **kwargs: Any) -> None:
+    Before dequeuing, it waits for room in the engine; a stop request drains the worker's health first.
+    """
+
+    def __init__(
+        self, *args: Any, engine: Engine, health: Health, microbatches: MicroBatchExecution, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("job_class", GpulbJob)
         super().__init__(*args, **kwargs)
-        self.runtime = runtime
+        self.engine, self.health, self.microbatches = engine, health, microbatches
         self._entries: bytes | None = None  # the dequeued micro-batch's members, read with its job hash
         self._start_pipe: redis.client.Pipeline | None = None
         self._beat_ttl: int | None = None  # the TTL the last heartbeat set; None: RQ's default (worker_ttl + 60)
         self._blocked_in_dequeue = False  # in BLMOVE: where a stop request may interrupt the main thread
 
     @classmethod
-    def on_own_queue(cls, runtime: WorkerRuntime, *, max_connection_wait_s: float) -> GpulbWorker:
+    def on_own_queue(
+        cls, engine: Engine, health: Health, microbatches: MicroBatchExecution, *, max_connection_wait_s: float
+    ) -> GpulbWorker:
         """The RQ worker named by the worker's id, on the one queue of that name; its jobs are JSON."""
-        serializer = rq_books.SERIALIZER
-        queue = Queue(keys.rq_queue_name(runtime.worker_id), connection=runtime.rq_conn, serializer=serializer)
-        worker = cls(
-            [queue], name=runtime.worker_id, connection=runtime.rq_conn, serializer=serializer, runtime=runtime
-        )
+        serializer, ctx = rq_books.SERIALIZER, microbatches.ctx
+        queue = Queue(keys.rq_queue_name(ctx.worker_id), connection=ctx.rq_conn, serializer=serializer)
+        worker = cls([queue], name=ctx.worker_id, connection=ctx.rq_conn, serializer=serializer, engine=engine,
+                     health=health, microbatches=microbatches)  # fmt: skip
         worker.max_connection_wait_time = max_connection_wait_s
         return worker
 
@@ -151,14 +162,11 @@ class GpulbWorker(SimpleWorker):
         if reason is not None:
             self._refuse(job, queue, reason)
             return
-        token = CURRENT_RUNTIME.set(self.runtime)
-        try:  # SimpleWorker.execute_job, less a second write of the idle state after a success
-            self.prepare_execution(job)
-            self.perform_job(job, queue)
-            if self.get_state() != WorkerStatus.IDLE:
-                self.set_state(WorkerStatus.IDLE)
-        finally:
-            CURRENT_RUNTIME.reset(token)
+        # SimpleWorker.execute_job, less a second write of the idle state after a success
+        self.prepare_execution(job)
+        self.perform_job(job, queue)
+        if self.get_state() != WorkerStatus.IDLE:
+            self.set_state(WorkerStatus.IDLE)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """SIGTERM/SIGINT: stop being a dispatch target at once, finish the running batch, then exit.
@@ -168,7 +176,7 @@ class GpulbWorker(SimpleWorker):
         the worker never drains) or cut a pipeline in half. So only a worker blocked in BLMOVE is interrupted;
         otherwise the dequeue loop sees the drain and ends. A second signal is a cold stop, as with RQ.
         """
-        self.runtime.start_draining()
+        self.health.start_draining()
         if self._blocked_in_dequeue:
             super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
             return
@@ -222,7 +230,7 @@ class GpulbWorker(SimpleWorker):
         (the flag is set first, so that a request coming between the check and the wait still interrupts)."""
         self._blocked_in_dequeue = True
         try:
-            return None if self.runtime.draining else wait()
+            return None if self.health.draining else wait()
         finally:
             self._blocked_in_dequeue = False
 
@@ -230,9 +238,9 @@ class GpulbWorker(SimpleWorker):
         """Once the engine has a free slot: BLMOVE into the intermediate list (as RQ), then the job hash and
         micro-batch entries in one read. Until then the micro-batch stays queued, where it can be handed back."""
         while True:
-            if self.runtime.draining:  # asked to stop (request_stop): RQ's loop ends on None
+            if self.health.draining:  # asked to stop (request_stop): RQ's loop ends on None
                 return None
-            if not self.runtime.wait_for_room():
+            if not self.engine.wait_for_room():
                 self.heartbeat()
                 continue
             popped = self._blocking(lambda: Queue.lmove(self.connection, queue.key, timeout))
@@ -257,21 +265,23 @@ class GpulbWorker(SimpleWorker):
         return self.execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        """RQ's pre-run bookkeeping and gpulb's START in one MULTI/EXEC."""
+        """RQ's pre-run bookkeeping and gpulb's START in one MULTI/EXEC; what it started is handed to the job."""
         pipe, self._start_pipe = self._start_pipe or self.connection.pipeline(), None
         entries, self._entries = self._entries, None
         with pipe:
             self._queue_rq_start(pipe, job, remove_from_intermediate_queue)
-            start = self.runtime.queue_start(pipe, job.id, entries)
+            start = self.microbatches.queue_start(pipe, job.id, entries)
             try:
                 replies = pipe.execute(raise_on_error=False)
             except BaseException:
-                self.runtime.abandon_start(job.id)
+                self.microbatches.abandon_start(job.id)
                 raise
         for reply in replies[: len(replies) - (start is not None)]:
             if isinstance(reply, Exception):
                 raise reply
-        self.runtime.finish_start(job.id, start, replies[-1] if start is not None else None)
+        started = self.microbatches.started(job.id, start, replies[-1] if start is not None else None)
+        if isinstance(job, GpulbJob):
+            job.run_started = partial(self.microbatches.run, started)
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
 
     def _queue_rq_start(self, pipe: redis.client.Pipeline, job: Job, remove_from_intermediate: bool) -> None:
@@ -344,6 +354,7 @@ class GpulbWorker(SimpleWorker):
     def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
         """Fail the job in RQ's books without decoding it further (RQ's own paths read func_name)."""
         log.error("job refused", job_id=job.id, reason=reason)
-        rq_books.fail_job(self.connection, job, self.runtime.worker_id, reason)
-        self.runtime.conn.hincrby(keys.stats_key(), "refused_jobs", 1)
+        ctx = self.microbatches.ctx
+        rq_books.fail_job(self.connection, job, ctx.worker_id, reason)
+        ctx.conn.hincrby(keys.stats_key(), "refused_jobs", 1)
         self.set_state(WorkerStatus.IDLE)

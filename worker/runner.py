@@ -87,7 +87,7 @@ class Recording:
 
 
 class Sink:
-    """Where the runner's results go: the worker's Redis side (records, gives back, counts)."""
+    """Where the runner's results go: the worker's micro-batch execution (records, gives back, counts)."""
 
     def record(self, batch: list[Recording]) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -14,11 +14,10 @@ from gpulb.settings import Settings
 from producer import Client
 from tests.conftest import make_settings
 from worker.backends import create_backend
-from worker.main import build_rq_worker
+from worker.main import WorkerParts, build_rq_worker, build_worker
 from worker.microbatch import Item, start_microbatch
-from worker.runtime import WorkerRuntime
 
-StartWorker = Callable[..., WorkerRuntime]
+StartWorker = Callable[..., WorkerParts]
 
 
 @pytest.fixture
@@ -29,46 +28,46 @@ def client(redis_url: str) -> Iterator[Client]:
 
 @pytest.fixture
 def start_worker(redis_url: str) -> Iterator[StartWorker]:
-    started: list[WorkerRuntime] = []
+    started: list[WorkerParts] = []
 
     def start(
         worker_id: str, model: str = "m", *, tokens_per_s: float = 1e6, max_batch: int = 64, **extra: object
-    ) -> WorkerRuntime:
+    ) -> WorkerParts:
         worker = {"id": worker_id, "model": model, "tokens_per_s": tokens_per_s, "max_batch": max_batch}
         top = {k: extra.pop(k) for k in list(extra) if k == "max_attempts"}
         engine = extra.pop("engine", None)
         settings = make_settings(redis_url, worker={**worker, **extra}, **top)
-        runtime = WorkerRuntime(
+        worker = build_worker(
             connect(settings), connect(settings, decode=False), settings, engine or create_backend(settings.worker)
         )  # type: ignore[arg-type]
-        runtime.register()
-        started.append(runtime)
-        return runtime
+        worker.lifecycle.register()
+        started.append(worker)
+        return worker
 
     yield start
-    for runtime in started:
-        runtime.stop_runner()
-        runtime.backend.shutdown()
+    for worker in started:
+        worker.engine.stop_runner()
+        worker.engine.backend.shutdown()
 
 
-def start_running(runtime: WorkerRuntime, microbatch_id: str) -> list[Item]:
+def start_running(worker: WorkerParts, microbatch_id: str) -> list[Item]:
     """What a worker does before its backend runs (the START script); returns the items it holds."""
-    members = str(runtime.conn.hget(keys.microbatch_key(microbatch_id), "entries")).split()
-    items = start_microbatch(runtime.scripts, microbatch_id, members)
+    members = str(worker.ctx.conn.hget(keys.microbatch_key(microbatch_id), "entries")).split()
+    items = start_microbatch(worker.ctx.scripts, microbatch_id, members)
     assert items is not None
     return items
 
 
-def run_now(runtime: WorkerRuntime, microbatch_id: str) -> None:
+def run_now(worker: WorkerParts, microbatch_id: str) -> None:
     """Run one micro-batch as its RQ job would, and wait until its results are recorded."""
-    runtime.run_microbatch(microbatch_id)
-    assert runtime.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
+    worker.execution.run_microbatch(microbatch_id)
+    assert worker.engine.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
 
 
-def work(runtime: WorkerRuntime, redis_url: str) -> None:
+def work(worker: WorkerParts, redis_url: str) -> None:
     """Run every queued micro-batch of this worker, in this process, and wait for its results, then return."""
-    build_rq_worker(make_settings(redis_url), runtime).work(burst=True)
-    assert runtime.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
+    build_rq_worker(make_settings(redis_url), worker).work(burst=True)
+    assert worker.engine.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
 
 
 def balancer(conn: redis.Redis, settings: Settings | None = None, **overrides: object) -> Balancer:

@@ -96,7 +96,7 @@ class TestTransientErrors:
         assert balancer(conn).dispatch_round() == 8
         work(busy, redis_url)  # three tries, all 503: handed back, one attempt charged, nothing recorded
         assert len(waiting(conn, "m")) == 8 and batch.status().completed == 0
-        busy.deregister()
+        busy.lifecycle.deregister()
         healthy = start_worker("healthy")
         while balancer(conn).dispatch_round():
             work(healthy, redis_url)
@@ -113,14 +113,14 @@ class TestEngineHealth:
         batch = client.submit_batch([f"p{i}" for i in range(8)], model="m", max_tokens=1)
         assert balancer(conn).dispatch_round() == 8
         engine.ok = False
-        sick.heartbeat()
+        sick.lifecycle.beat()
         load = conn.hgetall(keys.load_key("sick"))
         assert load["state"] == WorkerState.UNHEALTHY.value
         assert (load["engine_running"], load["engine_waiting"], load["kv_cache_usage"]) == ("3", "4", "0.625")
         assert conn.llen(keys.rq_queue_key("sick")) == 0 and len(waiting(conn, "m")) == 8
         assert balancer(conn).dispatch_round() == 0  # nothing goes to an unhealthy worker
         engine.ok = True
-        sick.heartbeat()
+        sick.lifecycle.beat()
         assert conn.hget(keys.load_key("sick"), "state") == WorkerState.IDLE.value
         while balancer(conn).dispatch_round():
             work(sick, redis_url)
@@ -146,10 +146,12 @@ class TestDeadEngine:
         signals: list[tuple[int, int]] = []
         monkeypatch.setattr("os.kill", lambda pid, sig: signals.append((pid, sig)))
         engine.ok = False
-        worker.heartbeat()
-        assert signals == [(os.getpid(), signal.SIGTERM)] and worker.engine_died  # exits with code 3 after its drain
+        worker.lifecycle.beat()
+        assert (
+            signals == [(os.getpid(), signal.SIGTERM)] and worker.health.engine_died
+        )  # exits with code 3 after its drain
         assert len(waiting(conn, "m")) == 8 and conn.llen(keys.rq_queue_key("w")) == 0
-        worker.heartbeat()
+        worker.lifecycle.beat()
         assert len(signals) == 1  # once
 
 
@@ -164,10 +166,10 @@ class TestStatusWhileBusy:
         client.submit_batch([{"prompt": f"p{i}", "ignore_eos": True} for i in range(5)], model="m", max_tokens=50)
         assert balancer(conn).dispatch_round() == 5
         work_until_admitted(w, redis_url)  # the RQ jobs have ended: RQ says idle, the engine is busy
-        w.heartbeat()
+        w.lifecycle.beat()
         (row,) = read_fleet_status(conn).workers
         assert (row.state, row.running, row.slots, row.slots_text) == ("busy", 5, 128, "5/128")
         assert any(
             line.split()[3:5] == ["busy", "5/128"] for line in render_table(read_fleet_status(conn)).splitlines()
         )
-        w.stop_runner()
+        w.engine.stop_runner()

@@ -23,7 +23,7 @@ from producer import Client
 from tests.conftest import make_settings, waiting
 from tests.integration.conftest import balancer, work
 from worker.backends import create_backend
-from worker.runtime import WorkerRuntime
+from worker.main import WorkerParts, build_worker
 
 
 def valkey_server_binary() -> str:
@@ -42,14 +42,14 @@ def durable_settings(url: str, **redis_overrides: object) -> Settings:
     return make_settings(url, redis={"durable_acks": True, **redis_overrides})
 
 
-def new_worker(settings: Settings, worker_id: str = "w") -> WorkerRuntime:
+def new_worker(settings: Settings, worker_id: str = "w") -> WorkerParts:
     settings = settings.model_copy(
         update={"worker": settings.worker.model_copy(update={"id": worker_id, "model": "m", "tokens_per_s": 1e6})}
     )
-    runtime = WorkerRuntime(connect(settings), connect(settings, decode=False), settings,
-                            create_backend(settings.worker))  # fmt: skip
-    runtime.register()
-    return runtime
+    worker = build_worker(connect(settings), connect(settings, decode=False), settings,
+                          create_backend(settings.worker))  # fmt: skip
+    worker.lifecycle.register()
+    return worker
 
 
 def waitaof_calls(conn: redis.Redis) -> int:
@@ -75,7 +75,7 @@ class TestDurableAcks:
                 results = batch.results(timeout=10)
                 assert waitaof_calls(conn) > calls  # ...and so did the reader
             finally:
-                w.stop_runner()
+                w.engine.stop_runner()
         assert sorted(r.index for r in results) == [0, 1, 2] and all(r.error is None for r in results)
         assert batch.status().completed == 3
 
@@ -127,12 +127,12 @@ class TestRollback:
             server.proc.wait()
             server = RedisServer(tmp_path, port=server.port).start()
             assert batch.status().completed == 0 and conn.scard(keys.inflight_key("w")) == 1
-            w.heartbeat()  # notices the restart: suspects...
-            w.heartbeat()  # ...and confirms
+            w.lifecycle.beat()  # notices the restart: suspects...
+            w.lifecycle.beat()  # ...and confirms
             assert len(waiting(conn, "m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
             while balancer(conn).dispatch_round():
                 work(w, server.url)
             assert [r.error for r in batch.results(timeout=10)] == [None, None, None]
         finally:
-            w.stop_runner()
+            w.engine.stop_runner()
             server.stop()

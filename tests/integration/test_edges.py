@@ -84,7 +84,7 @@ class TestScriptsNeverStopHalfWay:
         status = innocent.status()
         assert (status.completed, status.running, status.pending) == (3, 0, 0)
         assert conn.hlen(keys.batch_results_key(spoiled.id)) == 2  # its results are kept, its record left alone
-        w.finish_in_flight(timeout_s=10)
+        w.engine.finish_in_flight(timeout_s=10)
         assert conn.hgetall(keys.credit_key("w")) == SETTLED_CREDIT
         assert conn.scard(keys.inflight_key("w")) == 0
         assert stat(conn, "garbage_keys") >= 1
@@ -106,7 +106,7 @@ class TestScriptsNeverStopHalfWay:
         (microbatch_id,) = queued_ids(conn, "dead")
         conn.lmove(keys.rq_queue_key("dead"), keys.rq_intermediate_key("dead"))
         start_running(dead, microbatch_id)
-        dead.stop_runner()
+        dead.engine.stop_runner()
         kill(conn, "dead")
         assert balancer(conn, make_settings(redis_url), max_attempts=1).dispatch_round() == 0  # reaps, no raise
         status = innocent.status()
@@ -124,7 +124,7 @@ class TestScriptsNeverStopHalfWay:
         conn.set(keys.ingress_tokens_key("m"), counter)
         assert balancer(conn).dispatch_round() == 4  # DISPATCH: DECRBY on it
         conn.set(keys.ingress_tokens_key("m"), counter)
-        dead.stop_runner()
+        dead.engine.stop_runner()
         kill(conn, "dead")
         assert balancer(conn).dispatch_round() == 0  # REQUEUE: INCRBY on it
         assert len(waiting(conn)) == 4  # and both counters match what the ingress holds
@@ -179,7 +179,7 @@ class TestGarbageInRedis:
         work(w, redis_url)
         assert [r.ok for r in batch.results(timeout=10)] == [True] * 3
         assert stat(conn, "dropped_ingress_members") == 1
-        w.finish_in_flight(timeout_s=10)
+        w.engine.finish_in_flight(timeout_s=10)
         assert conn.hgetall(keys.credit_key("w")) == SETTLED_CREDIT
 
 

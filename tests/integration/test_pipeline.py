@@ -148,8 +148,8 @@ class TestDispatch:
     ) -> None:
         runtime = start_worker("w1")
         if case == "draining":
-            runtime.start_draining()
-            runtime.publish_load()
+            runtime.health.start_draining()
+            runtime.load.publish()
         elif case == "gone":
             conn.delete(keys.load_key("w1"))
         client.submit_batch(["a", "b"], model="m")
@@ -272,7 +272,7 @@ class TestWorkerLifecycle:
         batch = client.submit_batch([f"p{i}" for i in range(12)], model="m")
         before = waiting(conn)
         assert balancer(conn).dispatch_round() == 12  # three micro-batches queued
-        leaving.deregister()
+        leaving.lifecycle.deregister()
         assert waiting(conn) == before  # each request at its own place again
         assert conn.llen(keys.rq_queue_key("leaving")) == 0 and conn.keys("rq:job:*") == []
         assert not conn.exists(keys.load_key("leaving")) and not conn.sismember(keys.workers_key(), "leaving")
@@ -286,7 +286,7 @@ class TestWorkerLifecycle:
 
     def test_a_live_worker_id_cannot_be_taken_twice(self, start_worker: StartWorker) -> None:
         first = start_worker("w1", load_ttl_s=1.0)
-        beat = Heartbeat(first.heartbeat, 0.1)
+        beat = Heartbeat(first.lifecycle.beat, 0.1)
         beat.start()
         try:
             with pytest.raises(WorkerIdInUse, match="worker id 'w1' is in use by a live worker"):
@@ -311,7 +311,7 @@ class TestWorkerLifecycle:
             except WorkerIdInUse as exc:
                 refused.append(str(exc))
                 return
-            winners.append(Heartbeat(runtime.heartbeat, 0.1))
+            winners.append(Heartbeat(runtime.lifecycle.beat, 0.1))
             winners[-1].start()
 
         threads = [threading.Thread(target=race) for _ in range(racers)]
@@ -405,7 +405,7 @@ class TestRqBooks:
         def backend_bug(*_: object) -> None:
             raise RuntimeError("backend bug")
 
-        monkeypatch.setattr(w, "execute_and_record", backend_bug)
+        monkeypatch.setattr(w.execution, "execute_and_record", backend_bug)
         rq_worker = build_rq_worker(make_settings(redis_url), w)
         rq_worker.register_birth()
         job, queue = rq_worker.dequeue_job_and_maintain_ttl(None)

@@ -20,8 +20,8 @@ from producer import Client
 from tests.conftest import waiting
 from tests.integration.conftest import balancer, run_now, start_running
 from worker.backends import create_backend
+from worker.main import WorkerParts, build_worker
 from worker.microbatch import Item
-from worker.runtime import WorkerRuntime
 
 FIELD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 200_000), st.floats(allow_nan=False, width=32),
@@ -65,12 +65,12 @@ class ClaimCommitMachine(RuleBasedStateMachine):
         self.submitted: dict[str, int] = {}
         self.paused: list[tuple[str, str, list[Item]]] = []
 
-    def _worker(self, worker_id: str, capacity: int) -> WorkerRuntime:
+    def _worker(self, worker_id: str, capacity: int) -> WorkerParts:
         s = self.settings.model_copy(update={"worker": self.settings.worker.model_copy(
             update={"id": worker_id, "model": "m", "tokens_per_s": 1e9, "max_batch": capacity})})  # fmt: skip
-        runtime = WorkerRuntime(connect(s), connect(s, decode=False), s, create_backend(s.worker))
-        runtime.register()
-        return runtime
+        worker = build_worker(connect(s), connect(s, decode=False), s, create_backend(s.worker))
+        worker.lifecycle.register()
+        return worker
 
     @rule(n=st.integers(1, 7), priority=st.integers(-2, 2))
     def submit(self, n: int, priority: int) -> None:
@@ -79,7 +79,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
 
     @rule(worker=st.sampled_from(["w0", "w1"]), budget=st.integers(1, 80))
     def dispatch(self, worker: str, budget: int) -> None:
-        cap = self.workers[worker].cfg.max_batch
+        cap = self.workers[worker].ctx.cfg.max_batch
         self.balancer.dispatch(WorkerView(worker, "m", capacity=cap, tokens_per_s=1000), budget)
 
     @rule(worker=st.sampled_from(["w0", "w1"]))
@@ -97,13 +97,13 @@ class ClaimCommitMachine(RuleBasedStateMachine):
     @rule(worker=st.sampled_from(["w0", "w1"]))
     def release_queued(self, worker: str) -> None:
         for mb in self.conn.lrange(keys.rq_queue_key(worker), 0, -1):
-            requeue_microbatch(self.conn, self.workers[worker].scripts, worker, mb, mode=RequeueMode.RELEASE,
+            requeue_microbatch(self.conn, self.workers[worker].ctx.scripts, worker, mb, mode=RequeueMode.RELEASE,
                                max_attempts=3, reason="released")  # fmt: skip
 
     @rule(worker=st.sampled_from(["w0", "w1"]))
     def recover(self, worker: str) -> None:
         rt = self.workers[worker]
-        recover_worker(self.conn, rt.rq_conn, rt.scripts, worker, max_attempts=3)
+        recover_worker(self.conn, rt.ctx.rq_conn, rt.ctx.scripts, worker, max_attempts=3)
 
     @rule(worker=st.sampled_from(["w0", "w1"]))
     def start_and_pause(self, worker: str) -> None:
@@ -119,7 +119,7 @@ class ClaimCommitMachine(RuleBasedStateMachine):
         """...and resumes: whatever was recorded meanwhile must not be overwritten or counted twice."""
         worker, mb, items = self.paused.pop(0)
         before = {b: self.conn.hgetall(keys.batch_results_key(b)) for b in self.submitted}
-        self.workers[worker].execute_and_record(mb, items)
+        self.workers[worker].execution.execute_and_record(mb, items)
         for batch_id, results in before.items():
             after = self.conn.hgetall(keys.batch_results_key(batch_id))
             assert {f: after[f] for f in results} == results
@@ -156,8 +156,8 @@ class ClaimCommitMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for runtime in self.workers.values():
-            runtime.stop_runner()
-            runtime.backend.shutdown()
+            runtime.engine.stop_runner()
+            runtime.engine.backend.shutdown()
         self.client.close()
         self.conn.close()
 

@@ -23,17 +23,16 @@ from tests.integration.conftest import StartWorker, balancer, run_now, start_run
 from tests.integration.test_pipeline import assert_settled
 from worker.backends.base import BackendOutput, BackendRequest
 from worker.backends.simulated import FAIL_MARKER, HANG_MARKER
-from worker.main import build_rq_worker
-from worker.runtime import WorkerRuntime
+from worker.main import WorkerParts, build_rq_worker
 
 
 def queued_ids(conn: redis.Redis, worker_id: str) -> list[str]:
     return conn.lrange(keys.rq_queue_key(worker_id), 0, -1)  # type: ignore[return-value]
 
 
-def work_until_admitted(runtime: WorkerRuntime, redis_url: str) -> None:
+def work_until_admitted(worker: WorkerParts, redis_url: str) -> None:
     """Run the worker's RQ jobs (each admits its micro-batch into the engine) without waiting for results."""
-    build_rq_worker(make_settings(redis_url), runtime).work(burst=True)
+    build_rq_worker(make_settings(redis_url), worker).work(burst=True)
 
 
 def kill(conn: redis.Redis, worker_id: str) -> None:
@@ -56,7 +55,7 @@ class TestDeadWorker:
         work_until_admitted(dead, redis_url)
         rq_conn = redis.Redis.from_url(redis_url)
         finished = FinishedJobRegistry("dead", connection=rq_conn, serializer=JSONSerializer)
-        assert sorted(finished.get_job_ids()) == sorted(jobs) and dead.in_flight == 6
+        assert sorted(finished.get_job_ids()) == sorted(jobs) and dead.engine.in_flight == 6
         assert batch.status().running == 6
         kill(conn, "dead")
         assert balancer(conn).dispatch_round() == 0  # reaps: no live worker to dispatch to
@@ -64,7 +63,7 @@ class TestDeadWorker:
         failed = FailedJobRegistry("dead", connection=rq_conn, serializer=JSONSerializer)
         assert sorted(failed.get_job_ids()) == sorted(jobs) and finished.get_job_ids() == []
         assert (batch.status().running, batch.status().pending) == (0, 6)
-        dead.stop_runner()
+        dead.engine.stop_runner()
         alive = start_worker("alive")
         while balancer(conn).dispatch_round():
             work(alive, redis_url)
@@ -103,10 +102,10 @@ class TestDeadWorker:
         for round_ in range(2):
             w = start_worker(f"victim{round_}", max_attempts=2)
             assert balancer(conn).dispatch_round() == 1
-            (mb,) = queued_ids(conn, w.worker_id)
-            conn.lmove(keys.rq_queue_key(w.worker_id), keys.rq_intermediate_key(w.worker_id))
+            (mb,) = queued_ids(conn, w.ctx.worker_id)
+            conn.lmove(keys.rq_queue_key(w.ctx.worker_id), keys.rq_intermediate_key(w.ctx.worker_id))
             start_running(w, mb)
-            kill(conn, w.worker_id)
+            kill(conn, w.ctx.worker_id)
             balancer(conn, max_attempts=2).dispatch_round()
         (result,) = batch.results(timeout=5)
         assert result.error == "worker victim1 died while running this request 2 times"
@@ -124,9 +123,9 @@ class TestDeadWorker:
         conn.hset(keys.load_key("other"), "state", "draining")  # keep the first dispatch on "paused"
         batch = client.submit_batch(["a b", "c d"], model="m", max_tokens=3)
         balancer(conn).dispatch_round()
-        other.publish_load()
+        other.load.publish()
         (mb,) = queued_ids(conn, "paused")
-        real_submit, paused_once = paused.backend.submit, []
+        real_submit, paused_once = paused.engine.backend.submit, []
 
         def submit_while_paused(request: BackendRequest) -> Future[BackendOutput]:
             if not paused_once:
@@ -137,7 +136,7 @@ class TestDeadWorker:
                     run_now(other, requeued)
             return real_submit(request)
 
-        paused.backend.submit = submit_while_paused  # type: ignore[method-assign]
+        paused.engine.backend.submit = submit_while_paused  # type: ignore[method-assign]
         run_now(paused, mb)  # its late results lose the HSETNX race
         results = batch.results(timeout=5)
         assert [r.worker for r in results] == ["other", "other"]
@@ -173,7 +172,7 @@ class TestPoisonAndHangs:
         results = batch.results(timeout=10)
         assert results[1].error is not None and results[1].error.startswith("BackendTimeout: backend did not answer")
         assert [results[i].error for i in (0, 2, 3)] == [None, None, None]
-        w.backend.shutdown()  # releases the abandoned threads
+        w.engine.backend.shutdown()  # releases the abandoned threads
 
 
 class TestCancellation:
@@ -300,8 +299,8 @@ class TestReviewedEdgeCases:
         self, client: Client, conn: redis.Redis, start_worker: StartWorker
     ) -> None:
         w = start_worker("w")
-        w.start_draining()
-        w.publish_load()
+        w.health.start_draining()
+        w.load.publish()
         client.submit_batch(["a", "b"], model="m")
         assert balancer(conn).dispatch_round() == 0
         assert len(waiting(conn, "m")) == 2
@@ -310,17 +309,17 @@ class TestReviewedEdgeCases:
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
         """A micro-batch dequeued but never run (its start failed on a Redis blip) must come back."""
-        from worker.runtime import ORPHAN_SWEEP_BEATS
+        from worker.lifecycle import ORPHAN_SWEEP_BEATS
 
         w = start_worker("w", max_batch=3)
         batch = client.submit_batch([f"p{i}" for i in range(3)], model="m")
         balancer(conn).dispatch_round()
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # RQ took it; nothing ran it
         for _ in range(ORPHAN_SWEEP_BEATS):
-            w.heartbeat()
+            w.lifecycle.beat()
         assert waiting(conn, "m") == []  # one sweep: it may be between BLMOVE and its start, so not yet
         for _ in range(ORPHAN_SWEEP_BEATS):
-            w.heartbeat()
+            w.lifecycle.beat()
         assert len(waiting(conn, "m")) == 3 and conn.scard(keys.inflight_key("w")) == 0
         while balancer(conn).dispatch_round():
             work(w, redis_url)
@@ -329,7 +328,7 @@ class TestReviewedEdgeCases:
     def test_the_sweep_leaves_a_micro_batch_that_started_between_two_sweeps(
         self, client: Client, conn: redis.Redis, redis_url: str, start_worker: StartWorker
     ) -> None:
-        from worker.runtime import ORPHAN_SWEEP_BEATS
+        from worker.lifecycle import ORPHAN_SWEEP_BEATS
 
         w = start_worker("w", max_batch=3)
         batch = client.submit_batch([f"p{i}" for i in range(3)], model="m")
@@ -337,13 +336,13 @@ class TestReviewedEdgeCases:
         (microbatch_id,) = conn.lrange(keys.rq_queue_key("w"), 0, -1)
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))  # dequeued, not started yet...
         for _ in range(ORPHAN_SWEEP_BEATS):
-            w.heartbeat()  # ...when a sweep looks
-        w.current_microbatch = microbatch_id  # started by the next sweep
+            w.lifecycle.beat()  # ...when a sweep looks
+        w.execution.current_microbatch = microbatch_id  # started by the next sweep
         for _ in range(ORPHAN_SWEEP_BEATS):
-            w.heartbeat()
+            w.lifecycle.beat()
         assert conn.smembers(keys.inflight_key("w")) == {microbatch_id}
-        w.current_microbatch = None
-        w.run_microbatch(microbatch_id)
+        w.execution.current_microbatch = None
+        w.execution.run_microbatch(microbatch_id)
         assert [r.attempts for r in batch.results(timeout=5)] == [1, 1, 1]
 
     def test_deregistering_hands_back_started_orphans_too(
@@ -355,7 +354,7 @@ class TestReviewedEdgeCases:
         started, _queued = queued_ids(conn, "w")
         conn.lmove(keys.rq_queue_key("w"), keys.rq_intermediate_key("w"))
         start_running(w, started)  # then SIGTERM during a Redis outage: the run never finished
-        w.deregister()
+        w.lifecycle.deregister()
         assert sorted(r.attempt for r, _ in waiting(conn)) == [0, 0, 1, 1]
         assert_settled_credit = conn.hgetall(keys.credit_key("w"))
         assert assert_settled_credit == {"batches": "0", "tokens": "0", "requests": "0"}

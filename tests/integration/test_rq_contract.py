@@ -14,8 +14,8 @@ from rq.worker import SimpleWorker
 from gpulb import keys
 from producer import Client
 from tests.integration.conftest import StartWorker, balancer, work
-from worker.jobs import CURRENT_RUNTIME
-from worker.runtime import WorkerRuntime
+from worker.jobs import CURRENT_EXECUTION
+from worker.main import WorkerParts
 
 Books = dict[str, tuple[str, object]]
 ID = re.compile(r"mb-[0-9a-f]{16}|[0-9a-f]{32}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")  # job and execution ids
@@ -52,17 +52,18 @@ def _shape(conn: Any, key: bytes, kind: str) -> object:  # Any: redis-py types r
     return None
 
 
-def run_with_rqs_own_worker(runtime: WorkerRuntime, redis_url: str) -> None:
+def run_with_rqs_own_worker(worker: WorkerParts, redis_url: str) -> None:
     """RQ's own SimpleWorker, in burst mode, runs the queued job as it would any job (the job function finds the
-    worker's runtime as it does under GpulbWorker)."""
+    worker's micro-batch execution through RQ's entry, worker.jobs.run_microbatch)."""
     rq_conn = redis.Redis.from_url(redis_url)
-    queue = Queue(runtime.worker_id, connection=rq_conn, serializer=JSONSerializer)
-    token = CURRENT_RUNTIME.set(runtime)
+    worker_id = worker.ctx.worker_id
+    queue = Queue(worker_id, connection=rq_conn, serializer=JSONSerializer)
+    token = CURRENT_EXECUTION.set(worker.execution)
     try:
-        SimpleWorker([queue], name=runtime.worker_id, connection=rq_conn, serializer=JSONSerializer).work(burst=True)
+        SimpleWorker([queue], name=worker_id, connection=rq_conn, serializer=JSONSerializer).work(burst=True)
     finally:
-        CURRENT_RUNTIME.reset(token)
-    assert runtime.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
+        CURRENT_EXECUTION.reset(token)
+    assert worker.engine.finish_in_flight(timeout_s=60), "requests still in the engine after 60 s"
 
 
 def one_job_run(conn: redis.Redis, client: Client, start_worker: StartWorker, run: object, redis_url: str) -> Books:

@@ -146,7 +146,7 @@ class TestSettings:
 
 class TestThroughputMeter:
     def test_a_gpu_that_halves_its_speed_is_noticed_within_a_few_micro_batches(self) -> None:
-        from worker.runtime import ThroughputMeter
+        from worker.engine import ThroughputMeter
 
         meter = ThroughputMeter(alpha=0.3)
         for _ in range(10):
@@ -160,7 +160,7 @@ class TestThroughputMeter:
         assert seen[4] < 2400  # within 5 micro-batches (~5 s) it is within 20% of the new speed
 
     def test_the_first_measurement_replaces_the_prior(self) -> None:
-        from worker.runtime import ThroughputMeter
+        from worker.engine import ThroughputMeter
 
         meter = ThroughputMeter(alpha=0.3)
         meter.observe(300, 0.1)
