@@ -1,7 +1,8 @@
 """Every Redis key gpulb uses, built here and nowhere else.
 
 Schema version 2 (version 1 had one ingress member per request). ``{model}`` is a Redis Cluster hash tag so one
-model's ingress keys share a slot.
+model's ingress keys share a slot. The records that more than one role reads (a worker's load, a batch's record,
+its results) are read through gpulb.records; the Lua scripts that write them are called through gpulb.scripts.
 
 | key                                  | type   | TTL                  | written by                 | read by            |
 |--------------------------------------|--------|----------------------|----------------------------|--------------------|
@@ -33,6 +34,7 @@ model's ingress keys share a slot.
 | gpulb:worker:W:load                  | hash   | load TTL (heartbeat) | worker                     | balancer, status   |
 |   fields v, model, backend, state, capacity, slots, queue_slots, running, queued, tokens_per_s, host,      |
 |   pid, gpu, engine and GPU figures, ts                                                                        |
+|   the gateway and ``gpulb submit`` read model and state of each, to list the models served                   |
 | gpulb:worker:W:claim                 | string | 30 s (deleted)       | worker (SET NX)            | worker             |
 |   ``HOST:PID`` of the worker registering as W; of two racing for one id only one sets it                    |
 | gpulb:worker:W:credit                | hash   | none                 | balancer (+), worker (-)   | balancer           |

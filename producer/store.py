@@ -1,4 +1,7 @@
-"""Redis reads and writes of the producer: writing a batch, reading its status and results."""
+"""The producer's Redis writes: staging and publishing a batch, listing the newest, cancelling one.
+
+Records are read through gpulb.records, shared with the other roles.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import redis
 
 from gpulb import keys
 from gpulb.connection import CONNECTION_ERRORS
-from gpulb.errors import BadPayload, BatchNotFound, GarbageInRedis
+from gpulb.errors import GarbageInRedis
 from gpulb.models import BatchState, BatchStatus, RequestSpec, Result, learned_mean_output
+from gpulb.records import read_batch_statuses
 from gpulb.scripts import CancelledRun, Scripts
 from gpulb.settings import ProducerSettings
 
@@ -132,69 +136,13 @@ def _batch_record(model: str, priority: int, total: int, limits: ProducerSetting
     }
 
 
-def read_status(conn: redis.Redis, batch_id: str) -> BatchStatus:
-    raw: dict[str, str] = conn.hgetall(keys.batch_key(batch_id))  # type: ignore[assignment]
-    if not raw:
-        raise BatchNotFound(f"batch {batch_id} not found (never submitted, or its results expired)")
-    return status_from_record(batch_id, raw)
-
-
-def status_from_record(batch_id: str, raw: dict[str, str]) -> BatchStatus:
-    try:
-        total, running = int(raw["total"]), max(0, int(raw.get("running", 0)))
-        completed, failed = int(raw.get("completed", 0)), int(raw.get("failed", 0))
-        cancelled = int(raw.get("cancelled", 0))
-        state = BatchState(raw.get("state", BatchState.PENDING))
-        finished = raw.get("finished_at")
-        return BatchStatus(
-            batch_id=batch_id,
-            model=raw["model"],
-            total=total,
-            pending=max(0, total - running - completed - failed - cancelled),
-            running=running,
-            completed=completed,
-            failed=failed,
-            cancelled=cancelled,
-            state=state,
-            submitted_at=float(raw["submitted_at"]),
-            finished_at=float(finished) if finished else None,
-            metadata=json.loads(raw.get("metadata", "{}")),
-        )
-    except (KeyError, ValueError) as exc:
-        raise BadPayload(f"batch record {batch_id} is malformed: {exc!r}") from exc
-
-
 def list_batches(conn: redis.Redis, limit: int) -> list[BatchStatus]:
     """The newest ``limit`` batches, newest first; drops ids whose records have expired."""
     batch_ids: list[str] = conn.zrevrange(keys.batches_key(), 0, limit - 1)  # type: ignore[assignment]
-    pipe = conn.pipeline(transaction=False)
-    for batch_id in batch_ids:
-        pipe.hgetall(keys.batch_key(batch_id))
-    statuses, expired = [], []
-    for batch_id, raw in zip(batch_ids, pipe.execute(), strict=True):
-        if not raw:
-            expired.append(batch_id)
-            continue
-        try:
-            statuses.append(status_from_record(batch_id, raw))
-        except BadPayload:
-            continue
+    statuses, expired = read_batch_statuses(conn, batch_ids)
     if expired:
         conn.zrem(keys.batches_key(), *expired)
     return statuses
-
-
-def read_results(conn: redis.Redis, batch_id: str, total: int) -> list[Result]:
-    raw: dict[str, str] = conn.hgetall(keys.batch_results_key(batch_id))  # type: ignore[assignment]
-    missing = total - len(raw)
-    if missing:
-        raise BatchNotFound(f"batch {batch_id}: {missing} of {total} results are missing (expired?)")
-    return [Result.model_validate_json(raw[str(index)]) for index in range(total)]
-
-
-def read_result(conn: redis.Redis, batch_id: str, index: int) -> Result | None:
-    raw = conn.hget(keys.batch_results_key(batch_id), str(index))
-    return None if raw is None else Result.model_validate_json(raw)
 
 
 CANCEL_PASSES = 10  # a balancer splitting a run meanwhile leaves its rest as a new member: look again
