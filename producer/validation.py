@@ -85,8 +85,8 @@ def validate_requests(
 ) -> list[RequestSpec]:
     """Every request as a :class:`RequestSpec`; raises :class:`InvalidRequest` naming index and field.
 
-    A :class:`RequestSpec` is taken as it is: it was validated when it was made (the batch file and the gateway
-    check theirs, limits included, where they can name the line or the field)."""
+    A :class:`RequestSpec` was validated when it was made (the batch file and the gateway name the line or the field
+    of a bad one): only the producer's size limits are checked again, as they are this producer's settings."""
     if isinstance(requests, str | bytes | Mapping):
         raise InvalidRequest("requests: expected a list of prompts or request dicts, not a single value")
     specs = [_validate_one(index, item, max_tokens, limits) for index, item in enumerate(requests)]
@@ -102,6 +102,10 @@ def validate_requests(
 
 def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSettings) -> RequestSpec:
     if isinstance(item, RequestSpec):
+        try:
+            check_limits(item, limits)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"request {index}: {exc}") from exc
         return item
     if isinstance(item, str):
         raw: dict[str, Any] = {"prompt": item}

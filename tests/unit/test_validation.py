@@ -11,6 +11,7 @@ import pytest
 
 from gpulb.cli.redis_server import free_port
 from gpulb.errors import BrokerUnavailable, GpulbError, InvalidRequest
+from gpulb.models import RequestSpec
 from gpulb.settings import Settings
 from producer import Client
 
@@ -147,6 +148,13 @@ class TestBatchValidation:
         requests: list[Any] = [f"prompt {i}" for i in range(999)] + [{"prompt": "p", "max_tokens": 0}]
         with pytest.raises(InvalidRequest, match="request 999: max_tokens"):
             client.submit_batch(requests, model="m")
+        assert fake.keys("*") == []
+
+    def test_a_built_request_spec_is_held_to_the_limits(self, fake: fakeredis.FakeRedis) -> None:
+        settings = Settings(_env_file=None, producer={"max_prompt_bytes": 8})  # type: ignore[call-arg]
+        specs = [RequestSpec(prompt="short", max_tokens=4), RequestSpec(prompt="far too long", max_tokens=4)]
+        with pytest.raises(InvalidRequest, match="request 1: prompt: 12 bytes exceeds the limit of 8 bytes"):
+            Client(settings=settings, connection=fake).submit_batch(specs, model="m")
         assert fake.keys("*") == []
 
     def test_batch_size_limit(self, fake: fakeredis.FakeRedis) -> None:
