@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,8 @@ from gpulb.cli.redis_server import RedisServer
 from gpulb.cli.stack import WORKER_ID_IN_USE_EXIT, LocalStack, WorkerSpec
 from gpulb.cli.status import read_fleet_status
 from gpulb.connection import connect, redact_url
-from gpulb.errors import ConfigError
+from gpulb.errors import BadPayload, ConfigError
+from gpulb.models import WorkerLoad
 from gpulb.records import load_from_reply, queue_load_reads
 from gpulb.settings import Settings
 
@@ -295,10 +296,18 @@ def worker_slots(redis_url: str, worker_ids: list[str]) -> dict[str, int]:
     try:
         pipe = conn.pipeline(transaction=False)
         queue_load_reads(pipe, worker_ids)
-        loads = [load_from_reply(reply) for reply in pipe.execute()]
+        loads = [_load_or_none(reply) for reply in pipe.execute()]
     finally:
         conn.close()
     return {w: load.slots if load else 0 for w, load in zip(worker_ids, loads, strict=True)}
+
+
+def _load_or_none(reply: Mapping[str, str] | redis.ResponseError) -> WorkerLoad | None:
+    """A worker's load for the demo's closing table; None if it is gone or holds garbage (the table shows 0)."""
+    try:
+        return load_from_reply(reply)
+    except BadPayload:
+        return None
 
 
 def share_table(plan: FleetPlan, results: list[Any], started: float, slots: dict[str, int]) -> str:
