@@ -22,6 +22,12 @@ from producer import Client
 pytestmark = pytest.mark.e2e
 
 
+def interruptible() -> None:
+    """In the child: Ctrl-C's default action, which a shell's background job (the suite run with ``&``) ignores and
+    hands on, so that Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def gpulb(*args: str, redis_url: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gpulb.cli", "--redis-url", redis_url, *args],
@@ -103,7 +109,7 @@ class TestMixedFleet:
         with LocalStack(redis_url, [WorkerSpec("gpu-a", "m", 1000)], tmp_path):
             watch = subprocess.Popen(
                 [sys.executable, "-m", "gpulb.cli", "--redis-url", redis_url, "status", "--watch", "--json",
-                 "--interval", "0.2"], stdout=subprocess.PIPE, text=True,
+                 "--interval", "0.2"], stdout=subprocess.PIPE, text=True, preexec_fn=interruptible,
             )  # fmt: skip
             time.sleep(2.0)
             watch.send_signal(signal.SIGINT)
