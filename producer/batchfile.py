@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from gpulb.errors import InvalidRequest
 from gpulb.models import RequestSpec, Result
 from gpulb.settings import ProducerSettings
-from producer.validation import check_limits, describe_error, shown, validate_model
+from producer.validation import CheckedRequest, check_limits, describe_error, shown, validate_model
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -55,26 +55,18 @@ class BadBatchFile(InvalidRequest):
         self.lines = lines
 
 
-@dataclass(frozen=True, slots=True)
-class CheckedRequest:
-    """A batch-file line's or an HTTP body's request, validated once: what is submitted is ``spec``."""
-
-    fields: dict[str, Any]  # as gpulb's Python API takes them (the body's OpenAI names translated)
-    spec: RequestSpec
-
-
 @dataclass(slots=True)
 class BatchFile:
-    """A checked batch file: one model, one endpoint, requests in file order (``specs``: what is submitted)."""
+    """A checked batch file: one model, one endpoint, its requests in file order (what is submitted)."""
 
     model: str
     endpoint: str
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    specs: list[RequestSpec] = field(default_factory=list)
+    checked: list[CheckedRequest] = field(default_factory=list)
 
-    def add(self, request: CheckedRequest) -> None:
-        self.requests.append(request.fields)
-        self.specs.append(request.spec)
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The requests as gpulb's Python API takes them (the bodies' OpenAI names translated)."""
+        return [request.fields for request in self.checked]
 
     @property
     def custom_ids(self) -> list[str]:
@@ -108,7 +100,7 @@ def parse_batch_lines(
             batch = batch or BatchFile(model, url)
             _check_same(batch, model, url)
             _check_unique(seen, request.fields["custom_id"], number)
-            batch.add(request)
+            batch.checked.append(request)
         except InvalidRequest as exc:
             errors.append((number, str(exc)))
     if errors:
@@ -118,8 +110,8 @@ def parse_batch_lines(
         raise BadBatchFile(f"{source}: {len(errors)} bad line(s), nothing was submitted:\n  {listing}{more}", errors)
     if batch is None:
         raise InvalidRequest(f"{source}: no requests (the file is empty)")
-    if len(batch.requests) > limits.max_batch_requests:
-        count, most = len(batch.requests), limits.max_batch_requests
+    if len(batch.checked) > limits.max_batch_requests:
+        count, most = len(batch.checked), limits.max_batch_requests
         raise InvalidRequest(f"{source}: {count} requests exceed the limit of {most} per batch")
     return batch
 

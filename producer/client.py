@@ -25,6 +25,7 @@ from gpulb.settings import Settings
 from producer import store
 from producer.streaming import abort, follow_text
 from producer.validation import (
+    CheckedRequest,
     validate_batch_id,
     validate_metadata,
     validate_model,
@@ -72,7 +73,7 @@ class Client:
 
     def submit_batch(
         self,
-        requests: Iterable[str | Mapping[str, Any] | RequestSpec],
+        requests: Iterable[str | Mapping[str, Any] | RequestSpec | CheckedRequest],
         *,
         model: str,
         max_tokens: int = 16,
@@ -81,8 +82,8 @@ class Client:
         result_ttl_s: int | None = None,
         listed: bool = True,
     ) -> BatchHandle:
-        """Validate every request (a :class:`RequestSpec` was when it was made), then enqueue them all; a bad request
-        refuses the whole batch.
+        """Validate every request, then enqueue them all; a bad request refuses the whole batch. A
+        :class:`RequestSpec` is held to the limits; a :class:`CheckedRequest` (a batch file's) was checked already.
 
         ``metadata`` (up to 16 string pairs) is kept with the batch and shown by ``gpulb batch``.
         ``result_ttl_s`` overrides how long results stay once the batch is done; ``listed=False``

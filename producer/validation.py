@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,6 +17,14 @@ from gpulb.settings import MODEL_PATTERN, ProducerSettings
 BATCH_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")  # checked with fullmatch: "$" alone lets a final newline through
 HUGE_INT_BITS = 64  # an integer wider than this is shown by its size: str() of one over 4,300 digits raises
 SHOWN_CHARS = 80
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A batch-file line's or an HTTP body's request, validated once, limits included: ``spec`` is submitted as it is."""
+
+    fields: dict[str, Any]  # as gpulb's Python API takes them (the body's OpenAI names translated)
+    spec: RequestSpec
 
 
 def shown(value: object) -> str:
@@ -81,12 +90,14 @@ def validate_batch_id(batch_id: object) -> str:
 
 
 def validate_requests(
-    requests: Iterable[str | Mapping[str, Any] | RequestSpec], *, max_tokens: int, limits: ProducerSettings
-) -> list[RequestSpec]:
+    requests: Iterable[str | Mapping[str, Any] | RequestSpec | CheckedRequest], *, max_tokens: int,
+    limits: ProducerSettings,
+) -> list[RequestSpec]:  # fmt: skip
     """Every request as a :class:`RequestSpec`; raises :class:`InvalidRequest` naming index and field.
 
-    A :class:`RequestSpec` was validated when it was made (the batch file and the gateway name the line or the field
-    of a bad one): only the producer's size limits are checked again, as they are this producer's settings."""
+    A :class:`CheckedRequest` (from a batch file or the gateway, which name the line or the field of a bad one) is
+    taken as it is. A :class:`RequestSpec` built in Python was validated when it was made: only the producer's size
+    limits are checked, as they are this producer's settings."""
     if isinstance(requests, str | bytes | Mapping):
         raise InvalidRequest("requests: expected a list of prompts or request dicts, not a single value")
     specs = [_validate_one(index, item, max_tokens, limits) for index, item in enumerate(requests)]
@@ -101,6 +112,8 @@ def validate_requests(
 
 
 def _validate_one(index: int, item: object, max_tokens: int, limits: ProducerSettings) -> RequestSpec:
+    if isinstance(item, CheckedRequest):
+        return item.spec
     if isinstance(item, RequestSpec):
         try:
             check_limits(item, limits)

@@ -98,7 +98,7 @@ def run_submit(args: argparse.Namespace, settings: Settings) -> int:
     served = ServedModelCheck(connect(settings), batch_file.model, settings.redis_url)
     with Client(settings.redis_url, settings=settings) as client:
         _check_served(served, fail_fast=args.fail_fast)
-        handle = client.submit_batch(batch_file.specs, model=batch_file.model, priority=args.priority,
+        handle = client.submit_batch(batch_file.checked, model=batch_file.model, priority=args.priority,
                                      metadata=metadata)  # fmt: skip
         if args.detach:
             print(handle.id)

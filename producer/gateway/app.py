@@ -22,7 +22,7 @@ from gpulb import keys
 from gpulb.connection import connect
 from gpulb.errors import InvalidRequest, ResultTimeout
 from gpulb.logs import get_logger
-from gpulb.models import RequestSpec, Result
+from gpulb.models import Result
 from gpulb.settings import Settings
 from producer.batchfile import (
     BASE64,
@@ -42,7 +42,7 @@ from producer.gateway.handlers import install_error_handlers
 from producer.gateway.responses import OpenAIError
 from producer.gateway.store import BatchRecords, FilePage, FileStore, Tenant
 from producer.gateway.streaming import Chunks, stream_response
-from producer.validation import validate_metadata
+from producer.validation import CheckedRequest, validate_metadata
 
 log = get_logger("gpulb.gateway")
 FINALIZE_EVERY_S = 1.0
@@ -282,14 +282,15 @@ async def _online(gateway: Gateway, endpoint: str, body: dict[str, Any]) -> Any:
     limits = cfg.producer
     plain = body if endpoint == EMBEDDINGS else {**body, "stream": False, "stream_options": None}
     encodings = (FLOAT, BASE64)
-    spec = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits, encodings=encodings).spec
+    checked = request_from_body(endpoint, None, plain, limits.default_max_tokens, limits, encodings=encodings)
     if stream:
-        return await _open_stream(gateway, endpoint, model, spec.model_copy(update={"stream": True}), include_usage)
+        streamed = CheckedRequest(checked.fields, checked.spec.model_copy(update={"stream": True}))
+        return await _open_stream(gateway, endpoint, model, streamed, include_usage)
 
     def run() -> dict[str, Any]:
         if not gateway.served.serves(model):
             raise model_not_found(model)
-        batch = gateway.client.submit_batch([spec], model=model, priority=cfg.gateway.online_priority,
+        batch = gateway.client.submit_batch([checked], model=model, priority=cfg.gateway.online_priority,
                                             result_ttl_s=cfg.gateway.online_result_ttl_s, listed=False)  # fmt: skip
         try:
             (result,) = batch.results(timeout=cfg.gateway.online_timeout_s)
@@ -321,7 +322,7 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 async def _open_stream(
-    gateway: Gateway, endpoint: str, model: str, request: RequestSpec, include_usage: bool
+    gateway: Gateway, endpoint: str, model: str, request: CheckedRequest, include_usage: bool
 ) -> Any:  # fmt: skip
     """Submit, then answer with server-sent events (a refusal before the first event is an ordinary error)."""
     cfg = gateway.settings.gateway

@@ -52,7 +52,7 @@ class BatchService:
         record.model = batch_file.model
         if self.serves is not None and not self.serves(batch_file.model):
             return self._failed(record, [_model_not_found(batch_file.model)])
-        handle = self.client.submit_batch(batch_file.specs, model=batch_file.model,
+        handle = self.client.submit_batch(batch_file.checked, model=batch_file.model,
                                           metadata={"endpoint": endpoint, "gateway_batch": record.id})  # fmt: skip
         record.gpulb_batch, record.status = handle.id, "in_progress"
         record.times["in_progress_at"] = int(time.time())
