@@ -152,8 +152,6 @@ def _key_name_problems() -> list[str]:
 
 # -- the job hash the dispatch script writes --------------------------------------------------------
 
-PER_JOB = ("created_at", "data", "description", "enqueued_at")  # the fields that differ between jobs
-
 
 def job_data(microbatch_id: str) -> bytes:
     """RQ's ``data`` field: the call ``JOB_FUNC(microbatch_id)``, JSON-serialized and compressed as RQ does."""
